@@ -1,0 +1,3 @@
+"""jaxpref: learning from preferences in JAX/Flax."""
+
+__version__ = "0.1.0"

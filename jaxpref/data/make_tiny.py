@@ -1,0 +1,89 @@
+"""Generates the shipped tiny preference dataset and its tokenizer (jaxpref/data/tiny/).
+
+Prompts ask for an item of a category ("name a fruit."); the chosen response names an item
+of that category, the rejected one (same response template) an item of another category.
+Every item is chosen for its own category and rejected for others, so ranking a pair needs
+the relation between the prompt's category and the item: nothing about an item alone, or
+a response template, separates chosen from rejected. Each category has one prompt template
+that never occurs with it in training; the held-out pairs use exactly those combinations,
+so they are ranked correctly only by a model that learnt the pattern, not the phrasings.
+
+  python -m jaxpref.data.make_tiny        # rewrites train.jsonl, eval.jsonl, corpus.txt, tokenizer.model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from jaxpref.data import train_tokenizer
+
+CATEGORIES = {
+    "fruit": "apple banana cherry grape lemon mango peach pear plum melon",
+    "vegetable": "carrot potato onion pepper lettuce cabbage spinach celery radish garlic",
+    "animal": "dog cat horse rabbit tiger lion zebra monkey sheep goat",
+    "color": "red blue green yellow purple brown black white pink gray",
+    "country": "france spain italy japan china india brazil canada egypt kenya",
+    "tool": "hammer wrench saw drill chisel shovel rake pliers axe ladder",
+    "instrument": "piano guitar violin drum flute trumpet harp cello banjo tuba",
+    "sport": "tennis soccer hockey golf rugby boxing cricket baseball skiing rowing",
+}
+PROMPTS = ("name {a} {cat}.", "give me one {cat}, please.", "which {cat} do you like?",
+           "tell me {a} {cat}.", "can you think of {a} {cat}?", "what is your favorite {cat}?")
+RESPONSES = ("{item}.", "i would say {item}.", "my answer is {item}.", "how about {item}?")
+N_TRAIN, N_EVAL, SEED, VOCAB = 2000, 300, 0, 320
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")
+
+
+def held_out_template(cat_index: int) -> int:
+  """The prompt template that category `cat_index` never appears with in training."""
+  return cat_index % len(PROMPTS)
+
+
+def prompt_text(template: int, cat: str) -> str:
+  return PROMPTS[template].format(cat=cat, a="an" if cat[0] in "aeiou" else "a")
+
+
+def sample_pairs(rng: np.random.Generator, n: int, held_out: bool) -> list[dict]:
+  cats = list(CATEGORIES)
+  items = {c: CATEGORIES[c].split() for c in cats}
+  out = []
+  while len(out) < n:
+    ci = int(rng.integers(len(cats)))
+    if held_out:
+      template = held_out_template(ci)
+    else:
+      template = int(rng.choice([t for t in range(len(PROMPTS)) if t != held_out_template(ci)]))
+    other = cats[int(rng.choice([j for j in range(len(cats)) if j != ci]))]
+    response = RESPONSES[int(rng.integers(len(RESPONSES)))]
+    out.append({"prompt": prompt_text(template, cats[ci]),
+                "chosen": response.format(item=rng.choice(items[cats[ci]])),
+                "rejected": response.format(item=rng.choice(items[other]))})
+  return out
+
+
+def main() -> None:
+  rng = np.random.default_rng(SEED)
+  train, evals = sample_pairs(rng, N_TRAIN, False), sample_pairs(rng, N_EVAL, True)
+  os.makedirs(OUT, exist_ok=True)
+  for name, rows in (("train", train), ("eval", evals)):
+    with open(os.path.join(OUT, f"{name}.jsonl"), "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+  # The tokenizer sees every phrasing and item, but only the train split's pairings.
+  lines = sorted({r[k] for r in train for k in ("prompt", "chosen", "rejected")})
+  lines += [prompt_text(t, c) for t in range(len(PROMPTS)) for c in CATEGORIES]
+  lines += [RESPONSES[0].format(item=i) for c in CATEGORIES.values() for i in c.split()]
+  corpus = os.path.join(OUT, "corpus.txt")
+  with open(corpus, "w") as f:
+    f.writelines(line + "\n" for line in lines)
+  with tempfile.TemporaryDirectory() as tmp:
+    model = train_tokenizer.train(corpus, os.path.join(tmp, "tokenizer"), VOCAB)
+    os.replace(model, os.path.join(OUT, "tokenizer.model"))
+  print(f"wrote {len(train)} train and {len(evals)} eval pairs, corpus and tokenizer to {OUT}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,52 @@
+"""PNG plots of a run's metrics, and of several runs side by side."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS = (("loss", "loss"), ("rewards/margin", "reward margin"), ("rewards/accuracy", "reward accuracy"))
+
+
+def _series(rows: Sequence[dict], split: str, key: str):
+  pts = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_run(rows: Sequence[dict], path: str, title: str = "") -> None:
+  fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+  for ax, (key, label) in zip(axes, PANELS):
+    for split, style in (("train", "-"), ("eval", "o-")):
+      xs, ys = _series(rows, split, key)
+      if xs:
+        ax.plot(xs, ys, style, label=split, markersize=3)
+    ax.set_title(label)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_runs(runs: Mapping[str, Sequence[dict]], path: str, split: str = "eval") -> None:
+  """One panel per metric, one line per run (a sweep's comparison plot)."""
+  fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+  for ax, (key, label) in zip(axes, PANELS):
+    for name, rows in runs.items():
+      xs, ys = _series(rows, split, key)
+      if xs:
+        ax.plot(xs, ys, "o-", label=name, markersize=3)
+    ax.set_title(f"{split} {label}")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[-1].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,152 @@
+"""Every hyperparameter of a run as an absl flag, and flags -> `RunConfig`.
+
+Model and loss hyperparameters are dotted flags derived from the code, not listed by hand:
+`--model.<field>` for each `ModelConfig` field (overriding the `--model` preset) and
+`--loss.<name>` for each hyperparameter of any registered loss (validated against the
+selected `--loss` at start-up). Flag files may include other flag files; a relative
+`--flagfile=` inside a file is resolved against that file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+from absl import flags
+
+from jaxpref import losses
+from jaxpref import models
+from jaxpref.train.config import DataConfig, OptimConfig, RunConfig
+
+FLAGS = flags.FLAGS
+_D, _O = DataConfig(), OptimConfig()
+_R = RunConfig(workdir="", model=None)
+
+flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, plots, flags.txt. "
+                    "An existing one is resumed from its latest checkpoint.")
+# Data.
+flags.DEFINE_string("train_data", _D.train_data, "JSONL of {prompt, chosen, rejected} records.")
+flags.DEFINE_string("eval_data", _D.eval_data, "Held-out JSONL in the same layout ('' for none).")
+flags.DEFINE_string("tokenizer", _D.tokenizer, "sentencepiece model file.")
+flags.DEFINE_integer("max_len", _D.max_len, "Tokens per sequence (BOS + prompt + response + EOS).")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Pairs per train step (global).")
+flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Pairs per eval step (global).")
+flags.DEFINE_integer("data_seed", _D.seed, "Seed of the data order.")
+flags.DEFINE_bool("skip_invalid_records", _D.skip_invalid,
+                  "Skip (and count) malformed records instead of stopping at the first.")
+# Model.
+flags.DEFINE_string("model", _R.model_preset, "Model size preset: " + ", ".join(models.PRESETS))
+# Optimizer.
+flags.DEFINE_float("learning_rate", _O.learning_rate, "Peak learning rate.")
+flags.DEFINE_integer("warmup_steps", _O.warmup_steps, "Linear warmup steps.")
+flags.DEFINE_float("min_lr_ratio", _O.min_lr_ratio, "Cosine decay ends at learning_rate * this.")
+flags.DEFINE_float("weight_decay", _O.weight_decay, "AdamW weight decay.")
+flags.DEFINE_float("adam_b1", _O.b1, "Adam beta1.")
+flags.DEFINE_float("adam_b2", _O.b2, "Adam beta2.")
+flags.DEFINE_float("adam_eps", _O.adam_eps, "Adam epsilon.")
+flags.DEFINE_float("grad_clip_norm", _O.grad_clip_norm, "Global-norm clip (0: off).")
+# Loss.
+flags.DEFINE_string("loss", _R.loss, "Loss name: " + ", ".join(losses.names()))
+# Mesh and loop.
+flags.DEFINE_string("mesh", _R.mesh, "Device mesh, e.g. data:-1 or data:2,fsdp:2,tensor:2.")
+flags.DEFINE_integer("seed", _R.seed, "Seed of the model initialisation.")
+flags.DEFINE_integer("steps", _R.steps, "Train steps.")
+flags.DEFINE_integer("log_every", _R.log_every, "Log train metrics every N steps.")
+flags.DEFINE_integer("eval_every", _R.eval_every, "Evaluate on eval_data every N steps.")
+flags.DEFINE_integer("checkpoint_every", _R.checkpoint_every, "Checkpoint every N steps.")
+flags.DEFINE_integer("keep_checkpoints", _R.keep_checkpoints, "Checkpoints kept on disk.")
+flags.DEFINE_bool("progress", _R.progress, "Show a progress bar.")
+flags.DEFINE_bool("plot", _R.plot, "Write WORKDIR/metrics.png at the end.")
+
+_DEFINE_BY_TYPE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+                   float: flags.DEFINE_float, str: flags.DEFINE_string}
+
+
+def _define_dotted(prefix: str, fields: dict[str, Any], owner: str) -> list[str]:
+  names = []
+  for name, default in fields.items():
+    define = _DEFINE_BY_TYPE.get(type(default))
+    if define is None or f"{prefix}.{name}" in FLAGS:
+      continue
+    define(f"{prefix}.{name}", None, f"{owner} {name} (default {default!r}).")
+    names.append(name)
+  return names
+
+
+_MODEL_FIELDS = _define_dotted(
+    "model", {f.name: getattr(models.get_config("tiny"), f.name)
+              for f in dataclasses.fields(models.ModelConfig)}, "Overrides the preset's")
+
+
+def define_loss_flags() -> None:
+  """Defines --loss.<hparam> for every registered loss (call again after registering more)."""
+  for name in losses.names():
+    _define_dotted("loss", losses.hparams(name), f"Loss hyperparameter (of {name}):")
+
+
+define_loss_flags()
+
+
+def _dotted_values(prefix: str) -> dict[str, Any]:
+  return {n[len(prefix) + 1:]: FLAGS[n].value for n in FLAGS
+          if n.startswith(prefix + ".") and FLAGS[n].present}
+
+
+def to_config() -> RunConfig:
+  """The parsed flags as a `RunConfig`; errors name the offending flag."""
+  if not FLAGS.workdir:
+    raise ValueError("--workdir is required (an existing one is resumed)")
+  loss_hparams = _dotted_values("loss")
+  losses.bind(FLAGS.loss, loss_hparams)  # unknown --loss.X for this loss -> error listing valid ones
+  model = models.get_config(FLAGS.model, **_dotted_values("model"))
+  for name in ("batch_size", "eval_batch_size", "steps", "max_len", "log_every", "eval_every",
+               "checkpoint_every"):
+    if FLAGS[name].value < 1:
+      raise ValueError(f"--{name} must be >= 1, got {FLAGS[name].value}")
+  return RunConfig(
+      workdir=FLAGS.workdir, model=model, model_preset=FLAGS.model,
+      optim=OptimConfig(learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
+                        min_lr_ratio=FLAGS.min_lr_ratio, weight_decay=FLAGS.weight_decay,
+                        b1=FLAGS.adam_b1, b2=FLAGS.adam_b2, adam_eps=FLAGS.adam_eps,
+                        grad_clip_norm=FLAGS.grad_clip_norm),
+      data=DataConfig(train_data=FLAGS.train_data, eval_data=FLAGS.eval_data,
+                      tokenizer=FLAGS.tokenizer, max_len=FLAGS.max_len,
+                      batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
+                      seed=FLAGS.data_seed, skip_invalid=FLAGS.skip_invalid_records),
+      loss=FLAGS.loss, loss_hparams=loss_hparams, mesh=FLAGS.mesh, seed=FLAGS.seed,
+      steps=FLAGS.steps, log_every=FLAGS.log_every, eval_every=FLAGS.eval_every,
+      checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
+      progress=FLAGS.progress, plot=FLAGS.plot)
+
+
+def resolved_flags() -> str:
+  """Every jaxpref flag with its value, as a flag file that re-runs this run exactly."""
+  lines = ["# Written by jaxpref: re-run with  jaxpref-train --flagfile=THIS --workdir=NEW_DIR"]
+  for flag in sorted(FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):
+    if flag.name == "workdir":
+      lines.append(f"# --workdir={flag.value}")
+    elif flag.value is not None:
+      lines.append(flag.serialize())
+  return "\n".join(lines) + "\n"
+
+
+def expand_flagfiles(argv: Sequence[str], base: str = "", _seen: tuple = ()) -> list[str]:
+  """Inlines --flagfile=F (recursively); inside a file, relative paths are from its folder."""
+  out = []
+  for arg in argv:
+    if not arg.startswith(("--flagfile=", "-flagfile=")):
+      out.append(arg)
+      continue
+    path = os.path.expanduser(arg.split("=", 1)[1])
+    if base and not os.path.isabs(path) and os.path.exists(os.path.join(base, path)):
+      path = os.path.join(base, path)
+    if not os.path.exists(path):
+      raise flags.Error(f"--flagfile: no such file {path!r}" + (f" (included from {base})" if base else ""))
+    if os.path.abspath(path) in _seen:
+      raise flags.Error(f"--flagfile: {path} includes itself")
+    with open(path) as f:
+      lines = [ln.strip() for ln in f]
+    lines = [ln for ln in lines if ln and not ln.startswith(("#", "//"))]
+    out.extend(expand_flagfiles(lines, os.path.dirname(path), _seen + (os.path.abspath(path),)))
+  return out

@@ -1,0 +1,53 @@
+"""`jaxpref-train`: flags -> RunConfig -> train.run.
+
+  jaxpref-train --flagfile=experiments/quickstart.flags --workdir=/tmp/jaxpref/quickstart
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from jaxpref import flags as jflags
+
+FLAGS = flags.FLAGS
+
+
+def parse(argv: list[str]) -> list[str]:
+  try:
+    return FLAGS(argv[:1] + jflags.expand_flagfiles(argv[1:]))
+  except flags.Error as e:
+    print(f"FATAL flags parsing error: {e}\nPass --helpfull to see all flags.", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv: list[str]) -> None:
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and jax are chatty at INFO; -v=0 restores it
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    cfg = jflags.to_config()
+  except ValueError as e:
+    print(f"FATAL: {e}", file=sys.stderr)
+    sys.exit(1)
+  os.makedirs(cfg.workdir, exist_ok=True)
+  with open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
+    f.write(jflags.resolved_flags())
+  from jaxpref.train import loop  # after flags: keeps --help fast
+  try:
+    prepared = loop.setup(cfg)
+  except (ValueError, OSError) as e:  # bad data, tokenizer path, mesh: no traceback
+    print(f"FATAL: {e}", file=sys.stderr)
+    sys.exit(1)
+  loop.train(prepared)
+
+
+def run() -> None:
+  app.run(main, flags_parser=parse)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,99 @@
+"""`jaxpref-sweep DIR`: run every flag file of an ablation folder, then tabulate and plot.
+
+A folder is `base.flags` plus one small file per row that includes it; files included by
+another file of the folder are not rows. Each row runs as its own `jaxpref-train` process
+in `WORKDIR_ROOT/<row>` (a finished row is skipped on a second call: it resumes at its
+last step). Writes `WORKDIR_ROOT/results.md` (final eval metrics per row) and
+`WORKDIR_ROOT/comparison.png`.
+
+  jaxpref-sweep experiments/dpo_beta [--workdir_root=DIR] [-- --steps=100 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+
+from jaxpref.eval import plots
+from jaxpref.train.metrics import read_metrics
+
+TABLE_KEYS = ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected")
+
+
+def rows_of(folder: str) -> list[str]:
+  """The folder's flag files that no other file of the folder includes, sorted."""
+  files = sorted(glob.glob(os.path.join(folder, "*.flags")))
+  if not files:
+    raise SystemExit(f"jaxpref-sweep: no *.flags files in {folder}")
+  included = set()
+  for f in files:
+    with open(f) as fh:
+      for line in fh:
+        line = line.strip()
+        if line.startswith("--flagfile="):
+          target = line.split("=", 1)[1]
+          included.add(os.path.abspath(os.path.join(os.path.dirname(f), target)))
+          included.add(os.path.abspath(target))
+  return [f for f in files if os.path.abspath(f) not in included]
+
+
+def final_eval(rows: list[dict]) -> dict:
+  evals = [r for r in rows if r["split"] == "eval"]
+  return evals[-1] if evals else {}
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+  head = "| run | step | " + " | ".join(TABLE_KEYS) + " |"
+  lines = [head, "|" + "---|" * (len(TABLE_KEYS) + 2)]
+  for name, row in results.items():
+    if not row:
+      lines.append(f"| {name} | failed |" + " |" * len(TABLE_KEYS))
+      continue
+    cells = " | ".join(f"{row[k]:.4f}" if k in row else "" for k in TABLE_KEYS)
+    lines.append(f"| {name} | {row['step']} | {cells} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog="jaxpref-sweep", description=__doc__.split("\n\n")[0])
+  parser.add_argument("folder")
+  parser.add_argument("--workdir_root", default=None,
+                      help="where row work dirs go (default: runs/<folder name>)")
+  args, extra = parser.parse_known_args(argv)
+  extra = [a for a in extra if a != "--"]
+  root = args.workdir_root or os.path.join("runs", os.path.basename(os.path.normpath(args.folder)))
+  os.makedirs(root, exist_ok=True)
+  results, histories = {}, {}
+  for i, flagfile in enumerate(rows_of(args.folder)):
+    name = os.path.splitext(os.path.basename(flagfile))[0]
+    workdir = os.path.join(root, name)
+    print(f"[{i + 1}] {name}: jaxpref-train --flagfile={flagfile} --workdir={workdir}", flush=True)
+    cmd = [sys.executable, "-m", "jaxpref.main", f"--flagfile={flagfile}",
+           f"--workdir={workdir}", "--noprogress", *extra]
+    code = subprocess.call(cmd)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    if code != 0 or not os.path.exists(metrics):
+      print(f"    {name} failed (exit code {code})", file=sys.stderr)
+      results[name] = {}
+      continue
+    histories[name] = read_metrics(metrics)
+    results[name] = final_eval(histories[name])
+  table = markdown_table(results)
+  with open(os.path.join(root, "results.md"), "w") as f:
+    f.write(f"# {args.folder}\n\nFinal held-out metrics of each row.\n\n{table}")
+  if histories:
+    plots.plot_runs(histories, os.path.join(root, "comparison.png"))
+  print(table)
+  print(f"wrote {root}/results.md and {root}/comparison.png")
+  return 1 if any(not r for r in results.values()) else 0
+
+
+def run() -> None:
+  sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+  run()

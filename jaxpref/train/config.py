@@ -1,0 +1,53 @@
+"""The resolved configuration of one run: what `main.py` builds from flags.
+
+Plain frozen dataclasses, so tests and notebooks can build a run without absl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 1e-3
+  warmup_steps: int = 20
+  min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.95
+  adam_eps: float = 1e-8
+  grad_clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  train_data: str = "jaxpref/data/tiny/train.jsonl"
+  eval_data: str = "jaxpref/data/tiny/eval.jsonl"  # "" for no held-out evaluation
+  tokenizer: str = "jaxpref/data/tiny/tokenizer.model"
+  max_len: int = 32
+  batch_size: int = 32  # groups (pairs) per step
+  eval_batch_size: int = 64
+  seed: int = 0  # data order
+  skip_invalid: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  workdir: str
+  model: Any  # jaxpref.models.ModelConfig
+  model_preset: str = "tiny"
+  optim: OptimConfig = OptimConfig()
+  data: DataConfig = DataConfig()
+  loss: str = "dpo"
+  loss_hparams: dict = dataclasses.field(default_factory=dict)
+  mesh: str = "data:-1"
+  seed: int = 0  # model init
+  steps: int = 300
+  log_every: int = 10
+  eval_every: int = 50
+  checkpoint_every: int = 50
+  keep_checkpoints: int = 2
+  progress: bool = True
+  plot: bool = True

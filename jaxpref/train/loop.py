@@ -1,0 +1,213 @@
+"""The offline policy training loop: data, model, steps, checkpoints, metrics, plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxpref import data as data_lib
+from jaxpref import losses
+from jaxpref import models
+from jaxpref.eval import plots
+from jaxpref.parallel import mesh as mesh_lib
+from jaxpref.train import checkpoint as ckpt_lib
+from jaxpref.train.config import RunConfig
+from jaxpref.train.metrics import MetricWriter, read_metrics
+from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxpref.train.policy_step import TrainState, make_steps
+
+
+def _say(msg: str) -> None:
+  """Progress for a person at a terminal; absl logging keeps the full record."""
+  if jax.process_index() == 0:
+    tqdm.write(msg)  # keeps an active progress bar intact
+  logging.info(msg)
+
+
+class _Preemption:
+  """SIGTERM (a TPU VM preemption notice) asks the loop to save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. inside a test runner thread)
+      self._old = None
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def load_data(cfg: RunConfig, tok):
+  """Reads, validates and tokenizes the train (and eval) files, reporting what was skipped."""
+  out = []
+  for split, path in (("train", cfg.data.train_data), ("eval", cfg.data.eval_data)):
+    if not path:
+      out.append(None)
+      continue
+    records, report = data_lib.read_pairs(path, skip_invalid=cfg.data.skip_invalid)
+    ds = data_lib.PairDataset(records, tok, cfg.data.max_len)
+    _say(f"{split} data: {report.summary()}; {ds.n_truncated} of {ds.n} pairs truncated "
+         f"to --max_len={cfg.data.max_len}")
+    out.append(ds)
+  return out
+
+
+def evaluate(eval_step, params, ref_params, ds, batch_size, put) -> dict:
+  """Weighted mean of every metric over the whole eval set (each record exactly once)."""
+  totals, weight = {}, 0.0
+  for batch in data_lib.eval_batches(ds, batch_size):
+    metrics, w = jax.device_get(eval_step(params, ref_params, put(batch)))
+    for k, v in metrics.items():
+      totals[k] = totals.get(k, 0.0) + float(v) * float(w)
+    weight += float(w)
+  return {k: v / weight for k, v in totals.items()}
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs, built and validated before the first compile."""
+
+  cfg: RunConfig
+  train_ds: Any
+  eval_ds: Any
+  mesh: Mesh
+
+
+def setup(cfg: RunConfig) -> Setup:
+  """Reads the tokenizer and data and builds the mesh; bad input raises a ValueError that
+  names the flag, file, line or field (the CLI prints it without a traceback)."""
+  os.makedirs(cfg.workdir, exist_ok=True)
+  tok = data_lib.Tokenizer.load(cfg.data.tokenizer)
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise ValueError(f"--model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                     f"vocabulary ({tok.vocab_size}, {cfg.data.tokenizer})")
+  train_ds, eval_ds = load_data(cfg, tok)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  n_batch_shards = mesh_lib.batch_axis_size(mesh)
+  for flag, size in (("batch_size", cfg.data.batch_size), ("eval_batch_size", cfg.data.eval_batch_size)):
+    if size % n_batch_shards:
+      raise ValueError(f"--{flag}={size} must be divisible by the mesh's data*fsdp size "
+                       f"({n_batch_shards}, --mesh={cfg.mesh})")
+  return Setup(cfg, train_ds, eval_ds, mesh)
+
+
+def run(cfg: RunConfig) -> dict:
+  return train(setup(cfg))
+
+
+def train(s: Setup) -> dict:
+  """Trains the policy; returns the final eval metrics (or train metrics without eval data)."""
+  cfg, train_ds, eval_ds, mesh = s.cfg, s.train_ds, s.eval_ds, s.mesh
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+  put = lambda batch: jax.device_put(batch, batch_sharding)
+
+  model = models.Decoder(cfg.model, rngs=nnx.Rngs(cfg.seed))
+  graphdef, params = nnx.split(model)
+  params = jax.device_put(params, replicated)
+  # The reference is the initial policy; its arrays are never donated or updated.
+  ref_params = jax.tree.map(lambda x: x.copy(), params)
+  optimizer = make_optimizer(cfg.optim, cfg.steps)
+  state = TrainState(step=jax.device_put(np.int32(0), replicated), params=params,
+                     opt_state=jax.device_put(optimizer.init(params), replicated))
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  _say(f"model: preset {cfg.model_preset}, {n_params:,} parameters; mesh {dict(mesh.shape)} "
+       f"on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+
+  loss_fn = losses.bind(cfg.loss, cfg.loss_hparams)
+  train_step, eval_step = make_steps(graphdef, loss_fn, optimizer)
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"),
+                               cfg.checkpoint_every, cfg.keep_checkpoints)
+  start = 0
+  if ckpt.latest_step is not None:
+    state, position, start = ckpt.restore(state)
+    if position.get("seed") != cfg.data.seed:
+      raise ValueError(f"{cfg.workdir}: checkpoint was written with --data_seed="
+                       f"{position.get('seed')}, this run has --data_seed={cfg.data.seed}")
+    _say(f"resuming from step {start} ({cfg.workdir}/checkpoints)")
+  writer = MetricWriter(cfg.workdir, resume_step=start)
+
+  def run_eval(step):
+    if eval_ds is None:
+      return None
+    row = writer.write(step, "eval", evaluate(eval_step, state.params, ref_params, eval_ds,
+                                              cfg.data.eval_batch_size, put))
+    _say(f"step {step:>6} eval  loss {row['loss']:.4f}  "
+         f"accuracy {row['rewards/accuracy']:.3f}  margin {row['rewards/margin']:.3f}")
+    return row
+
+  last_eval = run_eval(0) if start == 0 else None
+  last_train = None
+  preemption = _Preemption()
+  bar = _progress(cfg, start)
+  t0, steps_done = time.perf_counter(), 0
+  try:
+    for step in range(start, cfg.steps):
+      idx = data_lib.batch_indices(train_ds.n, cfg.data.batch_size, step, cfg.data.seed)
+      state, metrics = train_step(state, ref_params, put(train_ds.batch(idx)))
+      done = step + 1
+      steps_done += 1
+      if bar is not None:
+        bar.update(1)
+      if done % cfg.log_every == 0 or done == cfg.steps:
+        metrics = jax.device_get(metrics)
+        metrics["learning_rate"] = _lr(cfg, step)
+        metrics["steps_per_sec"] = steps_done / (time.perf_counter() - t0)
+        last_train = writer.write(done, "train", metrics)
+        if bar is not None:
+          bar.set_postfix(loss=f"{last_train['loss']:.4f}",
+                          acc=f"{last_train['rewards/accuracy']:.2f}")
+        else:
+          _say(f"step {done:>6} train loss {last_train['loss']:.4f}  "
+               f"{last_train['steps_per_sec']:.1f} steps/s")
+      if done % cfg.eval_every == 0 or done == cfg.steps:
+        last_eval = run_eval(done)
+      position = {"seed": cfg.data.seed, "step": done}
+      if preemption.requested:
+        ckpt.save(done, state, position, force=True)
+        _say(f"SIGTERM: saved a checkpoint at step {done} and stopped")
+        break
+      ckpt.save(done, state, position, force=done == cfg.steps)
+  finally:
+    if bar is not None:
+      bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    preemption.restore()
+
+  if cfg.plot and jax.process_index() == 0:
+    plots.plot_run(read_metrics(writer.path), os.path.join(cfg.workdir, "metrics.png"),
+                   title=f"{cfg.loss} on {os.path.basename(cfg.data.train_data)}")
+  final = last_eval or last_train or {}
+  with open(os.path.join(cfg.workdir, "final_metrics.json"), "w") as f:
+    json.dump(final, f, indent=1)
+  return final
+
+
+def _lr(cfg: RunConfig, step: int) -> float:
+  return float(learning_rate_schedule(cfg.optim, cfg.steps)(step))
+
+
+def _progress(cfg: RunConfig, start: int) -> Optional[object]:
+  if not cfg.progress or jax.process_index() != 0:
+    return None
+  return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+              mininterval=0.5)

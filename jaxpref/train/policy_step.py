@@ -1,0 +1,66 @@
+"""The offline policy role: group batch -> Logps -> loss, as jitted train and eval steps.
+
+The reference model shares the policy's graphdef and differs only in its (frozen) state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxpref import ops
+from jaxpref.types import GroupBatch, Logps
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  step: jax.Array  # int32[]
+  params: Any  # nnx.State of the policy
+  opt_state: Any
+
+
+def token_logps(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch) -> jax.Array:
+  """Masked per-token log-probs float32[B, K, T] of every group member's realised tokens."""
+  b, k, t = batch.tokens.shape
+  model = nnx.merge(graphdef, params)
+  tokens = batch.tokens.reshape(b * k, t)
+  logits = model(tokens, segment_ids=batch.segment_ids.reshape(b * k, t))
+  return ops.token_logps(logits, tokens).reshape(b, k, t) * batch.loss_mask
+
+
+def group_logps(policy_tok: jax.Array, ref_tok: jax.Array, batch: GroupBatch,
+                with_tokens: bool = False) -> Logps:
+  extra = dict(policy_tok=policy_tok, ref_tok=ref_tok, mask=batch.loss_mask) if with_tokens else {}
+  return Logps(policy=policy_tok.sum(-1), ref=ref_tok.sum(-1), length=batch.loss_mask.sum(-1),
+               valid=batch.valid, weight=batch.weight, scores=batch.scores, label=batch.label,
+               **extra)
+
+
+def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
+               optimizer: optax.GradientTransformation):
+  """Returns jitted `train_step(state, ref_params, batch)` and `eval_step(params, ref_params, batch)`."""
+
+  def loss_and_metrics(params, ref_params, batch):
+    ref_tok = jax.lax.stop_gradient(token_logps(graphdef, ref_params, batch))
+    lp = group_logps(token_logps(graphdef, params, batch), ref_tok, batch)
+    loss, metrics = loss_fn(lp)
+    return loss, {"loss": loss, **metrics}
+
+  def train_step(state: TrainState, ref_params, batch: GroupBatch):
+    grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(state.params, ref_params, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def eval_step(params, ref_params, batch: GroupBatch):
+    _, metrics = loss_and_metrics(params, ref_params, batch)
+    return metrics, jnp.sum(batch.weight)
+
+  return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)

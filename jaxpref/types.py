@@ -1,0 +1,60 @@
+"""The two pytrees that cross jaxpref's layer boundaries: `GroupBatch` and `Logps`.
+
+Every preference method sees, per prompt, a group of K responses (DESIGN.md). The data
+layer produces a `GroupBatch`; the model layer turns it into a `Logps`; a loss is a pure
+function of the `Logps`. Optional fields are `None` (an empty pytree node), so one
+structure serves pairs, ranked lists and unpaired data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GroupBatch:
+  """A batch of B groups of K tokenized sequences (prompt + response) of length T.
+
+  Position conventions: `tokens[..., 0]` is BOS; `loss_mask[..., t] = 1` means token t is
+  a response token (or the EOS ending the response) whose log-probability counts, i.e.
+  the model's prediction of token t from tokens < t. `loss_mask[..., 0]` is always 0.
+  """
+
+  tokens: Array  # int32[B, K, T]
+  loss_mask: Array  # float32[B, K, T]
+  segment_ids: Array  # int32[B, K, T]; 1 on real tokens, 0 on padding (packing: 1, 2, ...)
+  valid: Array  # bool[B, K]; False for a padded group member
+  weight: Array  # float32[B]; per-group weight (1 by default, 0 for a padded group)
+  scores: Optional[Array] = None  # float32[B, K]; higher is better
+  label: Optional[Array] = None  # int32[B, K]; desirability for unpaired data
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return tuple(self.tokens.shape)  # type: ignore[return-value]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Logps:
+  """Everything a loss may see (DESIGN.md): sequence log-probs and the group's metadata.
+
+  `policy` and `ref` are sums over the loss mask of per-token log-probs. For pairs (K=2)
+  index 0 is the chosen response and index 1 the rejected one.
+  """
+
+  policy: Array  # float32[B, K]
+  ref: Array  # float32[B, K]
+  length: Array  # float32[B, K]; number of masked tokens
+  valid: Array  # bool[B, K]
+  weight: Array  # float32[B]
+  scores: Optional[Array] = None  # float32[B, K]
+  label: Optional[Array] = None  # int32[B, K]
+  policy_tok: Optional[Array] = None  # float32[B, K, T]
+  ref_tok: Optional[Array] = None  # float32[B, K, T]
+  mask: Optional[Array] = None  # float32[B, K, T]

@@ -1,0 +1,36 @@
+"""jaxpref: learning from human and AI preferences in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="jaxpref",
+    version="0.1.0",
+    description="JAX/Flax framework for learning from human and AI preferences",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["jaxpref", "jaxpref.*"]),
+    package_data={"jaxpref.data": ["tiny/*.jsonl", "tiny/*.model", "tiny/*.txt", "tiny/*.md"]},
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "chex>=0.1.90",
+        "absl-py>=2.1",
+        "sentencepiece>=0.2,<0.3",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+        "gpu": ["jax[cuda12]>=0.10,<0.11"],
+    },
+    entry_points={"console_scripts": [
+        "jaxpref-train=jaxpref.main:run",
+        "jaxpref-sweep=jaxpref.sweep:run",
+    ]},
+)
