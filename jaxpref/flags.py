@@ -88,6 +88,21 @@ def define_loss_flags() -> None:
 define_loss_flags()
 
 
+def loss_flag_hint(error: str, args: Sequence[str]) -> str:
+  """For an unknown --loss.X: the selected loss's hyperparameters, with defaults."""
+  if "'loss." not in error:
+    return ""
+  name = FLAGS["loss"].default
+  for arg in args:
+    if arg.startswith("--loss="):
+      name = arg.split("=", 1)[1]
+  try:
+    valid = losses.hparams(name)
+  except ValueError:
+    return ""
+  return f"\nLoss {name!r} takes: " + ", ".join(f"--loss.{k}={v!r}" for k, v in valid.items())
+
+
 def _dotted_values(prefix: str) -> dict[str, Any]:
   return {n[len(prefix) + 1:]: FLAGS[n].value for n in FLAGS
           if n.startswith(prefix + ".") and FLAGS[n].present}

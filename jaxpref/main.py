@@ -16,10 +16,14 @@ FLAGS = flags.FLAGS
 
 
 def parse(argv: list[str]) -> list[str]:
+  args = []
   try:
-    return FLAGS(argv[:1] + jflags.expand_flagfiles(argv[1:]))
+    args = jflags.expand_flagfiles(argv[1:])
+    return FLAGS(argv[:1] + args)
   except flags.Error as e:
-    print(f"FATAL flags parsing error: {e}\nPass --helpfull to see all flags.", file=sys.stderr)
+    hint = jflags.loss_flag_hint(str(e), args)
+    print(f"FATAL flags parsing error: {e}{hint}\nPass --helpfull to see all flags.",
+          file=sys.stderr)
     sys.exit(1)
 
 

@@ -26,11 +26,11 @@ def test_bad_flag_is_named(tmp_path, flag, needle):
 
 def test_unknown_loss_hparam_lists_valid_ones(tmp_path):
   proc = train(str(tmp_path / "w"), "--loss.gamma_beta_ratio=0.5", check=False)
-  assert proc.returncode != 0 and "beta=0.1" in proc.stderr and "label_smoothing" in proc.stderr
+  assert proc.returncode != 0 and "--loss.beta=0.1" in proc.stderr and "label_smoothing" in proc.stderr
 
 
 BAD_LINES = {
-    "bad_json": (b'{"prompt": "a", "chosen": "b", "rejected": ', "line 2"),
+    "bad_json": (b'{"prompt": "a", "chosen": "b", "rejected": ', "invalid JSON"),
     "missing_chosen": (b'{"prompt": "a", "rejected": "c"}', "chosen"),
     "empty_rejected": (b'{"prompt": "a", "chosen": "b", "rejected": ""}', "rejected"),
     "non_utf8": (b'{"prompt": "a\xff\xfe", "chosen": "b", "rejected": "c"}', "UTF-8"),

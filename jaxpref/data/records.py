@@ -73,7 +73,7 @@ def read_pairs(path: str, *, skip_invalid: bool = False) -> tuple[list[PairRecor
         if not line.strip():
           continue
         try:
-          obj = json.loads(line)
+          obj = json.loads(line.strip())
         except json.JSONDecodeError as e:
           problem = ("invalid JSON", f"invalid JSON ({e.msg} at column {e.colno})")
         else:
