@@ -14,7 +14,7 @@ setup(
     install_requires=[
         "jax>=0.10,<0.11",
         "flax>=0.12,<0.13",
-        "optax>=0.2.5,<0.3",
+        "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
         "chex>=0.1.90",
         "absl-py>=2.1",

@@ -74,3 +74,26 @@ def test_flags_txt_reproduces_the_run(short_run, tmp_path):
   a = [r["loss"] for r in metrics(reference, "train")]
   b = [r["loss"] for r in metrics(rerun, "train")]
   np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_data_parallel_over_8_devices_matches_one_device(short_run, tmp_path):
+  """The same run with the batch sharded over 8 (fake CPU) devices logs the same losses."""
+  import jax
+
+  from jaxpref import models
+  from jaxpref.train import loop
+  from jaxpref.train.config import DataConfig, RunConfig
+
+  assert jax.device_count() == 8, "conftest sets --xla_force_host_platform_device_count=8"
+  reference, _ = short_run
+  tiny = os.path.join(ROOT, "jaxpref", "data", "tiny")
+  cfg = RunConfig(
+      workdir=str(tmp_path / "dp8"), model=models.get_config("tiny"), mesh="data:8",
+      data=DataConfig(train_data=f"{tiny}/train.jsonl", eval_data=f"{tiny}/eval.jsonl",
+                      tokenizer=f"{tiny}/tokenizer.model"),
+      steps=40, log_every=1, eval_every=20, checkpoint_every=10, progress=False, plot=False)
+  final = loop.run(cfg)
+  got = [r["loss"] for r in metrics(cfg.workdir, "train")]
+  want = [r["loss"] for r in metrics(reference, "train")]
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  assert abs(final["rewards/accuracy"] - metrics(reference, "eval")[-1]["rewards/accuracy"]) < 0.01

@@ -56,7 +56,7 @@ def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
     grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(state.params, ref_params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def eval_step(params, ref_params, batch: GroupBatch):
