@@ -80,9 +80,20 @@ _MODEL_FIELDS = _define_dotted(
 
 
 def define_loss_flags() -> None:
-  """Defines --loss.<hparam> for every registered loss (call again after registering more)."""
+  """Defines --loss.<hparam> for every registered loss (call again after registering more).
+
+  One flag serves every loss that has a hyperparameter of that name; its help lists them.
+  """
+  takers: dict[str, list[str]] = {}
+  defaults: dict[str, Any] = {}
   for name in losses.names():
-    _define_dotted("loss", losses.hparams(name), f"Loss hyperparameter (of {name}):")
+    for hp, default in losses.hparams(name).items():
+      takers.setdefault(hp, []).append(f"{name}={default!r}")
+      defaults.setdefault(hp, default)
+  for hp, default in defaults.items():
+    define = _DEFINE_BY_TYPE.get(type(default))
+    if define is not None and f"loss.{hp}" not in FLAGS:
+      define(f"loss.{hp}", None, "Loss hyperparameter; default per loss: " + ", ".join(takers[hp]))
 
 
 define_loss_flags()

@@ -24,9 +24,12 @@ def test_bad_flag_is_named(tmp_path, flag, needle):
   assert "Traceback" not in proc.stderr
 
 
-def test_unknown_loss_hparam_lists_valid_ones(tmp_path):
-  proc = train(str(tmp_path / "w"), "--loss.gamma_beta_ratio=0.5", check=False)
-  assert proc.returncode != 0 and "--loss.beta=0.1" in proc.stderr and "label_smoothing" in proc.stderr
+@pytest.mark.parametrize("flag", ["--loss.gamma_beta_ratio=0.5",  # simpo's, not dpo's
+                                  "--loss.zzz=1"])  # nobody's
+def test_unknown_loss_hparam_lists_valid_ones(tmp_path, flag):
+  proc = train(str(tmp_path / "w"), flag, check=False)
+  assert proc.returncode != 0
+  assert "beta=0.1" in proc.stderr and "label_smoothing" in proc.stderr and "margin" in proc.stderr
 
 
 BAD_LINES = {

@@ -1,6 +1,7 @@
 """Every objective, by family, behind one registry (`get`, `register`, `names`)."""
 
-from jaxpref.losses import pairwise  # noqa: F401  (registers the pairwise losses)
+# Importing a family module registers its losses.
+from jaxpref.losses import listwise, pairwise, reference_free  # noqa: F401
 from jaxpref.losses.registry import bind, get, hparams, names, register
 
 __all__ = ["bind", "get", "hparams", "names", "register"]

@@ -1,7 +1,8 @@
-"""Reductions and the standard metrics every pairwise loss reports."""
+"""Shared pieces of the losses: reductions, log-ratios, NLL, and the standard metrics."""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -13,13 +14,42 @@ def weighted_mean(x: jax.Array, weight: jax.Array) -> jax.Array:
   return jnp.sum(x * weight) / jnp.maximum(jnp.sum(weight), 1e-8)
 
 
-def pair_metrics(lp: Logps, beta: float) -> dict[str, jax.Array]:
-  """TRL-compatible DPO metrics for K=2 groups (index 0 chosen, 1 rejected).
+def check_pairs(lp: Logps) -> None:
+  chex.assert_rank(lp.policy, 2)
+  chex.assert_axis_dimension(lp.policy, 1, 2)
+  chex.assert_equal_shape([lp.policy, lp.ref, lp.length])
 
+
+def logratios(lp: Logps) -> jax.Array:
+  """rho = S_pol - S_ref, float32[B, K]."""
+  return lp.policy - lp.ref
+
+
+def avg_logps(lp: Logps) -> jax.Array:
+  """A = S_pol / L, the length-averaged policy log-prob, float32[B, K]."""
+  return lp.policy / jnp.maximum(lp.length, 1.0)
+
+
+def chosen_nll(lp: Logps) -> jax.Array:
+  """Token-mean NLL of the chosen responses over the batch (TRL's RPO/CPO/ORPO SFT term)."""
+  w = lp.weight
+  return jnp.sum(-lp.policy[:, 0] * w) / jnp.maximum(jnp.sum(lp.length[:, 0] * w), 1.0)
+
+
+def log1mexp(x: jax.Array) -> jax.Array:
+  """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2 (Maechler 2012)."""
+  x = jnp.minimum(x, -1e-7)
+  return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def pair_metrics(lp: Logps, rewards: jax.Array) -> dict[str, jax.Array]:
+  """TRL-compatible metrics for K=2 groups (index 0 chosen, 1 rejected).
+
+  `rewards` [B, 2] are the loss's implicit rewards (beta * rho for DPO-style losses).
   `rewards/accuracy` counts an exact tie as half a win: at step 0 the policy equals the
   reference, every margin is exactly 0, and the metric then reads 0.5 (chance), not 0.
   """
-  rewards = jax.lax.stop_gradient(beta * (lp.policy - lp.ref))  # [B, 2]
+  rewards = jax.lax.stop_gradient(rewards)
   margin = rewards[:, 0] - rewards[:, 1]
   win = jnp.where(margin > 0, 1.0, jnp.where(margin == 0, 0.5, 0.0))
   m = lambda x: weighted_mean(x, lp.weight)

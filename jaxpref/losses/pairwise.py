@@ -1,34 +1,265 @@
-"""Pairwise (K=2, chosen first) objectives on sequence log-ratios.
+"""Pairwise (K=2, chosen first) objectives on sequence log-ratios against a reference.
 
-Notation (LOSSES.md §0): rho(y) = S_pol(y) - S_ref(y), h = rho(y_w) - rho(y_l).
+Notation (LOSSES.md §0): rho(y) = S_pol(y) - S_ref(y), h = rho(y_w) - rho(y_l), L(y) the
+response length. Each loss returns the weighted mean over pairs and the standard metrics
+with its implicit rewards (beta * rho unless stated).
 """
 
 from __future__ import annotations
 
-import chex
 import jax
+import jax.numpy as jnp
 
-from jaxpref.losses.common import pair_metrics, weighted_mean
+from jaxpref.losses.common import (check_pairs, chosen_nll, logratios, pair_metrics,
+                                   weighted_mean)
 from jaxpref.losses.registry import register
 from jaxpref.types import Logps
 
+logsig = jax.nn.log_sigmoid
 
-def _check_pairs(lp: Logps) -> None:
-  chex.assert_rank(lp.policy, 2)
-  chex.assert_axis_dimension(lp.policy, 1, 2)
-  chex.assert_equal_shape([lp.policy, lp.ref])
+
+def _finish(lp: Logps, per_pair: jax.Array, rewards: jax.Array, **terms):
+  metrics = pair_metrics(lp, rewards)
+  metrics.update({f"loss/{k}": v for k, v in terms.items()})
+  return weighted_mean(per_pair, lp.weight), metrics
+
+
+def _smoothed(z: jax.Array, eps) -> jax.Array:
+  """-(1-eps) logsig(z) - eps logsig(-z): cDPO's expected loss under flip rate eps."""
+  return -(1.0 - eps) * logsig(z) - eps * logsig(-z)
 
 
 @register("dpo")
-def dpo(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.0):
+def dpo(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.0, margin: float = 0.0):
   """Direct Preference Optimization: Your Language Model is Secretly a Reward Model.
 
-  l = -(1-eps) logsig(beta h) - eps logsig(-beta h) (LOSSES.md §1.1, §1.3): eps = 0 is
-  DPO; eps > 0 is conservative DPO (cDPO), eps being the assumed label-flip rate.
+  l = -(1-eps) logsig(beta h - m) - eps logsig(-(beta h - m)) (LOSSES.md §1.1, §1.3):
+  eps = 0 is DPO, eps > 0 conservative DPO (cDPO, eps the assumed flip rate), and m > 0 a
+  target margin on the implicit reward difference (the BT-with-margin form of §1.9).
   """
-  _check_pairs(lp)
-  rho = lp.policy - lp.ref  # [B, 2]
-  h = rho[:, 0] - rho[:, 1]  # [B]
-  per_pair = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
-              - label_smoothing * jax.nn.log_sigmoid(-beta * h))
-  return weighted_mean(per_pair, lp.weight), pair_metrics(lp, beta)
+  check_pairs(lp)
+  rho = logratios(lp)
+  h = rho[:, 0] - rho[:, 1]
+  return _finish(lp, _smoothed(beta * h - margin, label_smoothing), beta * rho)
+
+
+@register("robust_dpo")
+def robust_dpo(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.1):
+  """Provably Robust DPO (Chowdhury et al. 2024), LOSSES.md §1.3.
+
+  l = [-(1-eps) logsig(beta h) + eps logsig(-beta h)] / (1 - 2 eps): unbiased for the clean
+  DPO loss when labels flip with probability eps < 1/2.
+  """
+  check_pairs(lp)
+  if not 0.0 <= label_smoothing < 0.5:
+    raise ValueError(f"robust_dpo: label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+  rho = logratios(lp)
+  z = beta * (rho[:, 0] - rho[:, 1])
+  per = (-(1 - label_smoothing) * logsig(z) + label_smoothing * logsig(-z)) / (1 - 2 * label_smoothing)
+  return _finish(lp, per, beta * rho)
+
+
+@register("ipo")
+def ipo(lp: Logps, *, beta: float = 0.1, length_normalize: bool = True):
+  """A General Theoretical Paradigm to Understand Learning from Human Preferences (IPO).
+
+  l = (h - 1/(2 beta))^2 (LOSSES.md §1.2); with `length_normalize` (TRL's convention,
+  confirmed by the IPO authors) h uses per-token log-ratios rho(y)/L(y).
+  """
+  check_pairs(lp)
+  rho = logratios(lp)
+  r = rho / jnp.maximum(lp.length, 1.0) if length_normalize else rho
+  h = r[:, 0] - r[:, 1]
+  return _finish(lp, (h - 1.0 / (2.0 * beta)) ** 2, beta * rho)
+
+
+@register("hinge")
+def hinge(lp: Logps, *, beta: float = 0.1):
+  """SLiC-HF: Sequence Likelihood Calibration with Human Feedback; l = relu(1 - beta h)."""
+  check_pairs(lp)
+  rho = logratios(lp)
+  return _finish(lp, jax.nn.relu(1.0 - beta * (rho[:, 0] - rho[:, 1])), beta * rho)
+
+
+@register("sigmoid_norm")
+def sigmoid_norm(lp: Logps, *, beta: float = 0.1):
+  """Length-normalised DPO (LN-DPO, TRL `sigmoid_norm`, OpenRLHF `dpo_norm`), LOSSES.md §1.8.
+
+  l = -logsig(beta (rho(y_w)/L(y_w) - rho(y_l)/L(y_l))).
+  """
+  check_pairs(lp)
+  rho = logratios(lp)
+  r = rho / jnp.maximum(lp.length, 1.0)
+  return _finish(lp, -logsig(beta * (r[:, 0] - r[:, 1])), beta * r)
+
+
+@register("rpo")
+def rpo(lp: Logps, *, beta: float = 0.1, alpha: float = 1.0):
+  """Iterative Reasoning Preference Optimization: DPO + alpha * NLL(y_w) (LOSSES.md §1.7).
+
+  The NLL is TRL's: the token-mean cross-entropy over the batch's chosen tokens.
+  """
+  check_pairs(lp)
+  rho = logratios(lp)
+  nll = chosen_nll(lp)
+  dpo_term = -logsig(beta * (rho[:, 0] - rho[:, 1]))
+  loss, metrics = _finish(lp, dpo_term, beta * rho, nll=nll, dpo=weighted_mean(dpo_term, lp.weight))
+  return loss + alpha * nll, metrics
+
+
+@register("sft_dpo")
+def sft_dpo(lp: Logps, *, beta: float = 0.1, alpha: float = 1.0):
+  """SFT-DPO of "3D-Properties of DPO" (LOSSES.md §2.8): DPO + alpha * NLL(y_w), as `rpo`."""
+  return rpo(lp, beta=beta, alpha=alpha)
+
+
+@register("exo_pair")
+def exo_pair(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 1e-3):
+  """Towards Efficient Exact Optimization of Language Model Alignment (EXO), pairwise form.
+
+  Reverse KL between the model's pair distribution sig(+-beta h) and the smoothed labels
+  (1-eps, eps): sig(z)(logsig(z) - log(1-eps)) + sig(-z)(logsig(-z) - log eps), z = beta h.
+  """
+  check_pairs(lp)
+  eps = max(label_smoothing, 1e-3)
+  rho = logratios(lp)
+  z = beta * (rho[:, 0] - rho[:, 1])
+  per = (jax.nn.sigmoid(z) * (logsig(z) - jnp.log1p(-eps))
+         + jax.nn.sigmoid(-z) * (logsig(-z) - jnp.log(eps)))
+  return _finish(lp, per, beta * rho)
+
+
+@register("nca_pair")
+def nca_pair(lp: Logps, *, beta: float = 0.1):
+  """Noise Contrastive Alignment of Language Models with Explicit Rewards (NCA), pairwise.
+
+  l = -logsig(r_w) - 1/2 logsig(-r_w) - 1/2 logsig(-r_l), r = beta rho: optimises absolute
+  rewards, so the chosen likelihood is not pushed down with the rejected one.
+  """
+  check_pairs(lp)
+  r = beta * logratios(lp)
+  per = -logsig(r[:, 0]) - 0.5 * logsig(-r[:, 0]) - 0.5 * logsig(-r[:, 1])
+  return _finish(lp, per, r)
+
+
+@register("bco_pair")
+def bco_pair(lp: Logps, *, beta: float = 0.1):
+  """Binary Classifier Optimization (Jung et al. 2024), pairwise form.
+
+  l = -logsig(r_w - delta) - logsig(-(r_l - delta)), r = beta rho. TRL's delta is a running
+  mean of rewards across steps; a pure function takes the batch's mean reward
+  (stop-gradient, over the whole sharded batch) instead.
+  """
+  check_pairs(lp)
+  r = beta * logratios(lp)
+  w = lp.weight[:, None]
+  delta = jax.lax.stop_gradient(jnp.sum(r * w) / jnp.maximum(2.0 * jnp.sum(lp.weight), 1e-8))
+  per = -logsig(r[:, 0] - delta) - logsig(-(r[:, 1] - delta))
+  return _finish(lp, per, r, delta=delta)
+
+
+@register("sppo_hard")
+def sppo_hard(lp: Logps, *, beta: float = 0.1):
+  """Self-Play Preference Optimization, hard-label form (TRL `sppo_hard`, LOSSES.md §1.12).
+
+  l = (rho_w - 1/(2 beta))^2 + (rho_l + 1/(2 beta))^2.
+  """
+  check_pairs(lp)
+  rho = logratios(lp)
+  per = (rho[:, 0] - 0.5 / beta) ** 2 + (rho[:, 1] + 0.5 / beta) ** 2
+  return _finish(lp, per, beta * rho)
+
+
+def _aot(lp: Logps, a: jax.Array, b: jax.Array, beta: float, label_smoothing: float):
+  """Alignment via Optimal Transport compares the batch's sorted quantiles of a and b.
+
+  Padded groups (weight 0) are sorted to the end of both lists with one sentinel, so they
+  meet each other and drop out; real pairs count equally (quantiles carry no weights).
+  """
+  real = lp.weight > 0
+  top = jnp.finfo(a.dtype).max
+  delta = jnp.sort(jnp.where(real, a, top)) - jnp.sort(jnp.where(real, b, top))
+  n_real = jnp.sum(real)
+  keep = jnp.arange(a.shape[0]) < n_real
+  per = _smoothed(beta * delta, label_smoothing)
+  return jnp.sum(jnp.where(keep, per, 0.0)) / jnp.maximum(n_real, 1)
+
+
+@register("aot")
+def aot(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.0):
+  """Distributional Preference Alignment of LLMs via Optimal Transport (AOT), paired form.
+
+  delta = sort_batch(S_pol(y_w) - S_pol(y_l)) - sort_batch(S_ref(y_w) - S_ref(y_l)).
+  """
+  check_pairs(lp)
+  loss = _aot(lp, lp.policy[:, 0] - lp.policy[:, 1], lp.ref[:, 0] - lp.ref[:, 1], beta,
+              label_smoothing)
+  return loss, pair_metrics(lp, beta * logratios(lp))
+
+
+@register("aot_pair")
+def aot_pair(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.0):
+  """AOT, unpaired form: delta = sort_batch(rho(y_w)) - sort_batch(rho(y_l))."""
+  check_pairs(lp)
+  rho = logratios(lp)
+  return _aot(lp, rho[:, 0], rho[:, 1], beta, label_smoothing), pair_metrics(lp, beta * rho)
+
+
+@register("apo_zero")
+def apo_zero(lp: Logps, *, beta: float = 0.1):
+  """Anchored Preference Optimization (D'Oosterlinck et al. 2024), APO-zero.
+
+  l = (1 - sig(beta rho_w)) + sig(beta rho_l): raise the chosen and lower the rejected
+  likelihood, each against the reference.
+  """
+  check_pairs(lp)
+  r = beta * logratios(lp)
+  return _finish(lp, 1.0 - jax.nn.sigmoid(r[:, 0]) + jax.nn.sigmoid(r[:, 1]), r)
+
+
+@register("apo_down")
+def apo_down(lp: Logps, *, beta: float = 0.1):
+  """Anchored Preference Optimization, APO-down: l = sig(beta rho_w) + 1 - sig(beta h)."""
+  check_pairs(lp)
+  r = beta * logratios(lp)
+  return _finish(lp, jax.nn.sigmoid(r[:, 0]) + 1.0 - jax.nn.sigmoid(r[:, 0] - r[:, 1]), r)
+
+
+@register("discopop")
+def discopop(lp: Logps, *, beta: float = 0.1, tau: float = 0.05):
+  """Discovering Preference Optimization Algorithms with and for LLMs (DiscoPOP, LRML).
+
+  With z = beta h and m = sig(z / tau): l = (1 - m) (-logsig(z)) + m exp(-z). The second
+  term is evaluated as exp(-z + logsig(z/tau)) so that it stays finite where exp(-z)
+  alone would overflow.
+  """
+  check_pairs(lp)
+  rho = logratios(lp)
+  z = beta * (rho[:, 0] - rho[:, 1])
+  per = -jax.nn.sigmoid(-z / tau) * logsig(z) + jnp.exp(-z + logsig(z / tau))
+  return _finish(lp, per, beta * rho)
+
+
+@register("gamma_dpo")
+def gamma_dpo(lp: Logps, *, beta: float = 0.1, gamma: float = 1.0):
+  """gamma-attenuated DPO of "Preference Learning Algorithms Do Not Learn Preference Rankings".
+
+  l = -logsig(beta [(S_pol(y_w) - S_pol(y_l)) + gamma (S_ref(y_l) - S_ref(y_w))]) (§2.5):
+  gamma = 1 is DPO, gamma = 0 drops the reference.
+  """
+  check_pairs(lp)
+  z = beta * ((lp.policy[:, 0] - lp.policy[:, 1]) + gamma * (lp.ref[:, 1] - lp.ref[:, 0]))
+  return _finish(lp, -logsig(z), beta * logratios(lp))
+
+
+@register("flex_dpo")
+def flex_dpo(lp: Logps, *, beta_chosen: float = 0.1, beta_rejected: float = 0.1):
+  """Flex-DPO of "3D-Properties of DPO" (LOSSES.md §2.8, a reading: UNVERIFIED constants).
+
+  l = -logsig(beta_w rho_w - beta_l rho_l); beta_l > beta_w slows the collapse of the
+  rejected likelihood. Equal betas are DPO.
+  """
+  check_pairs(lp)
+  rho = logratios(lp)
+  rewards = rho * jnp.array([beta_chosen, beta_rejected])
+  return _finish(lp, -logsig(rewards[:, 0] - rewards[:, 1]), rewards)

@@ -1,0 +1,120 @@
+"""Listwise and ranked objectives: K >= 2 responses per group, ordered best first.
+
+`lp.valid[b, k]` marks real group members (padding comes last); `lp.scores`, when given,
+are the responses' rewards (higher is better). With K = 2 each loss here reduces to its
+pairwise counterpart (tested).
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from jaxpref.losses.common import avg_logps, logratios, weighted_mean
+from jaxpref.losses.registry import register
+from jaxpref.types import Logps
+
+_NEG = -1e30  # finite: masked members stay out of sums without NaN gradients
+
+
+def _check_list(lp: Logps) -> None:
+  chex.assert_rank(lp.policy, 2)
+  chex.assert_equal_shape([lp.policy, lp.ref, lp.length, lp.valid])
+
+
+def list_metrics(lp: Logps, rewards: jax.Array) -> dict[str, jax.Array]:
+  """Standard metrics for ranked groups: `chosen` is the best response, `rejected` the mean of
+  the others; `rewards/accuracy` is the share of ordered pairs (i better than j) whose
+  rewards agree (ties half), so for K = 2 all keys equal the pairwise ones."""
+  rewards = jax.lax.stop_gradient(rewards)
+  valid = lp.valid.astype(jnp.float32)
+  others = valid.at[:, 0].set(0.0)
+  n_others = jnp.maximum(others.sum(-1), 1.0)
+  rejected = (rewards * others).sum(-1) / n_others
+  diff = rewards[:, :, None] - rewards[:, None, :]  # [B, K, K], i better than j for i < j
+  k = lp.policy.shape[1]
+  pairs = jnp.triu(jnp.ones((k, k)), 1) * valid[:, :, None] * valid[:, None, :]
+  win = jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0))
+  acc = (win * pairs).sum((1, 2)) / jnp.maximum(pairs.sum((1, 2)), 1.0)
+  logps = jax.lax.stop_gradient(lp.policy)
+  m = lambda x: weighted_mean(x, lp.weight)
+  return {
+      "rewards/chosen": m(rewards[:, 0]),
+      "rewards/rejected": m(rejected),
+      "rewards/margin": m(rewards[:, 0] - rejected),
+      "rewards/accuracy": m(acc),
+      "logps/chosen": m(logps[:, 0]),
+      "logps/rejected": m((logps * others).sum(-1) / n_others),
+  }
+
+
+def _plackett_luce(s: jax.Array, valid: jax.Array) -> jax.Array:
+  """-log P(order) under Plackett-Luce: sum_i (LSE_{j >= i} s_j - s_i) over valid i. [B]."""
+  s = jnp.where(valid, s, _NEG)
+  tail_lse = jax.lax.cumlogsumexp(s, axis=1, reverse=True)
+  return jnp.sum(jnp.where(valid, tail_lse - s, 0.0), axis=1)
+
+
+@register("listmle")
+def listmle(lp: Logps, *, beta: float = 0.1):
+  """Listwise Approach to Learning to Rank (ListMLE) on DPO's implicit rewards.
+
+  The Plackett-Luce generalisation of DPO (Rafailov et al. 2023, App. A.3):
+  l = sum_i (LSE_{j >= i} s_j - s_i), s = beta rho. K = 2 is DPO.
+  """
+  _check_list(lp)
+  s = beta * logratios(lp)
+  return weighted_mean(_plackett_luce(s, lp.valid), lp.weight), list_metrics(lp, s)
+
+
+@register("ranknet")
+def ranknet(lp: Logps, *, beta: float = 0.1):
+  """Learning to Rank using Gradient Descent (RankNet), all pairs, on DPO's implicit rewards.
+
+  l = mean_{i < j} -logsig(s_i - s_j), s = beta rho (LOSSES.md §3.3). K = 2 is DPO.
+  """
+  _check_list(lp)
+  s = beta * logratios(lp)
+  k = s.shape[1]
+  valid = lp.valid.astype(jnp.float32)
+  pairs = jnp.triu(jnp.ones((k, k)), 1) * valid[:, :, None] * valid[:, None, :]
+  terms = -jax.nn.log_sigmoid(s[:, :, None] - s[:, None, :])
+  per = (terms * pairs).sum((1, 2)) / jnp.maximum(pairs.sum((1, 2)), 1.0)
+  return weighted_mean(per, lp.weight), list_metrics(lp, s)
+
+
+@register("pro")
+def pro(lp: Logps, *, sft_weight: float = 0.05):
+  """Preference Ranking Optimization for Human Alignment (PRO), LOSSES.md §3.1 [CODE].
+
+  Scores s_k = A_pol(y_k) (length-averaged). Stage k (k = 1..n-1): the k-th best must beat
+  all worse ones, l_k = LSE(T_kk s_k, {T_kj s_j}_{j>k}) - T_kk s_k, with reward-gap
+  temperatures T_kj = r_k - r_j and T_kk = max_{j>k} T_kj (all 1 without `lp.scores`: plain
+  Plackett-Luce). Total: sum_k l_k + sft_weight (n-1)^2 (-S_pol(y_1)), averaged over groups.
+  """
+  _check_list(lp)
+  s = avg_logps(lp)
+  b, k = s.shape
+  valid = lp.valid
+  later = jnp.triu(jnp.ones((k, k), bool), 1)[None] & valid[:, None, :] & valid[:, :, None]
+  if lp.scores is None:
+    temp = jnp.ones((b, k, k))
+  else:
+    gaps = lp.scores[:, :, None] - lp.scores[:, None, :]  # T_kj = r_k - r_j
+    t_kk = jnp.max(jnp.where(later, gaps, -jnp.inf), axis=2)  # [B, K]
+    t_kk = jnp.where(later.any(2), t_kk, 1.0)
+    eye = jnp.eye(k, dtype=bool)[None]
+    temp = jnp.where(eye, t_kk[:, :, None], gaps)
+  temp = jax.lax.stop_gradient(temp)
+  logits = temp * s[:, None, :]  # [B, stage k, member j]
+  in_stage = later | (jnp.eye(k, dtype=bool)[None] & valid[:, :, None])
+  lse = jax.nn.logsumexp(jnp.where(in_stage, logits, _NEG), axis=2)
+  own = jnp.diagonal(logits, axis1=1, axis2=2)
+  has_stage = later.any(2)  # stage k exists iff something valid is worse than k
+  rank = jnp.sum(jnp.where(has_stage, lse - own, 0.0), axis=1)
+  n = valid.sum(-1)
+  sft = (n - 1.0) ** 2 * -lp.policy[:, 0]
+  metrics = list_metrics(lp, s)
+  metrics.update({"loss/rank": weighted_mean(rank, lp.weight), "loss/sft": weighted_mean(sft, lp.weight)})
+  return weighted_mean(rank + sft_weight * sft, lp.weight), metrics

@@ -1,0 +1,73 @@
+"""Pairwise objectives without a reference model: SimPO, ORPO, CPO.
+
+They read the policy's sequence log-probs only (`lp.ref` is ignored), so a run with them
+can skip the reference forward pass.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jaxpref.losses.common import (avg_logps, check_pairs, chosen_nll, log1mexp, pair_metrics,
+                                   weighted_mean)
+from jaxpref.losses.registry import register
+from jaxpref.types import Logps
+
+logsig = jax.nn.log_sigmoid
+
+
+@register("simpo")
+def simpo(lp: Logps, *, beta: float = 2.0, gamma_beta_ratio: float = 0.25,
+          label_smoothing: float = 0.0, hinge: bool = False, sft_weight: float = 0.0,
+          length_normalize: bool = True):
+  """SimPO: Simple Preference Optimization with a Reference-Free Reward (LOSSES.md §1.4).
+
+  z = beta ((A_w - A_l) - gamma/beta), A the length-averaged log-prob (the official
+  trainer's parameterisation); l = -(1-eps) logsig(z) - eps logsig(-z), or relu(1 - z)
+  with `hinge`; plus sft_weight * NLL(y_w). `length_normalize=False` uses summed
+  log-probs (the ablation of the paper's Table 5).
+  """
+  check_pairs(lp)
+  s = avg_logps(lp) if length_normalize else lp.policy
+  z = beta * ((s[:, 0] - s[:, 1]) - gamma_beta_ratio)
+  if hinge:
+    per = jax.nn.relu(1.0 - z)
+  else:
+    per = -(1.0 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z)
+  nll = chosen_nll(lp)
+  metrics = pair_metrics(lp, beta * s)
+  metrics["loss/nll"] = nll
+  return weighted_mean(per, lp.weight) + sft_weight * nll, metrics
+
+
+@register("orpo")
+def orpo(lp: Logps, *, beta: float = 0.1):
+  """ORPO: Monolithic Preference Optimization without Reference Model (LOSSES.md §1.5).
+
+  l = NLL(y_w) - beta logsig(logodds(y_w) - logodds(y_l)), logodds(y) = A - log(1 - e^A),
+  A the length-averaged log-prob; `beta` is the paper's lambda (TRL's name).
+  """
+  check_pairs(lp)
+  a = avg_logps(lp)
+  logodds = a - log1mexp(a)
+  ratio = logsig(logodds[:, 0] - logodds[:, 1])
+  nll = chosen_nll(lp)
+  metrics = pair_metrics(lp, beta * a)
+  metrics.update({"loss/nll": nll, "loss/log_odds_ratio": weighted_mean(ratio, lp.weight)})
+  return nll - beta * weighted_mean(ratio, lp.weight), metrics
+
+
+@register("cpo")
+def cpo(lp: Logps, *, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0):
+  """Contrastive Preference Optimization (Xu et al. 2024), TRL's sigmoid form.
+
+  l = -(1-eps) logsig(beta (S_w - S_l)) - eps logsig(-beta (S_w - S_l)) + alpha NLL(y_w),
+  on summed policy log-probs.
+  """
+  check_pairs(lp)
+  z = beta * (lp.policy[:, 0] - lp.policy[:, 1])
+  per = -(1.0 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z)
+  nll = chosen_nll(lp)
+  metrics = pair_metrics(lp, beta * lp.policy)
+  metrics["loss/nll"] = nll
+  return weighted_mean(per, lp.weight) + alpha * nll, metrics

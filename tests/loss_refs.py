@@ -1,0 +1,191 @@
+"""float64 numpy references of every loss, written from the formulas in LOSSES.md.
+
+Independent of the JAX code: no jaxpref import here. Each takes the float64 arrays
+policy/ref/length/weight [B,K] / [B] (plus valid/scores for listwise) and hyperparameters,
+and returns the scalar loss.
+"""
+
+import numpy as np
+
+
+def logsig(z):
+  return np.where(z >= 0, -np.log1p(np.exp(-np.abs(z))), z - np.log1p(np.exp(-np.abs(z))))
+
+
+def sig(z):
+  return np.exp(logsig(z))
+
+
+def wmean(x, w):
+  return np.sum(x * w) / np.sum(w)
+
+
+def nll(policy, length, w):
+  return np.sum(-policy[:, 0] * w) / np.sum(length[:, 0] * w)
+
+
+def h_of(policy, ref):
+  return (policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1])
+
+
+def dpo(policy, ref, length, w, beta=0.1, label_smoothing=0.0, margin=0.0):
+  z = beta * h_of(policy, ref) - margin
+  return wmean(-(1 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z), w)
+
+
+def robust_dpo(policy, ref, length, w, beta=0.1, label_smoothing=0.1):
+  e, z = label_smoothing, beta * h_of(policy, ref)
+  return wmean((-(1 - e) * logsig(z) + e * logsig(-z)) / (1 - 2 * e), w)
+
+
+def ipo(policy, ref, length, w, beta=0.1, length_normalize=True):
+  rho = policy - ref
+  if length_normalize:
+    rho = rho / length
+  return wmean((rho[:, 0] - rho[:, 1] - 1 / (2 * beta)) ** 2, w)
+
+
+def hinge(policy, ref, length, w, beta=0.1):
+  return wmean(np.maximum(0, 1 - beta * h_of(policy, ref)), w)
+
+
+def sigmoid_norm(policy, ref, length, w, beta=0.1):
+  r = (policy - ref) / length
+  return wmean(-logsig(beta * (r[:, 0] - r[:, 1])), w)
+
+
+def rpo(policy, ref, length, w, beta=0.1, alpha=1.0):
+  return wmean(-logsig(beta * h_of(policy, ref)), w) + alpha * nll(policy, length, w)
+
+
+sft_dpo = rpo
+
+
+def exo_pair(policy, ref, length, w, beta=0.1, label_smoothing=1e-3):
+  e, z = max(label_smoothing, 1e-3), beta * h_of(policy, ref)
+  return wmean(sig(z) * (logsig(z) - np.log(1 - e)) + sig(-z) * (logsig(-z) - np.log(e)), w)
+
+
+def nca_pair(policy, ref, length, w, beta=0.1):
+  r = beta * (policy - ref)
+  return wmean(-logsig(r[:, 0]) - 0.5 * logsig(-r[:, 0]) - 0.5 * logsig(-r[:, 1]), w)
+
+
+def bco_pair(policy, ref, length, w, beta=0.1):
+  r = beta * (policy - ref)
+  delta = np.sum(r * w[:, None]) / (2 * np.sum(w))
+  return wmean(-logsig(r[:, 0] - delta) - logsig(delta - r[:, 1]), w)
+
+
+def sppo_hard(policy, ref, length, w, beta=0.1):
+  rho = policy - ref
+  return wmean((rho[:, 0] - 0.5 / beta) ** 2 + (rho[:, 1] + 0.5 / beta) ** 2, w)
+
+
+def _aot(a, b, w, beta, eps):
+  real = w > 0
+  d = np.sort(a[real]) - np.sort(b[real])
+  z = beta * d
+  return np.mean(-(1 - eps) * logsig(z) - eps * logsig(-z))
+
+
+def aot(policy, ref, length, w, beta=0.1, label_smoothing=0.0):
+  return _aot(policy[:, 0] - policy[:, 1], ref[:, 0] - ref[:, 1], w, beta, label_smoothing)
+
+
+def aot_pair(policy, ref, length, w, beta=0.1, label_smoothing=0.0):
+  rho = policy - ref
+  return _aot(rho[:, 0], rho[:, 1], w, beta, label_smoothing)
+
+
+def apo_zero(policy, ref, length, w, beta=0.1):
+  r = beta * (policy - ref)
+  return wmean(1 - sig(r[:, 0]) + sig(r[:, 1]), w)
+
+
+def apo_down(policy, ref, length, w, beta=0.1):
+  r = beta * (policy - ref)
+  return wmean(sig(r[:, 0]) + 1 - sig(r[:, 0] - r[:, 1]), w)
+
+
+def discopop(policy, ref, length, w, beta=0.1, tau=0.05):
+  z = beta * h_of(policy, ref)
+  m = sig(z / tau)
+  with np.errstate(over="ignore", invalid="ignore"):
+    exp_term = np.where(m > 0, np.exp(-z + np.log(np.maximum(m, 1e-300))), 0.0)
+  return wmean((1 - m) * -logsig(z) + exp_term, w)
+
+
+def gamma_dpo(policy, ref, length, w, beta=0.1, gamma=1.0):
+  z = beta * ((policy[:, 0] - policy[:, 1]) + gamma * (ref[:, 1] - ref[:, 0]))
+  return wmean(-logsig(z), w)
+
+
+def flex_dpo(policy, ref, length, w, beta_chosen=0.1, beta_rejected=0.1):
+  rho = policy - ref
+  return wmean(-logsig(beta_chosen * rho[:, 0] - beta_rejected * rho[:, 1]), w)
+
+
+def simpo(policy, ref, length, w, beta=2.0, gamma_beta_ratio=0.25, label_smoothing=0.0,
+          hinge=False, sft_weight=0.0, length_normalize=True):
+  a = policy / length if length_normalize else policy
+  z = beta * ((a[:, 0] - a[:, 1]) - gamma_beta_ratio)
+  per = np.maximum(0, 1 - z) if hinge else -(1 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z)
+  return wmean(per, w) + sft_weight * nll(policy, length, w)
+
+
+def orpo(policy, ref, length, w, beta=0.1):
+  a = policy / length
+  logodds = a - np.log(-np.expm1(a))
+  return nll(policy, length, w) - beta * wmean(logsig(logodds[:, 0] - logodds[:, 1]), w)
+
+
+def cpo(policy, ref, length, w, beta=0.1, alpha=1.0, label_smoothing=0.0):
+  z = beta * (policy[:, 0] - policy[:, 1])
+  per = -(1 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z)
+  return wmean(per, w) + alpha * nll(policy, length, w)
+
+
+# Listwise: loops over the ordered list, as the formulas read.
+
+def _lse(x):
+  m = np.max(x)
+  return m + np.log(np.sum(np.exp(x - m)))
+
+
+def listmle(policy, ref, length, w, valid, scores=None, beta=0.1):
+  out = []
+  for b in range(len(w)):
+    s = beta * (policy[b] - ref[b])[valid[b]]
+    out.append(sum(_lse(s[i:]) - s[i] for i in range(len(s))))
+  return wmean(np.array(out), w)
+
+
+def ranknet(policy, ref, length, w, valid, scores=None, beta=0.1):
+  out = []
+  for b in range(len(w)):
+    s = beta * (policy[b] - ref[b])[valid[b]]
+    terms = [-logsig(s[i] - s[j]) for i in range(len(s)) for j in range(i + 1, len(s))]
+    out.append(np.mean(terms))
+  return wmean(np.array(out), w)
+
+
+def pro(policy, ref, length, w, valid, scores=None, sft_weight=0.05):
+  out = []
+  for b in range(len(w)):
+    v = valid[b]
+    s = (policy[b] / length[b])[v]
+    n = len(s)
+    r = None if scores is None else scores[b][v]
+    total = 0.0
+    for k in range(n - 1):
+      if r is None:
+        t = np.ones(n)
+      else:
+        t = np.zeros(n)
+        t[k + 1:] = r[k] - r[k + 1:]
+        t[k] = np.max(t[k + 1:])
+      total += _lse(t[k:] * s[k:]) - t[k] * s[k]
+    total += sft_weight * (n - 1) ** 2 * -policy[b, 0]
+    out.append(total)
+  return wmean(np.array(out), w)
