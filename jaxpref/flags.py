@@ -10,7 +10,10 @@ selected `--loss` at start-up). Flag files may include other flag files; a relat
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import os
+import sys
 from typing import Any, Sequence
 
 from absl import flags
@@ -48,6 +51,9 @@ flags.DEFINE_float("adam_eps", _O.adam_eps, "Adam epsilon.")
 flags.DEFINE_float("grad_clip_norm", _O.grad_clip_norm, "Global-norm clip (0: off).")
 # Loss.
 flags.DEFINE_string("loss", _R.loss, "Loss name: " + ", ".join(losses.names()))
+flags.DEFINE_multi_string("loss_module", [], "A Python file (or importable module) imported "
+                          "before the flags are parsed, so the losses it registers and their "
+                          "--loss.HPARAM flags exist. Repeatable.")
 # Mesh and loop.
 flags.DEFINE_string("mesh", _R.mesh, "Device mesh, e.g. data:-1 or data:2,fsdp:2,tensor:2.")
 flags.DEFINE_integer("seed", _R.seed, "Seed of the model initialisation.")
@@ -97,6 +103,25 @@ def define_loss_flags() -> None:
 
 
 define_loss_flags()
+
+
+def import_loss_modules(args: Sequence[str]) -> None:
+  """Imports every --loss_module=... in `args` (before parsing), then defines its loss flags."""
+  for arg in args:
+    if not arg.startswith("--loss_module="):
+      continue
+    target = arg.split("=", 1)[1]
+    if target.endswith(".py"):
+      if not os.path.isfile(target):
+        raise flags.Error(f"--loss_module: no such file {target!r}")
+      name = "jaxpref_user_" + os.path.splitext(os.path.basename(target))[0]
+      spec = importlib.util.spec_from_file_location(name, target)
+      module = importlib.util.module_from_spec(spec)
+      sys.modules[name] = module
+      spec.loader.exec_module(module)
+    else:
+      importlib.import_module(target)
+  define_loss_flags()
 
 
 def loss_flag_hint(error: str, args: Sequence[str]) -> str:
@@ -157,6 +182,15 @@ def resolved_flags() -> str:
   return "\n".join(lines) + "\n"
 
 
+def _relative_to(base: str, line: str) -> str:
+  """A --loss_module=FILE.py written in a flag file is found from that file's folder."""
+  if line.startswith("--loss_module=") and line.endswith(".py"):
+    target = line.split("=", 1)[1]
+    if not os.path.isabs(target) and os.path.exists(os.path.join(base, target)):
+      return "--loss_module=" + os.path.normpath(os.path.join(base, target))
+  return line
+
+
 def expand_flagfiles(argv: Sequence[str], base: str = "", _seen: tuple = ()) -> list[str]:
   """Inlines --flagfile=F (recursively); inside a file, relative paths are from its folder."""
   out = []
@@ -173,6 +207,6 @@ def expand_flagfiles(argv: Sequence[str], base: str = "", _seen: tuple = ()) -> 
       raise flags.Error(f"--flagfile: {path} includes itself")
     with open(path) as f:
       lines = [ln.strip() for ln in f]
-    lines = [ln for ln in lines if ln and not ln.startswith(("#", "//"))]
+    lines = [_relative_to(os.path.dirname(path), ln) for ln in lines if ln and not ln.startswith(("#", "//"))]
     out.extend(expand_flagfiles(lines, os.path.dirname(path), _seen + (os.path.abspath(path),)))
   return out

@@ -19,6 +19,7 @@ def parse(argv: list[str]) -> list[str]:
   args = []
   try:
     args = jflags.expand_flagfiles(argv[1:])
+    jflags.import_loss_modules(args)
     return FLAGS(argv[:1] + args)
   except flags.Error as e:
     hint = jflags.loss_flag_hint(str(e), args)

@@ -219,3 +219,14 @@ def test_aot_ignores_padded_pairs():
 def test_robust_dpo_rejects_bad_smoothing():
   with pytest.raises(ValueError, match="label_smoothing"):
     losses.get("robust_dpo")(one_pair(1.0), label_smoothing=0.5)
+
+
+def test_docs_table_lists_every_loss_with_its_defaults():
+  import os
+  doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "losses.md")).read()
+  rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines()
+          if line.startswith("| `")}
+  for name in set(losses.names()) - {"test_only_margin"}:
+    assert name in rows, name
+    defaults = ", ".join(f"{k}={v!r}" for k, v in losses.hparams(name).items())
+    assert f"`{defaults}`" in rows[name], (name, defaults)
