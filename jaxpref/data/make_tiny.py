@@ -9,13 +9,16 @@ that never occurs with it in training; the held-out pairs use exactly those comb
 so they are ranked correctly only by a model that learnt the pattern, not the phrasings.
 
   python -m jaxpref.data.make_tiny        # rewrites train.jsonl, eval.jsonl, corpus.txt, tokenizer.model
+  python -m jaxpref.data.make_tiny --out=/tmp/tiny   # the same bytes elsewhere
+
+The output is a pure function of SEED and the tables below (README.md in tiny/ has the counts).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import tempfile
 
 import numpy as np
 
@@ -34,7 +37,9 @@ CATEGORIES = {
 PROMPTS = ("name {a} {cat}.", "give me one {cat}, please.", "which {cat} do you like?",
            "tell me {a} {cat}.", "can you think of {a} {cat}?", "what is your favorite {cat}?")
 RESPONSES = ("{item}.", "i would say {item}.", "my answer is {item}.", "how about {item}?")
-N_TRAIN, N_EVAL, SEED, VOCAB = 2000, 300, 0, 320
+N_TRAIN, N_EVAL, SEED = 2000, 300, 0
+# An upper bound: the corpus supports 156 unigram pieces, well inside the tiny preset's 512.
+VOCAB = 320
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")
 
 
@@ -65,24 +70,31 @@ def sample_pairs(rng: np.random.Generator, n: int, held_out: bool) -> list[dict]
   return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", default=OUT, help="output directory (default: the shipped one)")
+  out = parser.parse_args(argv).out
   rng = np.random.default_rng(SEED)
   train, evals = sample_pairs(rng, N_TRAIN, False), sample_pairs(rng, N_EVAL, True)
-  os.makedirs(OUT, exist_ok=True)
+  os.makedirs(out, exist_ok=True)
   for name, rows in (("train", train), ("eval", evals)):
-    with open(os.path.join(OUT, f"{name}.jsonl"), "w") as f:
+    with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in rows)
   # The tokenizer sees every phrasing and item, but only the train split's pairings.
   lines = sorted({r[k] for r in train for k in ("prompt", "chosen", "rejected")})
   lines += [prompt_text(t, c) for t in range(len(PROMPTS)) for c in CATEGORIES]
   lines += [RESPONSES[0].format(item=i) for c in CATEGORIES.values() for i in c.split()]
-  corpus = os.path.join(OUT, "corpus.txt")
-  with open(corpus, "w") as f:
+  with open(os.path.join(out, "corpus.txt"), "w") as f:
     f.writelines(line + "\n" for line in lines)
-  with tempfile.TemporaryDirectory() as tmp:
-    model = train_tokenizer.train(corpus, os.path.join(tmp, "tokenizer"), VOCAB)
-    os.replace(model, os.path.join(OUT, "tokenizer.model"))
-  print(f"wrote {len(train)} train and {len(evals)} eval pairs, corpus and tokenizer to {OUT}")
+  # Lowercase ASCII needs no unicode normalization; "identity" also leaves out the 240 KB
+  # NFKC table that sentencepiece would otherwise store in the model.
+  model = train_tokenizer.train_bytes(lines, VOCAB, normalization="identity")
+  with open(os.path.join(out, "tokenizer.model"), "wb") as f:
+    f.write(model)
+  vocab = train_tokenizer.spm.SentencePieceProcessor(model_proto=model).get_piece_size()
+  assert vocab <= 512, f"{vocab} pieces do not fit the tiny preset's vocab_size=512"
+  print(f"wrote {len(train)} train and {len(evals)} eval pairs, corpus and a {vocab}-piece "
+        f"tokenizer to {out}")
 
 
 if __name__ == "__main__":

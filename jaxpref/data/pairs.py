@@ -2,11 +2,13 @@
 
 A sequence is `BOS + prompt + response + EOS`, padded to `max_len`. Prompt and response are
 tokenized separately so no token straddles the boundary, and `loss_mask` is 1 exactly on
-the response tokens and the EOS (the position convention of `jaxpref.types.GroupBatch`).
+the response tokens and the EOS (the position convention of `jaxpref.types.GroupBatch`:
+token t counts as the prediction of t from tokens < t, so BOS is never masked in).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -16,14 +18,8 @@ from jaxpref.data.tokenizer import Tokenizer
 from jaxpref.types import GroupBatch
 
 
-def tokenize_sequence(tok: Tokenizer, prompt: str, response: str, max_len: int):
-  """(tokens int32[max_len], loss_mask f32[max_len], segment_ids int32[max_len], truncated).
-
-  Too long: drop the start of the prompt first (its end carries the question). If the
-  response alone does not fit, the prompt keeps its last max_len//2 tokens and the
-  response is cut at the end, without EOS (it did not end there).
-  """
-  p, r = tok.encode(prompt), tok.encode(response)
+def _layout(tok: Tokenizer, p: list[int], r: list[int], max_len: int):
+  """Places BOS + p + r + EOS in a padded row; see `tokenize_sequence` for truncation."""
   eos = [tok.eos_id]
   truncated = 2 + len(p) + len(r) > max_len
   if truncated:
@@ -43,56 +39,107 @@ def tokenize_sequence(tok: Tokenizer, prompt: str, response: str, max_len: int):
   return tokens, loss_mask, segment_ids, truncated
 
 
+def tokenize_sequence(tok: Tokenizer, prompt: str, response: str, max_len: int):
+  """(tokens int32[max_len], loss_mask f32[max_len], segment_ids int32[max_len], truncated).
+
+  Too long: drop the start of the prompt first (its end carries the question). If the
+  response alone does not fit, the prompt keeps its last max_len//2 tokens (a response
+  scored without its question says nothing about the preference) and the response is
+  cut at the end, without EOS (it did not end there).
+  """
+  if max_len < 3:
+    raise ValueError(f"--max_len must be >= 3 (BOS, a token, EOS), got {max_len}")
+  return _layout(tok, tok.encode(prompt), tok.encode(response), max_len)
+
+
+def tokenize_pair(tok: Tokenizer, rec: PairRecord, max_len: int):
+  """(tokens int32[2, T], loss_mask f32[2, T], segment_ids int32[2, T], truncated), T=max_len.
+
+  Row 0 is the chosen response, row 1 the rejected one, each laid out as in
+  `tokenize_sequence`; `truncated` is True if either row was cut.
+  """
+  if max_len < 3:
+    raise ValueError(f"--max_len must be >= 3 (BOS, a token, EOS), got {max_len}")
+  p = tok.encode(rec.prompt)
+  rows = [_layout(tok, p, tok.encode(r), max_len) for r in (rec.chosen, rec.rejected)]
+  tokens, loss_mask, segment_ids = (np.stack([row[i] for row in rows]) for i in range(3))
+  return tokens, loss_mask, segment_ids, rows[0][3] or rows[1][3]
+
+
 class PairDataset:
-  """Tokenized pairs as arrays `[N, 2, T]` (index 0 chosen, 1 rejected)."""
+  """Tokenized pairs as arrays `[N, 2, T]` (index 0 chosen, 1 rejected).
+
+  `n_truncated` counts pairs with a row cut to `max_len`; `n_unk` counts unknown-piece
+  tokens among the `n_tokens` real ones (text the tokenizer never saw, e.g. capitals with
+  the lowercase tiny tokenizer), both worth a line in the run's log.
+  """
 
   def __init__(self, records: Sequence[PairRecord], tok: Tokenizer, max_len: int):
     if max_len < 3:
       raise ValueError(f"--max_len must be >= 3 (BOS, a token, EOS), got {max_len}")
     n = len(records)
+    self.max_len = max_len
     self.tokens = np.zeros((n, 2, max_len), np.int32)
     self.loss_mask = np.zeros((n, 2, max_len), np.float32)
     self.segment_ids = np.zeros((n, 2, max_len), np.int32)
     self.n_truncated = 0
     for i, rec in enumerate(records):
-      cut = False
-      for k, response in enumerate((rec.chosen, rec.rejected)):
-        t, m, s, c = tokenize_sequence(tok, rec.prompt, response, max_len)
-        self.tokens[i, k], self.loss_mask[i, k], self.segment_ids[i, k] = t, m, s
-        cut |= c
+      self.tokens[i], self.loss_mask[i], self.segment_ids[i], cut = tokenize_pair(tok, rec, max_len)
       self.n_truncated += cut
+    real = self.segment_ids > 0
+    self.n_tokens = int(real.sum())
+    self.n_unk = int((real & (self.tokens == tok.unk_id)).sum())
 
   @property
   def n(self) -> int:
     return len(self.tokens)
 
   def batch(self, indices: np.ndarray, weight: np.ndarray | None = None) -> GroupBatch:
+    """The groups at `indices` (numpy arrays); weight-0 groups are marked invalid."""
+    indices = np.asarray(indices)
     b = len(indices)
-    weight = np.ones(b, np.float32) if weight is None else weight.astype(np.float32)
+    weight = np.ones(b, np.float32) if weight is None else np.asarray(weight, np.float32)
     return GroupBatch(tokens=self.tokens[indices], loss_mask=self.loss_mask[indices],
                       segment_ids=self.segment_ids[indices],
                       valid=np.broadcast_to((weight > 0)[:, None], (b, 2)).copy(), weight=weight)
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  perm.flags.writeable = False  # shared by every caller through the cache
+  return perm
+
+
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
   """Indices of batch `step` in an endless stream of seeded epoch permutations of range(n).
 
-  A pure function of (seed, step): a resumed run draws exactly the batches it would have,
-  and every record is used once per epoch (a batch may span two epochs; none is dropped).
+  Batch `step` is positions [step*batch_size, (step+1)*batch_size) of the concatenation
+  of `default_rng([seed, epoch]).permutation(n)` over epochs 0, 1, ... A pure function of
+  (n, batch_size, step, seed): a resumed run draws exactly the batches it would have, and
+  every record is used once per epoch (a batch may span two epochs; nothing is dropped).
   """
+  if n <= 0 or batch_size <= 0 or step < 0:
+    raise ValueError(f"batch_indices needs n > 0, batch_size > 0, step >= 0; "
+                     f"got n={n}, batch_size={batch_size}, step={step}")
   start = step * batch_size
   positions = np.arange(start, start + batch_size)
   epochs = positions // n
   out = np.empty(batch_size, np.int64)
   for epoch in np.unique(epochs):
-    perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
     sel = epochs == epoch
-    out[sel] = perm[positions[sel] % n]
+    out[sel] = _epoch_permutation(n, seed, int(epoch))[positions[sel] % n]
   return out
 
 
 def eval_batches(ds: PairDataset, batch_size: int) -> Iterator[GroupBatch]:
-  """Every record exactly once, in order; the last batch is padded with weight-0 groups."""
+  """Every record exactly once, in order; the last batch is padded with weight-0 groups.
+
+  Padding repeats record 0 with weight 0 and valid False, so every batch has the same
+  shape (one compilation) and the padding adds nothing to weighted means.
+  """
+  if batch_size <= 0:
+    raise ValueError(f"eval batch size must be > 0, got {batch_size}")
   for start in range(0, ds.n, batch_size):
     idx = np.arange(start, min(start + batch_size, ds.n))
     pad = batch_size - len(idx)

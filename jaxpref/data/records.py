@@ -2,6 +2,13 @@
 
 Nothing is dropped silently: a bad record stops the read with a `DataError`, or, with
 `skip_invalid=True`, is skipped and counted by reason in the returned `ReadReport`.
+
+A record is one JSON object per line with string fields `prompt`, `chosen` and `rejected`;
+other fields are ignored. All three must hold some non-whitespace text: an empty response
+has no tokens to score but the EOS, and an empty prompt almost always means a field was
+mislabelled upstream, so both are reported rather than trained on. Blank lines are
+ignored and not counted. The file is read as bytes and decoded line by line, so one
+non-UTF-8 line is reported with its number instead of failing the whole read.
 """
 
 from __future__ import annotations
@@ -12,10 +19,11 @@ import json
 import os
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
+MAX_FIRST_ERRORS = 5
 
 
 class DataError(ValueError):
-  """A problem with a data file; the message starts with `FILE:LINE:`."""
+  """A problem with a data file; the message starts with `FILE:LINE:` (or `FILE:`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,16 +35,20 @@ class PairRecord:
 
 @dataclasses.dataclass
 class ReadReport:
+  """What `read_pairs` read and skipped; `reasons` counts skipped lines by kind of problem."""
+
   path: str
   n_read: int = 0
   n_skipped: int = 0
-  reasons: dict = dataclasses.field(default_factory=collections.Counter)
-  first_errors: list = dataclasses.field(default_factory=list)
+  reasons: dict[str, int] = dataclasses.field(default_factory=collections.Counter)
+  first_errors: list[str] = dataclasses.field(default_factory=list)  # full messages, <= 5
 
   def summary(self) -> str:
     s = f"{self.path}: read {self.n_read} records, skipped {self.n_skipped}"
     if self.n_skipped:
-      s += " (" + ", ".join(f"{n}x {r}" for r, n in self.reasons.most_common()) + ")"
+      by_count = sorted(self.reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+      s += " (" + ", ".join(f"{n}x {r}" for r, n in by_count) + ")"
+      s += f"; first: {self.first_errors[0]}"
     return s
 
 
@@ -53,7 +65,30 @@ def _check_record(obj, fields) -> tuple[str, str] | None:
               f"field '{name}' must be a string, got {type(value).__name__}")
     if not value.strip():
       return f"field '{name}' is empty", f"field '{name}' is empty"
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone "\ud800" escape: valid JSON, not encodable text
+      return (f"field '{name}' is not valid unicode",
+              f"field '{name}' contains an unpaired surrogate escape (\\ud800-\\udfff)")
   return None
+
+
+def _parse_line(raw: bytes, lineno: int):
+  """(obj, None) for a JSON line, (None, None) for a blank one, (None, problem) otherwise."""
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return None, ("invalid UTF-8",
+                  f"bytes are not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+  if lineno == 1:
+    line = line.removeprefix("\ufeff")  # editors on Windows start files with a BOM
+  if not line.strip():
+    return None, None
+  try:
+    return json.loads(line), None
+  except json.JSONDecodeError as e:
+    return None, ("invalid JSON", f"invalid JSON ({e.msg} at column {e.colno}); "
+                  "JSONL holds one complete JSON object per line")
 
 
 def read_pairs(path: str, *, skip_invalid: bool = False) -> tuple[list[PairRecord], ReadReport]:
@@ -63,21 +98,13 @@ def read_pairs(path: str, *, skip_invalid: bool = False) -> tuple[list[PairRecor
   report = ReadReport(path)
   records = []
   with open(path, "rb") as f:
+    # Iterating bytes splits on b"\n" only; str.splitlines would also split on U+2028 etc.
     for lineno, raw in enumerate(f, start=1):
-      problem = None
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        problem = ("invalid UTF-8", f"bytes are not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
-      else:
-        if not line.strip():
-          continue
-        try:
-          obj = json.loads(line.strip())
-        except json.JSONDecodeError as e:
-          problem = ("invalid JSON", f"invalid JSON ({e.msg} at column {e.colno})")
-        else:
-          problem = _check_record(obj, PAIR_FIELDS)
+      obj, problem = _parse_line(raw, lineno)
+      if problem is None and obj is None:
+        continue
+      if problem is None:
+        problem = _check_record(obj, PAIR_FIELDS)
       if problem is None:
         records.append(PairRecord(*(obj[k] for k in PAIR_FIELDS)))
         report.n_read += 1
@@ -87,8 +114,9 @@ def read_pairs(path: str, *, skip_invalid: bool = False) -> tuple[list[PairRecor
         raise DataError(message + " (pass --skip_invalid_records to skip and count such records)")
       report.n_skipped += 1
       report.reasons[problem[0]] += 1
-      if len(report.first_errors) < 5:
+      if len(report.first_errors) < MAX_FIRST_ERRORS:
         report.first_errors.append(message)
   if not records:
-    raise DataError(f"{path}: no valid records ({report.n_skipped} skipped)")
+    detail = f"; first: {report.first_errors[0]}" if report.first_errors else ""
+    raise DataError(f"{path}: no valid records ({report.n_skipped} skipped{detail})")
   return records, report
