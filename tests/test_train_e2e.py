@@ -97,3 +97,11 @@ def test_data_parallel_over_8_devices_matches_one_device(short_run, tmp_path):
   want = [r["loss"] for r in metrics(reference, "train")]
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   assert abs(final["rewards/accuracy"] - metrics(reference, "eval")[-1]["rewards/accuracy"]) < 0.01
+
+
+def test_rerun_of_a_finished_workdir_changes_nothing(short_run):
+  workdir, _ = short_run
+  before = open(os.path.join(workdir, "metrics.jsonl")).read()
+  proc = train(workdir, *SHORT)
+  assert "already finished 40" in proc.stdout
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == before

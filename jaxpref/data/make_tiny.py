@@ -23,6 +23,7 @@ import os
 import numpy as np
 
 from jaxpref.data import train_tokenizer
+from jaxpref.data.tokenizer import Tokenizer
 
 CATEGORIES = {
     "fruit": "apple banana cherry grape lemon mango peach pear plum melon",
@@ -91,7 +92,7 @@ def main(argv=None) -> None:
   model = train_tokenizer.train_bytes(lines, VOCAB, normalization="identity")
   with open(os.path.join(out, "tokenizer.model"), "wb") as f:
     f.write(model)
-  vocab = train_tokenizer.spm.SentencePieceProcessor(model_proto=model).get_piece_size()
+  vocab = Tokenizer.from_bytes(model).vocab_size
   assert vocab <= 512, f"{vocab} pieces do not fit the tiny preset's vocab_size=512"
   print(f"wrote {len(train)} train and {len(evals)} eval pairs, corpus and a {vocab}-piece "
         f"tokenizer to {out}")

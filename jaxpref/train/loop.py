@@ -142,6 +142,12 @@ def train(s: Setup) -> dict:
       raise ValueError(f"{cfg.workdir}: checkpoint was written with --data_seed="
                        f"{position.get('seed')}, this run has --data_seed={cfg.data.seed}")
     _say(f"resuming from step {start} ({cfg.workdir}/checkpoints)")
+  if start >= cfg.steps:
+    ckpt.close()
+    rows = [r for r in read_metrics(os.path.join(cfg.workdir, "metrics.jsonl")) if r["step"] <= start]
+    _say(f"{cfg.workdir} already finished {start} of --steps={cfg.steps}; nothing to do")
+    evals = [r for r in rows if r["split"] == "eval"]
+    return evals[-1] if evals else rows[-1] if rows else {}
   writer = MetricWriter(cfg.workdir, resume_step=start)
 
   def run_eval(step):
