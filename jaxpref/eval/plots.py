@@ -36,17 +36,21 @@ def plot_run(rows: Sequence[dict], path: str, title: str = "") -> None:
 
 
 def plot_runs(runs: Mapping[str, Sequence[dict]], path: str, split: str = "eval") -> None:
-  """One panel per metric, one line per run (a sweep's comparison plot)."""
-  fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+  """One panel per metric, one line per run (a sweep's comparison plot); legend at the right."""
+  colors = plt.cm.tab20.colors
+  styles = ("-", "--", ":")
+  fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS) + 2.2, 3.6))
   for ax, (key, label) in zip(axes, PANELS):
-    for name, rows in runs.items():
+    for i, (name, rows) in enumerate(runs.items()):
       xs, ys = _series(rows, split, key)
       if xs:
-        ax.plot(xs, ys, "o-", label=name, markersize=3)
+        ax.plot(xs, ys, styles[i // len(colors) % len(styles)], color=colors[i % len(colors)],
+                marker="o", markersize=2.5, label=name)
     ax.set_title(f"{split} {label}")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  axes[-1].legend(fontsize=8)
-  fig.tight_layout()
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="center right", fontsize=7, ncol=1 + len(labels) // 16)
+  fig.tight_layout(rect=(0, 0, 1 - 0.07 * (1 + len(labels) // 16), 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
