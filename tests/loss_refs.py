@@ -189,3 +189,14 @@ def pro(policy, ref, length, w, valid, scores=None, sft_weight=0.05):
     total += sft_weight * (n - 1) ** 2 * -policy[b, 0]
     out.append(total)
   return wmean(np.array(out), w)
+
+
+def dpo_scored(policy, ref, length, w, scores, beta=0.1, margin=0.0, score_margin=0.0):
+  z = beta * h_of(policy, ref) - (margin + score_margin * (scores[:, 0] - scores[:, 1]))
+  return wmean(-logsig(z), w)
+
+
+def osp(policy, ref, length, w, scores, beta=0.1, temperature=1.0):
+  p = sig((scores[:, 0] - scores[:, 1]) / temperature)
+  z = beta * h_of(policy, ref)
+  return wmean(-(p * logsig(z) + (1 - p) * logsig(-z)), w)

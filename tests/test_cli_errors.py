@@ -54,3 +54,9 @@ def test_malformed_jsonl_names_file_line_field(tmp_path, case):
   proc = train(str(tmp_path / "w2"), f"--train_data={path}", "--steps=2", "--eval_every=2",
                "--skip_invalid_records", check=True)
   assert "skipped 1" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_loss_that_needs_scores_on_data_without_them(tmp_path):
+  proc = train(str(tmp_path / "w"), "--loss.score_margin=0.5", check=False)
+  assert proc.returncode != 0
+  assert "chosen_score" in proc.stderr and "Traceback" not in proc.stderr

@@ -27,8 +27,12 @@ PAIRWISE = [
 LISTWISE = [("listmle", {}), ("ranknet", {"beta": 0.5}), ("pro", {}), ("pro", {"sft_weight": 0.0})]
 
 
+SCORED = [("osp", {}, "osp"), ("osp", {"temperature": 0.3, "beta": 0.5}, "osp"),
+          ("dpo", {"score_margin": 0.5, "margin": 0.1}, "dpo_scored")]
+
+
 def test_every_registered_loss_is_tested():
-  tested = {n for n, _ in PAIRWISE + LISTWISE}
+  tested = {n for n, _ in PAIRWISE + LISTWISE} | {n for n, _, _ in SCORED}
   assert set(losses.names()) <= tested | {"test_only_margin"}, set(losses.names()) - tested
 
 
@@ -66,6 +70,32 @@ def test_pairwise_matches_numpy(name, hp, spread):
   assert np.isfinite(np.asarray(grads)).all()
   if name not in ("aot", "aot_pair", "bco_pair"):  # batch-coupled: padding moves quantiles/means
     np.testing.assert_array_equal(np.asarray(grads)[:2], 0.0)
+
+
+@pytest.mark.parametrize("name,hp,ref_name", SCORED, ids=lambda x: str(x))
+def test_scored_pairs_match_numpy(name, hp, ref_name):
+  policy, ref, length, weight = pair_inputs(9, spread=20.0)
+  scores = np.random.default_rng(9).normal(0, 3, (len(weight), 2))
+  fn = jax.jit(losses.bind(name, hp))
+  loss, _ = fn(make_lp(policy, ref, length, weight, scores=scores))
+  want = getattr(R, ref_name)(policy, ref, length, weight, scores, **hp)
+  np.testing.assert_allclose(float(loss), want, rtol=2e-4, atol=2e-4)
+
+
+def test_osp_without_scores_is_dpo_and_score_margin_needs_scores():
+  policy, ref, length, weight = pair_inputs(10)
+  lp = make_lp(policy, ref, length, weight)
+  np.testing.assert_allclose(losses.get("osp")(lp)[0], losses.get("dpo")(lp)[0], rtol=1e-6)
+  with pytest.raises(ValueError, match="chosen_score"):
+    losses.get("dpo")(lp, score_margin=1.0)
+
+
+def test_osp_is_minimised_at_the_preference_strength():
+  # SPCE's optimum: sig(beta h) = p, i.e. beta h = s_w - s_l (temperature 1).
+  hs = jnp.linspace(-20, 20, 4001)
+  lp = lambda h: make_lp([[h, 0.0]], [[0.0, 0.0]], [[1.0, 1.0]], [1.0], scores=[[2.0, 0.5]])
+  vals = jax.vmap(lambda h: losses.get("osp")(lp(h), beta=0.5)[0])(hs)
+  np.testing.assert_allclose(0.5 * hs[jnp.argmin(vals)], 1.5, atol=0.01)
 
 
 def list_inputs(seed, b=8, k=4):

@@ -82,7 +82,8 @@ def test_zero_weight_groups_are_ignored():
 
 def test_registry_lists_and_rejects():
   assert "dpo" in losses.names()
-  assert losses.hparams("dpo") == {"beta": 0.1, "label_smoothing": 0.0, "margin": 0.0}
+  assert losses.hparams("dpo") == {"beta": 0.1, "label_smoothing": 0.0, "margin": 0.0,
+                                  "score_margin": 0.0}
   with pytest.raises(ValueError, match=r"no hyperparameter 'gamma'.*beta=0.1"):
     losses.bind("dpo", {"gamma": 1.0})
   with pytest.raises(ValueError, match="unknown loss 'dpoo'.*dpo"):

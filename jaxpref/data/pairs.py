@@ -83,6 +83,9 @@ class PairDataset:
     self.loss_mask = np.zeros((n, 2, max_len), np.float32)
     self.segment_ids = np.zeros((n, 2, max_len), np.int32)
     self.n_truncated = 0
+    self.weight = np.array([r.weight for r in records], np.float32)  # [N]
+    has_scores = bool(records) and records[0].scores is not None  # all or none (read_pairs)
+    self.scores = np.array([r.scores for r in records], np.float32) if has_scores else None
     for i, rec in enumerate(records):
       self.tokens[i], self.loss_mask[i], self.segment_ids[i], cut = tokenize_pair(tok, rec, max_len)
       self.n_truncated += cut
@@ -95,13 +98,16 @@ class PairDataset:
     return len(self.tokens)
 
   def batch(self, indices: np.ndarray, weight: np.ndarray | None = None) -> GroupBatch:
-    """The groups at `indices` (numpy arrays); weight-0 groups are marked invalid."""
+    """The groups at `indices` (numpy arrays). `weight` marks batch padding (0); a group's
+    weight is that times its record's `weight`; padding groups are marked invalid."""
     indices = np.asarray(indices)
     b = len(indices)
-    weight = np.ones(b, np.float32) if weight is None else np.asarray(weight, np.float32)
+    pad = np.ones(b, np.float32) if weight is None else np.asarray(weight, np.float32)
     return GroupBatch(tokens=self.tokens[indices], loss_mask=self.loss_mask[indices],
                       segment_ids=self.segment_ids[indices],
-                      valid=np.broadcast_to((weight > 0)[:, None], (b, 2)).copy(), weight=weight)
+                      valid=np.broadcast_to((pad > 0)[:, None], (b, 2)).copy(),
+                      weight=pad * self.weight[indices],
+                      scores=None if self.scores is None else self.scores[indices])
 
 
 @functools.lru_cache(maxsize=4)

@@ -3,8 +3,10 @@
 Nothing is dropped silently: a bad record stops the read with a `DataError`, or, with
 `skip_invalid=True`, is skipped and counted by reason in the returned `ReadReport`.
 
-A record is one JSON object per line with string fields `prompt`, `chosen` and `rejected`;
-other fields are ignored. All three must hold some non-whitespace text: an empty response
+A record is one JSON object per line with string fields `prompt`, `chosen` and `rejected`,
+and optionally numbers `weight` (>= 0, default 1: the pair's weight in the loss) and
+`chosen_score` / `rejected_score` (both or neither, and then in every record: ratings that
+strength-aware losses and score margins read as `Logps.scores`); other fields are ignored. All three must hold some non-whitespace text: an empty response
 has no tokens to score but the EOS, and an empty prompt almost always means a field was
 mislabelled upstream, so both are reported rather than trained on. Blank lines are
 ignored and not counted. The file is read as bytes and decoded line by line, so one
@@ -26,11 +28,16 @@ class DataError(ValueError):
   """A problem with a data file; the message starts with `FILE:LINE:` (or `FILE:`)."""
 
 
+SCORE_FIELDS = ("chosen_score", "rejected_score")
+
+
 @dataclasses.dataclass(frozen=True)
 class PairRecord:
   prompt: str
   chosen: str
   rejected: str
+  weight: float = 1.0
+  scores: tuple[float, float] | None = None  # (chosen, rejected), higher is better
 
 
 @dataclasses.dataclass
@@ -73,6 +80,31 @@ def _check_record(obj, fields) -> tuple[str, str] | None:
   return None
 
 
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def _check_numbers(obj) -> tuple[str, str] | None:
+  """(reason, message) for a bad optional numeric field, or None."""
+  if "weight" in obj and not (_is_number(obj["weight"]) and obj["weight"] >= 0):
+    return ("field 'weight' is not a number >= 0",
+            f"field 'weight' must be a finite number >= 0, got {obj['weight']!r}")
+  present = [k for k in SCORE_FIELDS if k in obj]
+  if len(present) == 1:
+    missing = SCORE_FIELDS[1 - SCORE_FIELDS.index(present[0])]
+    return f"missing field '{missing}'", f"field '{missing}' is missing (it comes with '{present[0]}')"
+  for k in present:
+    if not _is_number(obj[k]):
+      return f"field '{k}' is not a number", f"field '{k}' must be a finite number, got {obj[k]!r}"
+  return None
+
+
+def _record(obj) -> PairRecord:
+  scores = tuple(float(obj[k]) for k in SCORE_FIELDS) if SCORE_FIELDS[0] in obj else None
+  return PairRecord(*(obj[k] for k in PAIR_FIELDS), weight=float(obj.get("weight", 1.0)),
+                    scores=scores)
+
+
 def _parse_line(raw: bytes, lineno: int):
   """(obj, None) for a JSON line, (None, None) for a blank one, (None, problem) otherwise."""
   try:
@@ -96,7 +128,7 @@ def read_pairs(path: str, *, skip_invalid: bool = False) -> tuple[list[PairRecor
   if not os.path.isfile(path):
     raise DataError(f"{path}: no such file")
   report = ReadReport(path)
-  records = []
+  records, lines = [], []
   with open(path, "rb") as f:
     # Iterating bytes splits on b"\n" only; str.splitlines would also split on U+2028 etc.
     for lineno, raw in enumerate(f, start=1):
@@ -104,9 +136,10 @@ def read_pairs(path: str, *, skip_invalid: bool = False) -> tuple[list[PairRecor
       if problem is None and obj is None:
         continue
       if problem is None:
-        problem = _check_record(obj, PAIR_FIELDS)
+        problem = _check_record(obj, PAIR_FIELDS) or _check_numbers(obj)
       if problem is None:
-        records.append(PairRecord(*(obj[k] for k in PAIR_FIELDS)))
+        records.append(_record(obj))
+        lines.append(lineno)
         report.n_read += 1
         continue
       message = f"{path}:{lineno}: {problem[1]}"
@@ -119,4 +152,9 @@ def read_pairs(path: str, *, skip_invalid: bool = False) -> tuple[list[PairRecor
   if not records:
     detail = f"; first: {report.first_errors[0]}" if report.first_errors else ""
     raise DataError(f"{path}: no valid records ({report.n_skipped} skipped{detail})")
+  with_scores = [r.scores is not None for r in records]
+  if any(with_scores) and not all(with_scores):
+    first = lines[with_scores.index(False)]
+    raise DataError(f"{path}:{first}: fields 'chosen_score'/'rejected_score' are missing, but "
+                    f"other records have them (scores must be in every record or in none)")
   return records, report

@@ -24,23 +24,35 @@ def _finish(lp: Logps, per_pair: jax.Array, rewards: jax.Array, **terms):
   return weighted_mean(per_pair, lp.weight), metrics
 
 
-def _smoothed(z: jax.Array, eps) -> jax.Array:
+def _smoothed(z: jax.Array, eps) -> jax.Array:  # eps: a float or per-pair [B]
   """-(1-eps) logsig(z) - eps logsig(-z): cDPO's expected loss under flip rate eps."""
   return -(1.0 - eps) * logsig(z) - eps * logsig(-z)
 
 
+def score_gap(lp: Logps, who: str) -> jax.Array:
+  """s_w - s_l from the records' `chosen_score`/`rejected_score` (`Logps.scores`), [B]."""
+  if lp.scores is None:
+    raise ValueError(f"{who} needs per-pair scores: give every record 'chosen_score' and "
+                     "'rejected_score'")
+  return lp.scores[:, 0] - lp.scores[:, 1]
+
+
 @register("dpo")
-def dpo(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.0, margin: float = 0.0):
+def dpo(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.0, margin: float = 0.0,
+        score_margin: float = 0.0):
   """Direct Preference Optimization: Your Language Model is Secretly a Reward Model.
 
   l = -(1-eps) logsig(beta h - m) - eps logsig(-(beta h - m)) (LOSSES.md §1.1, §1.3):
-  eps = 0 is DPO, eps > 0 conservative DPO (cDPO, eps the assumed flip rate), and m > 0 a
-  target margin on the implicit reward difference (the BT-with-margin form of §1.9).
+  eps = 0 is DPO, eps > 0 conservative DPO (cDPO, eps the assumed flip rate), and m a
+  target margin on the implicit reward difference (the BT-with-margin form of §1.9):
+  m = margin + score_margin * (s_w - s_l), the second term from the records' scores
+  (Llama-2's rating-gap margins).
   """
   check_pairs(lp)
   rho = logratios(lp)
   h = rho[:, 0] - rho[:, 1]
-  return _finish(lp, _smoothed(beta * h - margin, label_smoothing), beta * rho)
+  m = margin + (score_margin * score_gap(lp, "--loss.score_margin") if score_margin else 0.0)
+  return _finish(lp, _smoothed(beta * h - m, label_smoothing), beta * rho)
 
 
 @register("robust_dpo")
@@ -263,3 +275,18 @@ def flex_dpo(lp: Logps, *, beta_chosen: float = 0.1, beta_rejected: float = 0.1)
   rho = logratios(lp)
   rewards = rho * jnp.array([beta_chosen, beta_rejected])
   return _finish(lp, -logsig(rewards[:, 0] - rewards[:, 1]), rewards)
+
+
+@register("osp")
+def osp(lp: Logps, *, beta: float = 0.1, temperature: float = 1.0):
+  """Online Self-Preferring Language Models: soft-preference cross-entropy (LOSSES.md §2.7).
+
+  A reading (the exact strength mapping is UNVERIFIED): with preference strength
+  p = sig((s_w - s_l) / temperature) from the records' scores (p = 1 without scores, which
+  is DPO), l = -[p logsig(beta h) + (1-p) logsig(-beta h)], i.e. cDPO with a per-pair
+  eps = 1 - p.
+  """
+  check_pairs(lp)
+  rho = logratios(lp)
+  p = 1.0 if lp.scores is None else jax.nn.sigmoid(score_gap(lp, "osp") / temperature)
+  return _finish(lp, _smoothed(beta * (rho[:, 0] - rho[:, 1]), 1.0 - p), beta * rho)

@@ -25,7 +25,7 @@ from jaxpref.train import checkpoint as ckpt_lib
 from jaxpref.train.config import RunConfig
 from jaxpref.train.metrics import MetricWriter, read_metrics
 from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxpref.train.policy_step import TrainState, make_steps
+from jaxpref.train.policy_step import TrainState, group_logps, make_steps
 
 
 def _say(msg: str) -> None:
@@ -104,7 +104,16 @@ def setup(cfg: RunConfig) -> Setup:
     if size % n_batch_shards:
       raise ValueError(f"--{flag}={size} must be divisible by the mesh's data*fsdp size "
                        f"({n_batch_shards}, --mesh={cfg.mesh})")
+  _probe_loss(cfg, train_ds)
   return Setup(cfg, train_ds, eval_ds, mesh)
+
+
+def _probe_loss(cfg: RunConfig, ds) -> None:
+  """Traces the loss on the data's shapes, so a loss/data mismatch (say, score margins on
+  records without scores) is a start-up error instead of a failure inside the first jit."""
+  batch = ds.batch(np.arange(min(2, ds.n)))
+  lp = group_logps(np.zeros(batch.tokens.shape, np.float32), np.zeros(batch.tokens.shape, np.float32), batch)
+  jax.eval_shape(losses.bind(cfg.loss, cfg.loss_hparams), lp)
 
 
 def run(cfg: RunConfig) -> dict:
