@@ -36,6 +36,10 @@ flags.DEFINE_integer("max_len", _D.max_len, "Tokens per sequence (BOS + prompt +
 flags.DEFINE_integer("batch_size", _D.batch_size, "Pairs per train step (global).")
 flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Pairs per eval step (global).")
 flags.DEFINE_integer("data_seed", _D.seed, "Seed of the data order.")
+flags.DEFINE_enum("data_format", _D.format, ["pairs", "unpaired", "pairs_as_unpaired"],
+                  "pairs: {prompt, chosen, rejected}; unpaired: {prompt, completion, label} "
+                  "(KTO-style losses); pairs_as_unpaired: each pair split into a desirable and "
+                  "an undesirable record.")
 flags.DEFINE_bool("skip_invalid_records", _D.skip_invalid,
                   "Skip (and count) malformed records instead of stopping at the first.")
 # Model.
@@ -164,7 +168,8 @@ def to_config() -> RunConfig:
       data=DataConfig(train_data=FLAGS.train_data, eval_data=FLAGS.eval_data,
                       tokenizer=FLAGS.tokenizer, max_len=FLAGS.max_len,
                       batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
-                      seed=FLAGS.data_seed, skip_invalid=FLAGS.skip_invalid_records),
+                      seed=FLAGS.data_seed, skip_invalid=FLAGS.skip_invalid_records,
+                      format=FLAGS.data_format),
       loss=FLAGS.loss, loss_hparams=loss_hparams, mesh=FLAGS.mesh, seed=FLAGS.seed,
       steps=FLAGS.steps, log_every=FLAGS.log_every, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,

@@ -200,3 +200,34 @@ def osp(policy, ref, length, w, scores, beta=0.1, temperature=1.0):
   p = sig((scores[:, 0] - scores[:, 1]) / temperature)
   z = beta * h_of(policy, ref)
   return wmean(-(p * logsig(z) + (1 - p) * logsig(-z)), w)
+
+
+# Unpaired: member 0 labelled (label 1/0), member 1 the mismatched KL completion.
+
+def _kto_form(rho, label, w, beta, wd, wu, z):
+  per = np.where(label == 1, wd * (1 - sig(beta * (rho - z))), wu * (1 - sig(beta * (z - rho))))
+  return wmean(per, w)
+
+
+def kto(policy, ref, length, w, label, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0):
+  rho = policy - ref
+  z = max(0.0, wmean(rho[:, 1], w))
+  return _kto_form(rho[:, 0], label, w, beta, desirable_weight, undesirable_weight, z)
+
+
+def apo(policy, ref, length, w, label, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0,
+        kl_min=-5.0, kl_max=5.0):
+  rho = policy - ref
+  z = min(max(wmean(rho[:, 1], w), kl_min), kl_max)
+  return _kto_form(rho[:, 0], label, w, beta, desirable_weight, undesirable_weight, z)
+
+
+def apo_zero_unpaired(policy, ref, length, w, label, beta=0.1):
+  r = beta * (policy - ref)[:, 0]
+  return wmean(np.where(label == 1, 1 - sig(r), sig(r)), w)
+
+
+def bco(policy, ref, length, w, label, beta=0.1):
+  r = beta * (policy - ref)[:, 0]
+  delta = wmean(r, w)
+  return wmean(np.where(label == 1, -logsig(r - delta), -logsig(delta - r)), w)

@@ -21,11 +21,13 @@ FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "experiments", "losses", "*.flag
 
 
 def loss_from_flagfile(path):
-  """(loss name, hyperparameters) as the CLI would read them (later flags win)."""
-  name, hps = None, {}
+  """(loss name, hyperparameters, data format) as the CLI would read them (later flags win)."""
+  name, hps, fmt = None, {}, "pairs"
   for arg in jflags.expand_flagfiles([f"--flagfile={path}"]):
     key, _, value = arg.lstrip("-").partition("=")
-    if key == "loss":
+    if key == "data_format":
+      fmt = value
+    elif key == "loss":
       name = value
     elif key.startswith("loss."):
       hps[key[5:]] = value
@@ -33,7 +35,7 @@ def loss_from_flagfile(path):
       hps[key[7:]] = False
   defaults = losses.hparams(name)
   typed = {k: v if isinstance(v, bool) else (value_as(defaults[k], v)) for k, v in hps.items()}
-  return name, typed
+  return name, typed, fmt
 
 
 def value_as(default, text):
@@ -48,18 +50,20 @@ def test_every_loss_has_a_flagfile():
 
 
 @pytest.fixture(scope="module")
-def fixed_batch():
+def fixed_batches():
   tiny = os.path.join(ROOT, "jaxpref", "data", "tiny")
   tok = data_lib.Tokenizer.load(os.path.join(tiny, "tokenizer.model"))
   records, _ = data_lib.read_pairs(os.path.join(tiny, "train.jsonl"))
-  ds = data_lib.PairDataset(records[:16], tok, 32)
-  return ds.batch(np.arange(16))
+  unpaired = data_lib.UnpairedDataset(data_lib.unpair(records[:8]), tok, 32)
+  return {"pairs": data_lib.PairDataset(records[:16], tok, 32).batch(np.arange(16)),
+          "pairs_as_unpaired": unpaired.batch(np.arange(16))}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
-def test_loss_flagfile_trains(path, fixed_batch):
-  name, hps = loss_from_flagfile(path)
+def test_loss_flagfile_trains(path, fixed_batches):
+  name, hps, fmt = loss_from_flagfile(path)
+  fixed_batch = fixed_batches[fmt]
   assert hps.keys() == losses.hparams(name).keys()  # the file spells out every hyperparameter
   model = models.Decoder(models.get_config("tiny"), rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)

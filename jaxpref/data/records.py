@@ -123,8 +123,8 @@ def _parse_line(raw: bytes, lineno: int):
                   "JSONL holds one complete JSON object per line")
 
 
-def read_pairs(path: str, *, skip_invalid: bool = False) -> tuple[list[PairRecord], ReadReport]:
-  """Reads `{prompt, chosen, rejected}` records (blank lines are ignored, not counted)."""
+def _read(path: str, skip_invalid: bool, check, build) -> tuple[list, ReadReport, list[int]]:
+  """The shared read loop: `check(obj)` -> problem or None, `build(obj)` -> record."""
   if not os.path.isfile(path):
     raise DataError(f"{path}: no such file")
   report = ReadReport(path)
@@ -136,9 +136,9 @@ def read_pairs(path: str, *, skip_invalid: bool = False) -> tuple[list[PairRecor
       if problem is None and obj is None:
         continue
       if problem is None:
-        problem = _check_record(obj, PAIR_FIELDS) or _check_numbers(obj)
+        problem = check(obj)
       if problem is None:
-        records.append(_record(obj))
+        records.append(build(obj))
         lines.append(lineno)
         report.n_read += 1
         continue
@@ -152,9 +152,58 @@ def read_pairs(path: str, *, skip_invalid: bool = False) -> tuple[list[PairRecor
   if not records:
     detail = f"; first: {report.first_errors[0]}" if report.first_errors else ""
     raise DataError(f"{path}: no valid records ({report.n_skipped} skipped{detail})")
+  return records, report, lines
+
+
+def read_pairs(path: str, *, skip_invalid: bool = False) -> tuple[list[PairRecord], ReadReport]:
+  """Reads `{prompt, chosen, rejected}` records (blank lines are ignored, not counted)."""
+  records, report, lines = _read(
+      path, skip_invalid, lambda obj: _check_record(obj, PAIR_FIELDS) or _check_numbers(obj),
+      _record)
   with_scores = [r.scores is not None for r in records]
   if any(with_scores) and not all(with_scores):
     first = lines[with_scores.index(False)]
     raise DataError(f"{path}:{first}: fields 'chosen_score'/'rejected_score' are missing, but "
                     f"other records have them (scores must be in every record or in none)")
   return records, report
+
+
+UNPAIRED_FIELDS = ("prompt", "completion")
+
+
+@dataclasses.dataclass(frozen=True)
+class UnpairedRecord:
+  """One response with a desirability label (KTO-style data)."""
+
+  prompt: str
+  completion: str
+  label: bool
+  weight: float = 1.0
+
+
+def _check_unpaired(obj) -> tuple[str, str] | None:
+  problem = _check_record(obj, UNPAIRED_FIELDS) or _check_numbers(obj)
+  if problem is None:
+    if "label" not in obj:
+      return "missing field 'label'", "field 'label' is missing"
+    if obj["label"] not in (True, False, 0, 1):
+      return ("field 'label' is not a boolean",
+              f"field 'label' must be true/false (or 1/0), got {obj['label']!r}")
+  return problem
+
+
+def read_unpaired(path: str, *, skip_invalid: bool = False
+                  ) -> tuple[list[UnpairedRecord], ReadReport]:
+  """Reads `{prompt, completion, label}` records; `label` true marks a desirable completion."""
+  records, report, _ = _read(path, skip_invalid, _check_unpaired, lambda obj: UnpairedRecord(
+      obj["prompt"], obj["completion"], bool(obj["label"]), float(obj.get("weight", 1.0))))
+  return records, report
+
+
+def unpair(records: list[PairRecord]) -> list[UnpairedRecord]:
+  """Each pair becomes two unpaired records: chosen desirable, rejected undesirable."""
+  out = []
+  for r in records:
+    out += [UnpairedRecord(r.prompt, r.chosen, True, r.weight),
+            UnpairedRecord(r.prompt, r.rejected, False, r.weight)]
+  return out

@@ -31,6 +31,7 @@ class DataConfig:
   eval_batch_size: int = 64
   seed: int = 0  # data order
   skip_invalid: bool = False
+  format: str = "pairs"  # pairs | unpaired | pairs_as_unpaired
 
 
 @dataclasses.dataclass(frozen=True)

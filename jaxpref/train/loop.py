@@ -53,6 +53,22 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _read(cfg: RunConfig, path: str, tok):
+  fmt = cfg.data.format
+  if fmt == "pairs":
+    records, report = data_lib.read_pairs(path, skip_invalid=cfg.data.skip_invalid)
+    return data_lib.PairDataset(records, tok, cfg.data.max_len), report, ""
+  if fmt == "unpaired":
+    records, report = data_lib.read_unpaired(path, skip_invalid=cfg.data.skip_invalid)
+  elif fmt == "pairs_as_unpaired":
+    pairs, report = data_lib.read_pairs(path, skip_invalid=cfg.data.skip_invalid)
+    records = data_lib.unpair(pairs)
+  else:
+    raise ValueError(f"--data_format={fmt!r} is not one of pairs, unpaired, pairs_as_unpaired")
+  ds = data_lib.UnpairedDataset(records, tok, cfg.data.max_len)
+  return ds, report, f"; {ds.n_desirable} desirable, {ds.n - ds.n_desirable} undesirable"
+
+
 def load_data(cfg: RunConfig, tok):
   """Reads, validates and tokenizes the train (and eval) files, reporting what was skipped."""
   out = []
@@ -60,9 +76,8 @@ def load_data(cfg: RunConfig, tok):
     if not path:
       out.append(None)
       continue
-    records, report = data_lib.read_pairs(path, skip_invalid=cfg.data.skip_invalid)
-    ds = data_lib.PairDataset(records, tok, cfg.data.max_len)
-    _say(f"{split} data: {report.summary()}; {ds.n_truncated} of {ds.n} pairs truncated "
+    ds, report, extra = _read(cfg, path, tok)
+    _say(f"{split} data: {report.summary()}{extra}; {ds.n_truncated} of {ds.n} groups truncated "
          f"to --max_len={cfg.data.max_len}")
     out.append(ds)
   return out
