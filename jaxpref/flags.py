@@ -54,7 +54,8 @@ flags.DEFINE_float("adam_b2", _O.b2, "Adam beta2.")
 flags.DEFINE_float("adam_eps", _O.adam_eps, "Adam epsilon.")
 flags.DEFINE_float("grad_clip_norm", _O.grad_clip_norm, "Global-norm clip (0: off).")
 # Loss.
-flags.DEFINE_string("loss", _R.loss, "Loss name: " + ", ".join(losses.names()))
+flags.DEFINE_string("loss", _R.loss, "Loss name, or a weighted sum such as 0.8*dpo+0.2*bco_pair+sft: "
+                    + ", ".join(losses.names()))
 flags.DEFINE_multi_string("loss_module", [], "A Python file (or importable module) imported "
                           "before the flags are parsed, so the losses it registers and their "
                           "--loss.HPARAM flags exist. Repeatable.")

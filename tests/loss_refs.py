@@ -231,3 +231,21 @@ def bco(policy, ref, length, w, label, beta=0.1):
   r = beta * (policy - ref)[:, 0]
   delta = wmean(r, w)
   return wmean(np.where(label == 1, -logsig(r - delta), -logsig(delta - r)), w)
+
+
+def f_dpo(policy, ref, length, w, beta=0.1, divergence="reverse_kl", alpha=1.0, label_smoothing=0.0):
+  rho = policy - ref
+  if divergence == "reverse_kl":
+    logit = rho[:, 0] - rho[:, 1]
+  elif divergence == "js_divergence":
+    # log(2u/(1+u)) at u = exp(rho), differenced between chosen and rejected.
+    f = lambda r: np.log(2.0) + r - np.logaddexp(0.0, r)
+    logit = f(rho[:, 0]) - f(rho[:, 1])
+  else:
+    logit = (np.exp(-alpha * rho[:, 1]) - np.exp(-alpha * rho[:, 0])) / alpha
+  z = beta * logit
+  return wmean(-(1 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z), w)
+
+
+def sft(policy, ref, length, w):
+  return nll(policy, length, w)

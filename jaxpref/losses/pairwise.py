@@ -290,3 +290,46 @@ def osp(lp: Logps, *, beta: float = 0.1, temperature: float = 1.0):
   rho = logratios(lp)
   p = 1.0 if lp.scores is None else jax.nn.sigmoid(score_gap(lp, "osp") / temperature)
   return _finish(lp, _smoothed(beta * (rho[:, 0] - rho[:, 1]), 1.0 - p), beta * rho)
+
+
+def _cap_exp(x: jax.Array) -> jax.Array:
+  """exp, capped below float overflow (TRL's cap_exp)."""
+  return jnp.exp(jnp.minimum(x, jnp.log(jnp.finfo(x.dtype).max)))
+
+
+@register("f_dpo")
+def f_dpo(lp: Logps, *, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 1.0,
+          label_smoothing: float = 0.0):
+  """Beyond Reverse KL: Generalizing DPO with Diverse Divergence Constraints (f-DPO), as TRL.
+
+  The DPO logit under an f-divergence with u = pi/pi_ref (so log u = rho): `reverse_kl`
+  h (DPO); `js_divergence` h - (softplus(rho_w) - softplus(rho_l)) (from log(2u/(1+u)));
+  `alpha_divergence` (u_l^-alpha - u_w^-alpha) / alpha (alpha = 1: forward KL). Then cDPO's
+  loss on beta * logit.
+  """
+  check_pairs(lp)
+  rho = logratios(lp)
+  if divergence == "reverse_kl":
+    logit = rho[:, 0] - rho[:, 1]
+  elif divergence == "js_divergence":
+    logit = (rho[:, 0] - rho[:, 1]) - (jax.nn.softplus(rho[:, 0]) - jax.nn.softplus(rho[:, 1]))
+  elif divergence == "alpha_divergence":
+    if alpha <= 0:
+      raise ValueError(f"f_dpo: alpha must be > 0, got {alpha}")
+    logit = (_cap_exp(-alpha * rho[:, 1]) - _cap_exp(-alpha * rho[:, 0])) / alpha
+  else:
+    raise ValueError(f"f_dpo: divergence must be reverse_kl, js_divergence or alpha_divergence, "
+                     f"got {divergence!r}")
+  return _finish(lp, _smoothed(beta * logit, label_smoothing), beta * rho)
+
+
+@register("sft")
+def sft(lp: Logps):
+  """Supervised fine-tuning on the chosen responses: token-mean NLL over the batch.
+
+  Alone it is SFT on preference data; as a term of a weighted sum (`--loss=dpo+sft`) it
+  is the SFT part of RPO-style and mixed preference objectives.
+  """
+  check_pairs(lp)
+  nll = chosen_nll(lp)
+  return nll, {**pair_metrics(lp, logratios(lp)), "loss/nll": nll}

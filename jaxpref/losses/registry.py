@@ -3,6 +3,10 @@
 A loss is `fn(lp: Logps, *, hparam=default, ...) -> (loss, metrics)`. Its keyword-only
 arguments, with their defaults, are its hyperparameters; `hparams(name)` reads them from
 the signature, so registering a loss never means editing a table elsewhere.
+
+A name may also be a weighted sum of registered losses, `"0.8*dpo+0.2*bco_pair+sft"`
+(mixed preference optimisation): each term receives the overrides it accepts, the total
+is the weighted sum, and each term's value is reported as `loss/<name>`.
 """
 
 from __future__ import annotations
@@ -35,11 +39,43 @@ def register(name: str) -> Callable[[LossFn], LossFn]:
   return add
 
 
+def _terms(name: str) -> list[tuple[float, str]]:
+  """'0.8*dpo+sft' -> [(0.8, 'dpo'), (1.0, 'sft')]; a plain name is one term of weight 1."""
+  out = []
+  for term in name.replace(" ", "").split("+"):
+    weight, _, loss = term.rpartition("*")
+    try:
+      out.append((float(weight) if weight else 1.0, loss))
+    except ValueError:
+      raise ValueError(f"loss {name!r}: term {term!r} is not WEIGHT*NAME") from None
+  for _, loss in out:
+    if loss not in _LOSSES:
+      raise ValueError(f"unknown loss {loss!r}; registered losses: {', '.join(names())}")
+  return out
+
+
 def get(name: str) -> LossFn:
-  try:
-    return _LOSSES[name]
-  except KeyError:
-    raise ValueError(f"unknown loss {name!r}; registered losses: {', '.join(names())}") from None
+  terms = _terms(name)
+  if len(terms) == 1 and terms[0][0] == 1.0:
+    return _LOSSES[terms[0][1]]
+  return _weighted_sum(terms)
+
+
+def _weighted_sum(terms: list[tuple[float, str]]) -> LossFn:
+  accepts = {loss: set(hparams(loss)) for _, loss in terms}
+
+  def total(lp, **overrides):
+    value, metrics = 0.0, {}
+    for i, (weight, loss) in enumerate(terms):
+      part, part_metrics = _LOSSES[loss](lp, **{k: v for k, v in overrides.items()
+                                                if k in accepts[loss]})
+      value = value + weight * part
+      if i == 0:
+        metrics.update(part_metrics)  # the standard keys come from the first term
+      metrics[f"loss/{loss}"] = part
+    return value, metrics
+
+  return total
 
 
 def names() -> list[str]:
@@ -47,9 +83,14 @@ def names() -> list[str]:
 
 
 def hparams(name: str) -> dict[str, Any]:
-  """The loss's hyperparameters and their defaults, in signature order."""
-  params = list(inspect.signature(get(name)).parameters.values())[1:]
-  return {p.name: p.default for p in params}
+  """The loss's hyperparameters and their defaults, in signature order (for a weighted sum,
+  the union over its terms, the first term's default winning)."""
+  out = {}
+  for _, loss in _terms(name):
+    params = list(inspect.signature(_LOSSES[loss]).parameters.values())[1:]
+    for p in params:
+      out.setdefault(p.name, p.default)
+  return out
 
 
 def bind(name: str, overrides: dict[str, Any]) -> Callable[..., Any]:
@@ -61,7 +102,9 @@ def bind(name: str, overrides: dict[str, Any]) -> Callable[..., Any]:
     raise ValueError(f"loss {name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
                      f"valid ones (with defaults): {listing}")
   fn = get(name)
-  kwargs = {**valid, **overrides}
+  # A single loss gets every hyperparameter; the terms of a sum pick theirs from overrides
+  # and keep their own defaults otherwise.
+  kwargs = {**valid, **overrides} if len(_terms(name)) == 1 else dict(overrides)
 
   def bound(lp):
     return fn(lp, **kwargs)
