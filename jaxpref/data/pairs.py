@@ -75,20 +75,29 @@ class PairDataset:
   """
 
   def __init__(self, records: Sequence[PairRecord], tok: Tokenizer, max_len: int):
+    self._fill(tok, max_len, ((tok.encode(r.prompt), (tok.encode(r.chosen), tok.encode(r.rejected)))
+                              for r in records), len(records), counted=(0, 1))
+    self.weight = np.array([r.weight for r in records], np.float32)  # [N]
+    has_scores = bool(records) and records[0].scores is not None  # all or none (read_pairs)
+    self.scores = np.array([r.scores for r in records], np.float32) if has_scores else None
+
+  def _fill(self, tok: Tokenizer, max_len: int, groups, n: int, counted: tuple[int, ...]):
+    """Lays out `groups` of (prompt ids, (response ids, ...)) into the `[N, K, T]` arrays;
+    a group counts as truncated if one of its `counted` members was cut."""
     if max_len < 3:
       raise ValueError(f"--max_len must be >= 3 (BOS, a token, EOS), got {max_len}")
-    n = len(records)
     self.max_len = max_len
     self.tokens = np.zeros((n, 2, max_len), np.int32)
     self.loss_mask = np.zeros((n, 2, max_len), np.float32)
     self.segment_ids = np.zeros((n, 2, max_len), np.int32)
     self.n_truncated = 0
-    self.weight = np.array([r.weight for r in records], np.float32)  # [N]
-    has_scores = bool(records) and records[0].scores is not None  # all or none (read_pairs)
-    self.scores = np.array([r.scores for r in records], np.float32) if has_scores else None
-    for i, rec in enumerate(records):
-      self.tokens[i], self.loss_mask[i], self.segment_ids[i], cut = tokenize_pair(tok, rec, max_len)
-      self.n_truncated += cut
+    for i, (prompt, responses) in enumerate(groups):
+      cut_any = False
+      for k, response in enumerate(responses):
+        t, m, seg, cut = _layout(tok, prompt, response, max_len)
+        self.tokens[i, k], self.loss_mask[i, k], self.segment_ids[i, k] = t, m, seg
+        cut_any |= cut and k in counted
+      self.n_truncated += cut_any
     real = self.segment_ids > 0
     self.n_tokens = int(real.sum())
     self.n_unk = int((real & (self.tokens == tok.unk_id)).sum())

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxpref.data.pairs import PairDataset, _layout
+from jaxpref.data.pairs import PairDataset
 from jaxpref.data.records import UnpairedRecord
 from jaxpref.data.tokenizer import Tokenizer
 from jaxpref.types import GroupBatch
@@ -29,29 +29,16 @@ class UnpairedDataset(PairDataset):
   """Arrays `[N, 2, T]` as `PairDataset`, plus `label int32[N, 2]`."""
 
   def __init__(self, records: Sequence[UnpairedRecord], tok: Tokenizer, max_len: int):
-    if max_len < 3:
-      raise ValueError(f"--max_len must be >= 3 (BOS, a token, EOS), got {max_len}")
     n = len(records)
-    self.max_len = max_len
-    self.tokens = np.zeros((n, 2, max_len), np.int32)
-    self.loss_mask = np.zeros((n, 2, max_len), np.float32)
-    self.segment_ids = np.zeros((n, 2, max_len), np.int32)
+    prompts = [tok.encode(r.prompt) for r in records]
+    completions = [tok.encode(r.completion) for r in records]
+    shift = max(n // 2, 1)
+    self._fill(tok, max_len, ((prompts[i], (completions[i], completions[(i + shift) % n]))
+                              for i in range(n)), n, counted=(0,))
     self.weight = np.array([r.weight for r in records], np.float32)
     self.scores = None
     self.label = np.stack([np.array([int(r.label) for r in records], np.int32),
                            np.full(n, KL_LABEL, np.int32)], axis=1)
-    prompts = [tok.encode(r.prompt) for r in records]
-    completions = [tok.encode(r.completion) for r in records]
-    self.n_truncated = 0
-    shift = max(n // 2, 1)
-    for i in range(n):
-      for k, j in enumerate((i, (i + shift) % n)):
-        t, m, s, cut = _layout(tok, prompts[i], completions[j], max_len)
-        self.tokens[i, k], self.loss_mask[i, k], self.segment_ids[i, k] = t, m, s
-        self.n_truncated += cut and k == 0
-    real = self.segment_ids > 0
-    self.n_tokens = int(real.sum())
-    self.n_unk = int((real & (self.tokens == tok.unk_id)).sum())
 
   @property
   def n_desirable(self) -> int:
