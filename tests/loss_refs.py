@@ -249,3 +249,17 @@ def f_dpo(policy, ref, length, w, beta=0.1, divergence="reverse_kl", alpha=1.0, 
 
 def sft(policy, ref, length, w):
   return nll(policy, length, w)
+
+
+def ld_dpo(policy_tok, ref, mask, w, beta=0.1, ld_alpha=0.5, label_smoothing=0.0):
+  """policy_tok/mask [B,2,T]; ref [B,2] summed."""
+  b = policy_tok.shape[0]
+  pol = np.zeros((b, 2))
+  for i in range(b):
+    lengths = [int(mask[i, k].sum()) for k in range(2)]
+    public = min(lengths)
+    for k in range(2):
+      resp = policy_tok[i, k][mask[i, k] > 0]  # response tokens in order
+      pol[i, k] = resp[:public].sum() + ld_alpha * resp[public:].sum()
+  z = beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
+  return wmean(-(1 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z), w)

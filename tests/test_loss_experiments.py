@@ -68,7 +68,8 @@ def test_loss_flagfile_trains(path, fixed_batches):
   model = models.Decoder(models.get_config("tiny"), rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   optimizer = make_optimizer(OptimConfig(learning_rate=3e-3, warmup_steps=0), 10)
-  train_step, _ = make_steps(graphdef, losses.bind(name, hps), optimizer)
+  train_step, _ = make_steps(graphdef, losses.bind(name, hps), optimizer,
+                             with_tokens=losses.needs_tokens(name))
   ref = jax.tree.map(lambda x: x.copy(), params)
   state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params))
   history = []

@@ -36,7 +36,8 @@ SCORED = [("osp", {}, "osp"), ("osp", {"temperature": 0.3, "beta": 0.5}, "osp"),
 
 def test_every_registered_loss_is_tested():
   unpaired = {"kto", "apo", "apo_zero_unpaired", "bco"}  # tests/test_losses_unpaired.py
-  tested = {n for n, _ in PAIRWISE + LISTWISE} | {n for n, _, _ in SCORED} | unpaired
+  token_level = {"ld_dpo"}  # tests/test_losses_token_level.py
+  tested = {n for n, _ in PAIRWISE + LISTWISE} | {n for n, _, _ in SCORED} | unpaired | token_level
   assert set(losses.names()) <= tested | {"test_only_margin"}, set(losses.names()) - tested
 
 

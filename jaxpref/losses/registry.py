@@ -17,10 +17,15 @@ from typing import Any, Callable
 LossFn = Callable[..., Any]
 
 _LOSSES: dict[str, LossFn] = {}
+_NEEDS_TOKENS: set[str] = set()
 
 
-def register(name: str) -> Callable[[LossFn], LossFn]:
-  """Decorator adding `fn` to the registry under `name` (a user's file may use it too)."""
+def register(name: str, *, needs_tokens: bool = False) -> Callable[[LossFn], LossFn]:
+  """Decorator adding `fn` to the registry under `name` (a user's file may use it too).
+
+  `needs_tokens=True` asks the train step for the per-token log-probs
+  (`Logps.policy_tok`, `ref_tok`, `mask`, each [B, K, T]); other losses never hold them.
+  """
 
   def add(fn: LossFn) -> LossFn:
     if name in _LOSSES and _LOSSES[name] is not fn:
@@ -34,6 +39,8 @@ def register(name: str) -> Callable[[LossFn], LossFn]:
         raise TypeError(f"loss {name!r}: hyperparameter {p.name!r} must be keyword-only "
                         "with a default (the paper's)")
     _LOSSES[name] = fn
+    if needs_tokens:
+      _NEEDS_TOKENS.add(name)
     return fn
 
   return add
@@ -76,6 +83,11 @@ def _weighted_sum(terms: list[tuple[float, str]]) -> LossFn:
     return value, metrics
 
   return total
+
+
+def needs_tokens(name: str) -> bool:
+  """Whether any term of `name` reads per-token log-probs."""
+  return any(loss in _NEEDS_TOKENS for _, loss in _terms(name))
 
 
 def names() -> list[str]:

@@ -127,7 +127,8 @@ def _probe_loss(cfg: RunConfig, ds) -> None:
   """Traces the loss on the data's shapes, so a loss/data mismatch (say, score margins on
   records without scores) is a start-up error instead of a failure inside the first jit."""
   batch = ds.batch(np.arange(min(2, ds.n)))
-  lp = group_logps(np.zeros(batch.tokens.shape, np.float32), np.zeros(batch.tokens.shape, np.float32), batch)
+  zeros = np.zeros(batch.tokens.shape, np.float32)
+  lp = group_logps(zeros, zeros, batch, with_tokens=losses.needs_tokens(cfg.loss))
   jax.eval_shape(losses.bind(cfg.loss, cfg.loss_hparams), lp)
 
 
@@ -155,7 +156,8 @@ def train(s: Setup) -> dict:
        f"on {jax.device_count()} {jax.devices()[0].platform} device(s)")
 
   loss_fn = losses.bind(cfg.loss, cfg.loss_hparams)
-  train_step, eval_step = make_steps(graphdef, loss_fn, optimizer)
+  train_step, eval_step = make_steps(graphdef, loss_fn, optimizer,
+                                     with_tokens=losses.needs_tokens(cfg.loss))
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"),
                                cfg.checkpoint_every, cfg.keep_checkpoints)

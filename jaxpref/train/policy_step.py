@@ -43,12 +43,15 @@ def group_logps(policy_tok: jax.Array, ref_tok: jax.Array, batch: GroupBatch,
 
 
 def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
-               optimizer: optax.GradientTransformation):
-  """Returns jitted `train_step(state, ref_params, batch)` and `eval_step(params, ref_params, batch)`."""
+               optimizer: optax.GradientTransformation, with_tokens: bool = False):
+  """Returns jitted `train_step(state, ref_params, batch)` and `eval_step(params, ref_params, batch)`.
+
+  `with_tokens` passes the per-token log-probs to the loss (`losses.needs_tokens(name)`).
+  """
 
   def loss_and_metrics(params, ref_params, batch):
     ref_tok = jax.lax.stop_gradient(token_logps(graphdef, ref_params, batch))
-    lp = group_logps(token_logps(graphdef, params, batch), ref_tok, batch)
+    lp = group_logps(token_logps(graphdef, params, batch), ref_tok, batch, with_tokens)
     loss, metrics = loss_fn(lp)
     return loss, {"loss": loss, **metrics}
 
