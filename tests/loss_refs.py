@@ -263,3 +263,24 @@ def ld_dpo(policy_tok, ref, mask, w, beta=0.1, ld_alpha=0.5, label_smoothing=0.0
       pol[i, k] = resp[:public].sum() + ld_alpha * resp[public:].sum()
   z = beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
   return wmean(-(1 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z), w)
+
+
+def ranklist(policy, ref, length, w, valid, scores=None, beta=0.1, skip=0):
+  out = []
+  for b in range(len(w)):
+    s = beta * (policy[b] - ref[b])[valid[b]]
+    if skip == 0:
+      out.append(sum(-logsig(s[i] - _lse(s[i + 1:])) for i in range(len(s) - 1)))
+    else:
+      out.append(sum(-logsig(s[i] - s[i + skip]) for i in range(len(s) - skip)))
+  return wmean(np.array(out), w)
+
+
+def hierarchical_pairwise(policy, ref, length, w, valid, scores=None, beta=0.1, tau=1.0, margin=0.0):
+  out = []
+  for b in range(len(w)):
+    s = beta * (policy[b] - ref[b])[valid[b]]
+    terms = [-logsig((s[i] - s[j]) / tau - margin * (j - i))
+             for i in range(len(s)) for j in range(i + 1, len(s))]
+    out.append(np.mean(terms))
+  return wmean(np.array(out), w)

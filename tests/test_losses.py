@@ -27,7 +27,9 @@ PAIRWISE = [
     ("f_dpo", {"divergence": "alpha_divergence", "alpha": 0.5, "label_smoothing": 0.1}),
     ("sft", {}),
 ]
-LISTWISE = [("listmle", {}), ("ranknet", {"beta": 0.5}), ("pro", {}), ("pro", {"sft_weight": 0.0})]
+LISTWISE = [("listmle", {}), ("ranknet", {"beta": 0.5}), ("pro", {}), ("pro", {"sft_weight": 0.0}),
+            ("ranklist", {}), ("ranklist", {"skip": 1}), ("hierarchical_pairwise", {}),
+            ("hierarchical_pairwise", {"tau": 0.5, "margin": 0.3})]
 
 
 SCORED = [("osp", {}, "osp"), ("osp", {"temperature": 0.3, "beta": 0.5}, "osp"),
@@ -175,7 +177,7 @@ def test_robust_dpo_is_unbiased_under_label_flips():
     np.testing.assert_allclose(expected, float(losses.get("dpo")(one_pair(h), beta=beta)[0]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["listmle", "ranknet"])
+@pytest.mark.parametrize("name", ["listmle", "ranknet", "ranklist", "hierarchical_pairwise"])
 def test_k2_listwise_equals_dpo(name):
   policy, ref, length, weight = pair_inputs(5)
   lp = make_lp(policy, ref, length, weight)
@@ -299,3 +301,21 @@ def test_weighted_sum_of_losses():
     losses.bind("dpo+dpoo", {})
   with pytest.raises(ValueError, match="WEIGHT\\*NAME"):
     losses.bind("x*dpo", {})
+
+
+def test_hierarchical_pairwise_without_margin_is_ranknet_and_margin_grows_with_distance():
+  policy, ref, length, weight, valid, _ = list_inputs(13)
+  lp = make_lp(policy, ref, length, weight, valid)
+  np.testing.assert_allclose(losses.get("hierarchical_pairwise")(lp)[0],
+                             losses.get("ranknet")(lp)[0], rtol=1e-6)
+  # All scores equal: each pair pays -logsig(-margin * distance), larger for farther levels.
+  flat = make_lp(np.zeros((1, 3)), np.zeros((1, 3)), np.ones((1, 3)), [1.0])
+  got = float(losses.get("hierarchical_pairwise")(flat, margin=1.0)[0])
+  want = np.mean([-R.logsig(-1.0), -R.logsig(-2.0), -R.logsig(-1.0)])
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_ranklist_skip_must_fit_the_list():
+  policy, ref, length, weight, valid, _ = list_inputs(14)
+  with pytest.raises(ValueError, match="skip"):
+    losses.get("ranklist")(make_lp(policy, ref, length, weight, valid), skip=4)

@@ -118,3 +118,50 @@ def pro(lp: Logps, *, sft_weight: float = 0.05):
   metrics = list_metrics(lp, s)
   metrics.update({"loss/rank": weighted_mean(rank, lp.weight), "loss/sft": weighted_mean(sft, lp.weight)})
   return weighted_mean(rank + sft_weight * sft, lp.weight), metrics
+
+
+@register("ranklist")
+def ranklist(lp: Logps, *, beta: float = 0.1, skip: int = 0):
+  """RankList: listwise ranking with log-sum-exp and skip-wise comparisons (LOSSES.md §3.3).
+
+  A reading (UNVERIFIED): with s = beta rho over the ordered list, skip = 0 makes each
+  member beat the smooth maximum of everything below it, l = sum_i -logsig(s_i - LSE_{j>i}
+  s_j); skip = k >= 1 compares only members exactly k apart, sum_i -logsig(s_i - s_{i+k})
+  (the skip-wise curriculum raises k). K = 2 is DPO either way.
+  """
+  _check_list(lp)
+  s = beta * logratios(lp)
+  valid = lp.valid
+  k = s.shape[1]
+  if skip == 0:
+    masked = jnp.where(valid, s, _NEG)
+    below = jax.lax.cumlogsumexp(masked, axis=1, reverse=True)
+    below = jnp.concatenate([below[:, 1:], jnp.full((s.shape[0], 1), _NEG)], axis=1)  # LSE_{j>i}
+    has_below = jnp.concatenate([valid[:, 1:], jnp.zeros((s.shape[0], 1), bool)], axis=1)
+    terms = jnp.where(valid & has_below, -jax.nn.log_sigmoid(s - below), 0.0)
+  else:
+    if not 0 < skip < k:
+      raise ValueError(f"ranklist: skip must be 0 or in [1, K-1] = [1, {k - 1}], got {skip}")
+    pairs = valid[:, :-skip] & valid[:, skip:]
+    terms = jnp.where(pairs, -jax.nn.log_sigmoid(s[:, :-skip] - s[:, skip:]), 0.0)
+  return weighted_mean(jnp.sum(terms, axis=1), lp.weight), list_metrics(lp, s)
+
+
+@register("hierarchical_pairwise")
+def hierarchical_pairwise(lp: Logps, *, beta: float = 0.1, tau: float = 1.0, margin: float = 0.0):
+  """VideoComp's hierarchical pairwise preference loss, logistic reading (LOSSES.md §3.4).
+
+  Group members are ordered by disruption level (0 = the positive, then increasingly
+  disrupted negatives); every pair a < b pays -logsig((s_a - s_b)/tau - margin (b - a)),
+  s = beta rho, averaged over pairs: more distant levels must be separated by a larger
+  margin. margin = 0, tau = 1 is `ranknet`. UNVERIFIED against the paper's equation.
+  """
+  _check_list(lp)
+  s = beta * logratios(lp)
+  k = s.shape[1]
+  valid = lp.valid.astype(jnp.float32)
+  pairs = jnp.triu(jnp.ones((k, k)), 1) * valid[:, :, None] * valid[:, None, :]
+  gap = jnp.arange(k)[None, :] - jnp.arange(k)[:, None]  # b - a
+  terms = -jax.nn.log_sigmoid((s[:, :, None] - s[:, None, :]) / tau - margin * gap)
+  per = (terms * pairs).sum((1, 2)) / jnp.maximum(pairs.sum((1, 2)), 1.0)
+  return weighted_mean(per, lp.weight), list_metrics(lp, s)
