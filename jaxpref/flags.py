@@ -20,7 +20,7 @@ from absl import flags
 
 from jaxpref import losses
 from jaxpref import models
-from jaxpref.train.config import DataConfig, OptimConfig, RunConfig
+from jaxpref.train.config import DATA_FORMATS, DataConfig, OptimConfig, RunConfig
 
 FLAGS = flags.FLAGS
 _D, _O = DataConfig(), OptimConfig()
@@ -36,10 +36,14 @@ flags.DEFINE_integer("max_len", _D.max_len, "Tokens per sequence (BOS + prompt +
 flags.DEFINE_integer("batch_size", _D.batch_size, "Pairs per train step (global).")
 flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Pairs per eval step (global).")
 flags.DEFINE_integer("data_seed", _D.seed, "Seed of the data order.")
-flags.DEFINE_enum("data_format", _D.format, ["pairs", "unpaired", "pairs_as_unpaired"],
+flags.DEFINE_enum("data_format", _D.format, list(DATA_FORMATS),
                   "pairs: {prompt, chosen, rejected}; unpaired: {prompt, completion, label} "
                   "(KTO-style losses); pairs_as_unpaired: each pair split into a desirable and "
-                  "an undesirable record.")
+                  "an undesirable record; ranked: {prompt, completions: [{response, score}]} as "
+                  "lists of --group_size, best first (listwise losses); ratings_*: the same "
+                  "records turned into pairs (best vs worst, best vs each other, all pairs).")
+flags.DEFINE_integer("group_size", _D.group_size, "Responses per group for --data_format=ranked "
+                     "(a record's best ones are kept; the dropped ones are counted).")
 flags.DEFINE_bool("skip_invalid_records", _D.skip_invalid,
                   "Skip (and count) malformed records instead of stopping at the first.")
 # Model.
@@ -170,7 +174,7 @@ def to_config() -> RunConfig:
                       tokenizer=FLAGS.tokenizer, max_len=FLAGS.max_len,
                       batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
                       seed=FLAGS.data_seed, skip_invalid=FLAGS.skip_invalid_records,
-                      format=FLAGS.data_format),
+                      format=FLAGS.data_format, group_size=FLAGS.group_size),
       loss=FLAGS.loss, loss_hparams=loss_hparams, mesh=FLAGS.mesh, seed=FLAGS.seed,
       steps=FLAGS.steps, log_every=FLAGS.log_every, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,

@@ -12,7 +12,8 @@ from jaxpref.data import tokenize_sequence, train_tokenizer
 
 TINY = make_tiny.OUT
 TOK = Tokenizer.load(os.path.join(TINY, "tokenizer.model"))
-TINY_FILES = ("train.jsonl", "eval.jsonl", "corpus.txt", "tokenizer.model")
+TINY_FILES = ("train.jsonl", "eval.jsonl", "corpus.txt", "tokenizer.model", "ranked_train.jsonl",
+              "ranked_eval.jsonl")
 
 
 def check_row(tokens, mask, seg, prompt, response, max_len):

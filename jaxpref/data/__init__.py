@@ -2,11 +2,14 @@
 
 from jaxpref.data.pairs import (PairDataset, batch_indices, eval_batches, tokenize_pair,
                                 tokenize_sequence)
-from jaxpref.data.records import (DataError, PairRecord, ReadReport, UnpairedRecord, read_pairs,
+from jaxpref.data.ranked import RankedDataset
+from jaxpref.data.records import (PAIRING_MODES, DataError, PairRecord, RankedRecord, ReadReport,
+                                  UnpairedRecord, pairs_from_ratings, read_pairs, read_ranked,
                                   read_unpaired, unpair)
 from jaxpref.data.tokenizer import Tokenizer
 from jaxpref.data.unpaired import UnpairedDataset
 
-__all__ = ["DataError", "PairDataset", "PairRecord", "ReadReport", "Tokenizer", "UnpairedDataset",
-           "UnpairedRecord", "batch_indices", "eval_batches", "read_pairs", "read_unpaired",
-           "tokenize_pair", "tokenize_sequence", "unpair"]
+__all__ = ["PAIRING_MODES", "DataError", "PairDataset", "PairRecord", "RankedDataset",
+           "RankedRecord", "ReadReport", "Tokenizer", "UnpairedDataset", "UnpairedRecord",
+           "batch_indices", "eval_batches", "pairs_from_ratings", "read_pairs", "read_ranked",
+           "read_unpaired", "tokenize_pair", "tokenize_sequence", "unpair"]

@@ -71,6 +71,22 @@ def sample_pairs(rng: np.random.Generator, n: int, held_out: bool) -> list[dict]
   return out
 
 
+UNSURE = "i am not sure."
+N_RANKED_TRAIN, N_RANKED_EVAL = 1000, 300
+
+
+def sample_ranked(rng: np.random.Generator, n: int, held_out: bool) -> list[dict]:
+  """Ranked lists for listwise losses: a right item (score 2) > an honest "i am not sure."
+  (score 1) > a wrong item (score 0), in shuffled file order, same split rule as the pairs."""
+  out = []
+  for pair in sample_pairs(rng, n, held_out):
+    completions = [{"response": pair["chosen"], "score": 2}, {"response": UNSURE, "score": 1},
+                   {"response": pair["rejected"], "score": 0}]
+    order = rng.permutation(3)
+    out.append({"prompt": pair["prompt"], "completions": [completions[i] for i in order]})
+  return out
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default=OUT, help="output directory (default: the shipped one)")
@@ -92,6 +108,12 @@ def main(argv=None) -> None:
   model = train_tokenizer.train_bytes(lines, VOCAB, normalization="identity")
   with open(os.path.join(out, "tokenizer.model"), "wb") as f:
     f.write(model)
+  # Ranked lists come from their own seed, after the tokenizer: they change neither.
+  rng = np.random.default_rng(SEED + 1)
+  for name, rows in (("ranked_train", sample_ranked(rng, N_RANKED_TRAIN, False)),
+                     ("ranked_eval", sample_ranked(rng, N_RANKED_EVAL, True))):
+    with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
   vocab = Tokenizer.from_bytes(model).vocab_size
   assert vocab <= 512, f"{vocab} pieces do not fit the tiny preset's vocab_size=512"
   print(f"wrote {len(train)} train and {len(evals)} eval pairs, corpus and a {vocab}-piece "

@@ -81,22 +81,26 @@ class PairDataset:
     has_scores = bool(records) and records[0].scores is not None  # all or none (read_pairs)
     self.scores = np.array([r.scores for r in records], np.float32) if has_scores else None
 
-  def _fill(self, tok: Tokenizer, max_len: int, groups, n: int, counted: tuple[int, ...]):
-    """Lays out `groups` of (prompt ids, (response ids, ...)) into the `[N, K, T]` arrays;
-    a group counts as truncated if one of its `counted` members was cut."""
+  def _fill(self, tok: Tokenizer, max_len: int, groups, n: int, counted: tuple[int, ...],
+            k: int = 2):
+    """Lays out `groups` of (prompt ids, (response ids, ...)) into `[N, K, T]` arrays (a
+    group with fewer than K responses leaves the rest as invalid members); a group counts
+    as truncated if one of its `counted` members was cut."""
     if max_len < 3:
       raise ValueError(f"--max_len must be >= 3 (BOS, a token, EOS), got {max_len}")
     self.max_len = max_len
-    self.tokens = np.zeros((n, 2, max_len), np.int32)
-    self.loss_mask = np.zeros((n, 2, max_len), np.float32)
-    self.segment_ids = np.zeros((n, 2, max_len), np.int32)
+    self.tokens = np.zeros((n, k, max_len), np.int32)
+    self.loss_mask = np.zeros((n, k, max_len), np.float32)
+    self.segment_ids = np.zeros((n, k, max_len), np.int32)
+    self.members = np.zeros((n, k), bool)  # which group members exist
     self.n_truncated = 0
     for i, (prompt, responses) in enumerate(groups):
       cut_any = False
-      for k, response in enumerate(responses):
+      for j, response in enumerate(responses):
         t, m, seg, cut = _layout(tok, prompt, response, max_len)
-        self.tokens[i, k], self.loss_mask[i, k], self.segment_ids[i, k] = t, m, seg
-        cut_any |= cut and k in counted
+        self.tokens[i, j], self.loss_mask[i, j], self.segment_ids[i, j] = t, m, seg
+        self.members[i, j] = True
+        cut_any |= cut and j in counted
       self.n_truncated += cut_any
     real = self.segment_ids > 0
     self.n_tokens = int(real.sum())
@@ -114,7 +118,7 @@ class PairDataset:
     pad = np.ones(b, np.float32) if weight is None else np.asarray(weight, np.float32)
     return GroupBatch(tokens=self.tokens[indices], loss_mask=self.loss_mask[indices],
                       segment_ids=self.segment_ids[indices],
-                      valid=np.broadcast_to((pad > 0)[:, None], (b, 2)).copy(),
+                      valid=(pad > 0)[:, None] & self.members[indices],
                       weight=pad * self.weight[indices],
                       scores=None if self.scores is None else self.scores[indices])
 

@@ -207,3 +207,67 @@ def unpair(records: list[PairRecord]) -> list[UnpairedRecord]:
     out += [UnpairedRecord(r.prompt, r.chosen, True, r.weight),
             UnpairedRecord(r.prompt, r.rejected, False, r.weight)]
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RankedRecord:
+  """A prompt with several rated responses (UltraFeedback-style), in file order."""
+
+  prompt: str
+  responses: tuple[str, ...]
+  scores: tuple[float, ...]  # higher is better
+  weight: float = 1.0
+
+
+def _check_ranked(obj) -> tuple[str, str] | None:
+  problem = _check_record(obj, ("prompt",)) or _check_numbers(obj)
+  if problem is not None:
+    return problem
+  items = obj.get("completions")
+  if not isinstance(items, list):
+    return ("field 'completions' is missing or not a list",
+            "field 'completions' must be a list of {\"response\": str, \"score\": number}")
+  if len(items) < 2:
+    return "fewer than 2 completions", f"field 'completions' has {len(items)} entries; need >= 2"
+  for i, item in enumerate(items):
+    problem = _check_record(item, ("response",))
+    if problem is None and not _is_number(item.get("score")):
+      problem = ("field 'score' is not a number", f"field 'score' must be a finite number, "
+                 f"got {item.get('score')!r}")
+    if problem is not None:
+      return problem[0], f"completions[{i}]: {problem[1]}"
+  return None
+
+
+def read_ranked(path: str, *, skip_invalid: bool = False) -> tuple[list[RankedRecord], ReadReport]:
+  """Reads `{prompt, completions: [{response, score}, ...]}` records."""
+  records, report, _ = _read(path, skip_invalid, _check_ranked, lambda obj: RankedRecord(
+      obj["prompt"], tuple(c["response"] for c in obj["completions"]),
+      tuple(float(c["score"]) for c in obj["completions"]), float(obj.get("weight", 1.0))))
+  return records, report
+
+
+PAIRING_MODES = ("best_vs_worst", "best_vs_rest", "all_pairs")
+
+
+def pairs_from_ratings(records: list[RankedRecord], mode: str) -> tuple[list[PairRecord], int]:
+  """Pairs from rated responses, the scores kept as the pair's `scores`; returns the pairs
+  and how many candidate pairs were dropped because their scores tie (no preference)."""
+  if mode not in PAIRING_MODES:
+    raise ValueError(f"pairing mode must be one of {', '.join(PAIRING_MODES)}, got {mode!r}")
+  pairs, ties = [], 0
+  for r in records:
+    order = sorted(range(len(r.scores)), key=lambda i: -r.scores[i])  # stable: file order on ties
+    if mode == "best_vs_worst":
+      candidates = [(order[0], order[-1])]
+    elif mode == "best_vs_rest":
+      candidates = [(order[0], j) for j in order[1:]]
+    else:
+      candidates = [(order[a], order[b]) for a in range(len(order)) for b in range(a + 1, len(order))]
+    for w, l in candidates:
+      if r.scores[w] == r.scores[l]:
+        ties += 1
+        continue
+      pairs.append(PairRecord(r.prompt, r.responses[w], r.responses[l], r.weight,
+                              (r.scores[w], r.scores[l])))
+  return pairs, ties

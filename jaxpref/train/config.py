@@ -21,6 +21,10 @@ class OptimConfig:
   grad_clip_norm: float = 1.0  # 0 disables clipping
 
 
+DATA_FORMATS = ("pairs", "unpaired", "pairs_as_unpaired", "ranked", "ratings_best_vs_worst",
+                "ratings_best_vs_rest", "ratings_all_pairs")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   train_data: str = "jaxpref/data/tiny/train.jsonl"
@@ -31,7 +35,8 @@ class DataConfig:
   eval_batch_size: int = 64
   seed: int = 0  # data order
   skip_invalid: bool = False
-  format: str = "pairs"  # pairs | unpaired | pairs_as_unpaired
+  format: str = "pairs"  # see DATA_FORMATS
+  group_size: int = 4  # K for --data_format=ranked
 
 
 @dataclasses.dataclass(frozen=True)

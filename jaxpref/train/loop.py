@@ -22,7 +22,7 @@ from jaxpref import models
 from jaxpref.eval import plots
 from jaxpref.parallel import mesh as mesh_lib
 from jaxpref.train import checkpoint as ckpt_lib
-from jaxpref.train.config import RunConfig
+from jaxpref.train.config import DATA_FORMATS, RunConfig
 from jaxpref.train.metrics import MetricWriter, read_metrics
 from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxpref.train.policy_step import TrainState, group_logps, make_steps
@@ -63,8 +63,20 @@ def _read(cfg: RunConfig, path: str, tok):
   elif fmt == "pairs_as_unpaired":
     pairs, report = data_lib.read_pairs(path, skip_invalid=cfg.data.skip_invalid)
     records = data_lib.unpair(pairs)
+  elif fmt == "ranked":
+    records, report = data_lib.read_ranked(path, skip_invalid=cfg.data.skip_invalid)
+    ds = data_lib.RankedDataset(records, tok, cfg.data.max_len, cfg.data.group_size)
+    return ds, report, (f"; groups of {cfg.data.group_size}, {ds.n_dropped_responses} responses "
+                        "beyond --group_size dropped")
+  elif fmt.startswith("ratings_"):
+    ranked, report = data_lib.read_ranked(path, skip_invalid=cfg.data.skip_invalid)
+    pairs, ties = data_lib.pairs_from_ratings(ranked, fmt[len("ratings_"):])
+    if not pairs:
+      raise data_lib.DataError(f"{path}: no pairs with distinct scores ({ties} tied pairs skipped)")
+    return (data_lib.PairDataset(pairs, tok, cfg.data.max_len), report,
+            f"; {len(pairs)} pairs ({fmt[len('ratings_'):]}), {ties} tied pairs skipped")
   else:
-    raise ValueError(f"--data_format={fmt!r} is not one of pairs, unpaired, pairs_as_unpaired")
+    raise ValueError(f"--data_format={fmt!r} is not one of {', '.join(DATA_FORMATS)}")
   ds = data_lib.UnpairedDataset(records, tok, cfg.data.max_len)
   return ds, report, f"; {ds.n_desirable} desirable, {ds.n - ds.n_desirable} undesirable"
 

@@ -1,0 +1,36 @@
+"""Ranked lists -> `GroupBatch` with K = `group_size`, best first, for listwise losses.
+
+Each record's responses are sorted by score (descending; ties keep file order). A record
+with more than K responses keeps its K best, and the dropped responses are counted; one
+with fewer leaves its last members invalid (`valid` False), which every listwise loss
+masks out.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from jaxpref.data.pairs import PairDataset
+from jaxpref.data.records import RankedRecord
+from jaxpref.data.tokenizer import Tokenizer
+
+
+class RankedDataset(PairDataset):
+  """Arrays `[N, K, T]`, `scores [N, K]` (0 on missing members), `members [N, K]`."""
+
+  def __init__(self, records: Sequence[RankedRecord], tok: Tokenizer, max_len: int,
+               group_size: int):
+    if group_size < 2:
+      raise ValueError(f"--group_size must be >= 2, got {group_size}")
+    orders = [sorted(range(len(r.scores)), key=lambda i: -r.scores[i])[:group_size]
+              for r in records]
+    self.n_dropped_responses = sum(len(r.scores) - len(o) for r, o in zip(records, orders))
+    self._fill(tok, max_len, ((tok.encode(r.prompt), [tok.encode(r.responses[i]) for i in o])
+                              for r, o in zip(records, orders)), len(records),
+               counted=tuple(range(group_size)), k=group_size)
+    self.weight = np.array([r.weight for r in records], np.float32)
+    self.scores = np.zeros((len(records), group_size), np.float32)
+    for i, (r, o) in enumerate(zip(records, orders)):
+      self.scores[i, :len(o)] = [r.scores[j] for j in o]
