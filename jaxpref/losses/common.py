@@ -61,3 +61,16 @@ def pair_metrics(lp: Logps, rewards: jax.Array) -> dict[str, jax.Array]:
       "logps/chosen": m(jax.lax.stop_gradient(lp.policy[:, 0])),
       "logps/rejected": m(jax.lax.stop_gradient(lp.policy[:, 1])),
   }
+
+
+def smoothed_logistic(z: jax.Array, eps) -> jax.Array:
+  """-(1-eps) logsig(z) - eps logsig(-z): cDPO's expected loss under flip rate eps
+  (a float, or per pair [B])."""
+  return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+
+
+def pair_loss(lp: Logps, per_pair: jax.Array, rewards: jax.Array, **terms):
+  """(weighted mean of `per_pair`, standard metrics from `rewards` + `loss/<term>` entries)."""
+  metrics = pair_metrics(lp, rewards)
+  metrics.update({f"loss/{k}": v for k, v in terms.items()})
+  return weighted_mean(per_pair, lp.weight), metrics

@@ -10,23 +10,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpref.losses.common import (check_pairs, chosen_nll, logratios, pair_metrics,
-                                   weighted_mean)
+from jaxpref.losses.common import (check_pairs, chosen_nll, logratios, pair_loss, pair_metrics,
+                                   smoothed_logistic, weighted_mean)
 from jaxpref.losses.registry import register
 from jaxpref.types import Logps
 
 logsig = jax.nn.log_sigmoid
-
-
-def _finish(lp: Logps, per_pair: jax.Array, rewards: jax.Array, **terms):
-  metrics = pair_metrics(lp, rewards)
-  metrics.update({f"loss/{k}": v for k, v in terms.items()})
-  return weighted_mean(per_pair, lp.weight), metrics
-
-
-def _smoothed(z: jax.Array, eps) -> jax.Array:  # eps: a float or per-pair [B]
-  """-(1-eps) logsig(z) - eps logsig(-z): cDPO's expected loss under flip rate eps."""
-  return -(1.0 - eps) * logsig(z) - eps * logsig(-z)
 
 
 def score_gap(lp: Logps, who: str) -> jax.Array:
@@ -52,7 +41,7 @@ def dpo(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.0, margin: f
   rho = logratios(lp)
   h = rho[:, 0] - rho[:, 1]
   m = margin + (score_margin * score_gap(lp, "--loss.score_margin") if score_margin else 0.0)
-  return _finish(lp, _smoothed(beta * h - m, label_smoothing), beta * rho)
+  return pair_loss(lp, smoothed_logistic(beta * h - m, label_smoothing), beta * rho)
 
 
 @register("robust_dpo")
@@ -68,7 +57,7 @@ def robust_dpo(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.1):
   rho = logratios(lp)
   z = beta * (rho[:, 0] - rho[:, 1])
   per = (-(1 - label_smoothing) * logsig(z) + label_smoothing * logsig(-z)) / (1 - 2 * label_smoothing)
-  return _finish(lp, per, beta * rho)
+  return pair_loss(lp, per, beta * rho)
 
 
 @register("ipo")
@@ -82,7 +71,7 @@ def ipo(lp: Logps, *, beta: float = 0.1, length_normalize: bool = True):
   rho = logratios(lp)
   r = rho / jnp.maximum(lp.length, 1.0) if length_normalize else rho
   h = r[:, 0] - r[:, 1]
-  return _finish(lp, (h - 1.0 / (2.0 * beta)) ** 2, beta * rho)
+  return pair_loss(lp, (h - 1.0 / (2.0 * beta)) ** 2, beta * rho)
 
 
 @register("hinge")
@@ -90,7 +79,7 @@ def hinge(lp: Logps, *, beta: float = 0.1):
   """SLiC-HF: Sequence Likelihood Calibration with Human Feedback; l = relu(1 - beta h)."""
   check_pairs(lp)
   rho = logratios(lp)
-  return _finish(lp, jax.nn.relu(1.0 - beta * (rho[:, 0] - rho[:, 1])), beta * rho)
+  return pair_loss(lp, jax.nn.relu(1.0 - beta * (rho[:, 0] - rho[:, 1])), beta * rho)
 
 
 @register("sigmoid_norm")
@@ -102,7 +91,7 @@ def sigmoid_norm(lp: Logps, *, beta: float = 0.1):
   check_pairs(lp)
   rho = logratios(lp)
   r = rho / jnp.maximum(lp.length, 1.0)
-  return _finish(lp, -logsig(beta * (r[:, 0] - r[:, 1])), beta * r)
+  return pair_loss(lp, -logsig(beta * (r[:, 0] - r[:, 1])), beta * r)
 
 
 @register("rpo")
@@ -115,7 +104,7 @@ def rpo(lp: Logps, *, beta: float = 0.1, alpha: float = 1.0):
   rho = logratios(lp)
   nll = chosen_nll(lp)
   dpo_term = -logsig(beta * (rho[:, 0] - rho[:, 1]))
-  loss, metrics = _finish(lp, dpo_term, beta * rho, nll=nll, dpo=weighted_mean(dpo_term, lp.weight))
+  loss, metrics = pair_loss(lp, dpo_term, beta * rho, nll=nll, dpo=weighted_mean(dpo_term, lp.weight))
   return loss + alpha * nll, metrics
 
 
@@ -138,7 +127,7 @@ def exo_pair(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 1e-3):
   z = beta * (rho[:, 0] - rho[:, 1])
   per = (jax.nn.sigmoid(z) * (logsig(z) - jnp.log1p(-eps))
          + jax.nn.sigmoid(-z) * (logsig(-z) - jnp.log(eps)))
-  return _finish(lp, per, beta * rho)
+  return pair_loss(lp, per, beta * rho)
 
 
 @register("nca_pair")
@@ -151,7 +140,7 @@ def nca_pair(lp: Logps, *, beta: float = 0.1):
   check_pairs(lp)
   r = beta * logratios(lp)
   per = -logsig(r[:, 0]) - 0.5 * logsig(-r[:, 0]) - 0.5 * logsig(-r[:, 1])
-  return _finish(lp, per, r)
+  return pair_loss(lp, per, r)
 
 
 @register("bco_pair")
@@ -167,7 +156,7 @@ def bco_pair(lp: Logps, *, beta: float = 0.1):
   w = lp.weight[:, None]
   delta = jax.lax.stop_gradient(jnp.sum(r * w) / jnp.maximum(2.0 * jnp.sum(lp.weight), 1e-8))
   per = -logsig(r[:, 0] - delta) - logsig(-(r[:, 1] - delta))
-  return _finish(lp, per, r, delta=delta)
+  return pair_loss(lp, per, r, delta=delta)
 
 
 @register("sppo_hard")
@@ -179,7 +168,7 @@ def sppo_hard(lp: Logps, *, beta: float = 0.1):
   check_pairs(lp)
   rho = logratios(lp)
   per = (rho[:, 0] - 0.5 / beta) ** 2 + (rho[:, 1] + 0.5 / beta) ** 2
-  return _finish(lp, per, beta * rho)
+  return pair_loss(lp, per, beta * rho)
 
 
 def _aot(lp: Logps, a: jax.Array, b: jax.Array, beta: float, label_smoothing: float):
@@ -193,7 +182,7 @@ def _aot(lp: Logps, a: jax.Array, b: jax.Array, beta: float, label_smoothing: fl
   delta = jnp.sort(jnp.where(real, a, top)) - jnp.sort(jnp.where(real, b, top))
   n_real = jnp.sum(real)
   keep = jnp.arange(a.shape[0]) < n_real
-  per = _smoothed(beta * delta, label_smoothing)
+  per = smoothed_logistic(beta * delta, label_smoothing)
   return jnp.sum(jnp.where(keep, per, 0.0)) / jnp.maximum(n_real, 1)
 
 
@@ -226,7 +215,7 @@ def apo_zero(lp: Logps, *, beta: float = 0.1):
   """
   check_pairs(lp)
   r = beta * logratios(lp)
-  return _finish(lp, 1.0 - jax.nn.sigmoid(r[:, 0]) + jax.nn.sigmoid(r[:, 1]), r)
+  return pair_loss(lp, 1.0 - jax.nn.sigmoid(r[:, 0]) + jax.nn.sigmoid(r[:, 1]), r)
 
 
 @register("apo_down")
@@ -234,7 +223,7 @@ def apo_down(lp: Logps, *, beta: float = 0.1):
   """Anchored Preference Optimization, APO-down: l = sig(beta rho_w) + 1 - sig(beta h)."""
   check_pairs(lp)
   r = beta * logratios(lp)
-  return _finish(lp, jax.nn.sigmoid(r[:, 0]) + 1.0 - jax.nn.sigmoid(r[:, 0] - r[:, 1]), r)
+  return pair_loss(lp, jax.nn.sigmoid(r[:, 0]) + 1.0 - jax.nn.sigmoid(r[:, 0] - r[:, 1]), r)
 
 
 @register("discopop")
@@ -249,7 +238,7 @@ def discopop(lp: Logps, *, beta: float = 0.1, tau: float = 0.05):
   rho = logratios(lp)
   z = beta * (rho[:, 0] - rho[:, 1])
   per = -jax.nn.sigmoid(-z / tau) * logsig(z) + jnp.exp(-z + logsig(z / tau))
-  return _finish(lp, per, beta * rho)
+  return pair_loss(lp, per, beta * rho)
 
 
 @register("gamma_dpo")
@@ -261,7 +250,7 @@ def gamma_dpo(lp: Logps, *, beta: float = 0.1, gamma: float = 1.0):
   """
   check_pairs(lp)
   z = beta * ((lp.policy[:, 0] - lp.policy[:, 1]) + gamma * (lp.ref[:, 1] - lp.ref[:, 0]))
-  return _finish(lp, -logsig(z), beta * logratios(lp))
+  return pair_loss(lp, -logsig(z), beta * logratios(lp))
 
 
 @register("flex_dpo")
@@ -274,7 +263,7 @@ def flex_dpo(lp: Logps, *, beta_chosen: float = 0.1, beta_rejected: float = 0.1)
   check_pairs(lp)
   rho = logratios(lp)
   rewards = rho * jnp.array([beta_chosen, beta_rejected])
-  return _finish(lp, -logsig(rewards[:, 0] - rewards[:, 1]), rewards)
+  return pair_loss(lp, -logsig(rewards[:, 0] - rewards[:, 1]), rewards)
 
 
 @register("osp")
@@ -289,7 +278,7 @@ def osp(lp: Logps, *, beta: float = 0.1, temperature: float = 1.0):
   check_pairs(lp)
   rho = logratios(lp)
   p = 1.0 if lp.scores is None else jax.nn.sigmoid(score_gap(lp, "osp") / temperature)
-  return _finish(lp, _smoothed(beta * (rho[:, 0] - rho[:, 1]), 1.0 - p), beta * rho)
+  return pair_loss(lp, smoothed_logistic(beta * (rho[:, 0] - rho[:, 1]), 1.0 - p), beta * rho)
 
 
 def _cap_exp(x: jax.Array) -> jax.Array:
@@ -320,7 +309,7 @@ def f_dpo(lp: Logps, *, beta: float = 0.1, divergence: str = "reverse_kl", alpha
   else:
     raise ValueError(f"f_dpo: divergence must be reverse_kl, js_divergence or alpha_divergence, "
                      f"got {divergence!r}")
-  return _finish(lp, _smoothed(beta * logit, label_smoothing), beta * rho)
+  return pair_loss(lp, smoothed_logistic(beta * logit, label_smoothing), beta * rho)
 
 
 @register("sft")

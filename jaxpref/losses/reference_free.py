@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 
 from jaxpref.losses.common import (avg_logps, check_pairs, chosen_nll, log1mexp, pair_metrics,
-                                   weighted_mean)
+                                   smoothed_logistic, weighted_mean)
 from jaxpref.losses.registry import register
 from jaxpref.types import Logps
 
@@ -33,7 +33,7 @@ def simpo(lp: Logps, *, beta: float = 2.0, gamma_beta_ratio: float = 0.25,
   if hinge:
     per = jax.nn.relu(1.0 - z)
   else:
-    per = -(1.0 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z)
+    per = smoothed_logistic(z, label_smoothing)
   nll = chosen_nll(lp)
   metrics = pair_metrics(lp, beta * s)
   metrics["loss/nll"] = nll
@@ -66,7 +66,7 @@ def cpo(lp: Logps, *, beta: float = 0.1, alpha: float = 1.0, label_smoothing: fl
   """
   check_pairs(lp)
   z = beta * (lp.policy[:, 0] - lp.policy[:, 1])
-  per = -(1.0 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z)
+  per = smoothed_logistic(z, label_smoothing)
   nll = chosen_nll(lp)
   metrics = pair_metrics(lp, beta * lp.policy)
   metrics["loss/nll"] = nll

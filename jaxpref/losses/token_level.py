@@ -9,8 +9,7 @@ from __future__ import annotations
 import chex
 import jax.numpy as jnp
 
-from jaxpref.losses.common import check_pairs
-from jaxpref.losses.pairwise import _finish, _smoothed
+from jaxpref.losses.common import check_pairs, pair_loss, smoothed_logistic
 from jaxpref.losses.registry import register
 from jaxpref.types import Logps
 
@@ -32,4 +31,4 @@ def ld_dpo(lp: Logps, *, beta: float = 0.1, ld_alpha: float = 0.5, label_smoothi
   tail = lp.mask - front
   policy = jnp.sum(lp.policy_tok * front, -1) + ld_alpha * jnp.sum(lp.policy_tok * tail, -1)
   rho = policy - lp.ref  # [B, 2]
-  return _finish(lp, _smoothed(beta * (rho[:, 0] - rho[:, 1]), label_smoothing), beta * rho)
+  return pair_loss(lp, smoothed_logistic(beta * (rho[:, 0] - rho[:, 1]), label_smoothing), beta * rho)
