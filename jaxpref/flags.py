@@ -65,6 +65,10 @@ flags.DEFINE_multi_string("loss_module", [], "A Python file (or importable modul
                           "--loss.HPARAM flags exist. Repeatable.")
 # Mesh and loop.
 flags.DEFINE_string("mesh", _R.mesh, "Device mesh, e.g. data:-1 or data:2,fsdp:2,tensor:2.")
+flags.DEFINE_enum("reference", _R.reference, ["model", "precomputed"],
+                  "model: run the frozen reference forward in every step; precomputed: compute "
+                  "every group's reference log-probs once at start-up, then train without the "
+                  "reference model in memory or in the step.")
 flags.DEFINE_integer("seed", _R.seed, "Seed of the model initialisation.")
 flags.DEFINE_integer("steps", _R.steps, "Train steps.")
 flags.DEFINE_integer("log_every", _R.log_every, "Log train metrics every N steps.")
@@ -175,7 +179,8 @@ def to_config() -> RunConfig:
                       batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
                       seed=FLAGS.data_seed, skip_invalid=FLAGS.skip_invalid_records,
                       format=FLAGS.data_format, group_size=FLAGS.group_size),
-      loss=FLAGS.loss, loss_hparams=loss_hparams, mesh=FLAGS.mesh, seed=FLAGS.seed,
+      loss=FLAGS.loss, loss_hparams=loss_hparams, mesh=FLAGS.mesh, reference=FLAGS.reference,
+      seed=FLAGS.seed,
       steps=FLAGS.steps, log_every=FLAGS.log_every, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       progress=FLAGS.progress, plot=FLAGS.plot)

@@ -33,6 +33,7 @@ class GroupBatch:
   weight: Array  # float32[B]; per-group weight (1 by default, 0 for a padded group)
   scores: Optional[Array] = None  # float32[B, K]; higher is better
   label: Optional[Array] = None  # int32[B, K]; desirability for unpaired data
+  ref_logps: Optional[Array] = None  # float32[B, K]; precomputed reference sequence log-probs
 
   @property
   def shape(self) -> tuple[int, int, int]:

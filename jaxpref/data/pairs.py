@@ -89,6 +89,7 @@ class PairDataset:
     if max_len < 3:
       raise ValueError(f"--max_len must be >= 3 (BOS, a token, EOS), got {max_len}")
     self.max_len = max_len
+    self.ref_logps = None  # float32[N, K], set by a --reference=precomputed run
     self.tokens = np.zeros((n, k, max_len), np.int32)
     self.loss_mask = np.zeros((n, k, max_len), np.float32)
     self.segment_ids = np.zeros((n, k, max_len), np.int32)
@@ -120,7 +121,8 @@ class PairDataset:
                       segment_ids=self.segment_ids[indices],
                       valid=(pad > 0)[:, None] & self.members[indices],
                       weight=pad * self.weight[indices],
-                      scores=None if self.scores is None else self.scores[indices])
+                      scores=None if self.scores is None else self.scores[indices],
+                      ref_logps=None if self.ref_logps is None else self.ref_logps[indices])
 
 
 @functools.lru_cache(maxsize=4)

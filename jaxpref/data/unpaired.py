@@ -13,6 +13,7 @@ indices (exact resume).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -45,6 +46,4 @@ class UnpairedDataset(PairDataset):
     return int(self.label[:, 0].sum())
 
   def batch(self, indices: np.ndarray, weight: np.ndarray | None = None) -> GroupBatch:
-    out = super().batch(indices, weight)
-    return GroupBatch(tokens=out.tokens, loss_mask=out.loss_mask, segment_ids=out.segment_ids,
-                      valid=out.valid, weight=out.weight, label=self.label[np.asarray(indices)])
+    return dataclasses.replace(super().batch(indices, weight), label=self.label[np.asarray(indices)])

@@ -49,6 +49,7 @@ class RunConfig:
   loss: str = "dpo"
   loss_hparams: dict = dataclasses.field(default_factory=dict)
   mesh: str = "data:-1"
+  reference: str = "model"  # model | precomputed
   seed: int = 0  # model init
   steps: int = 300
   log_every: int = 10

@@ -25,7 +25,7 @@ from jaxpref.train import checkpoint as ckpt_lib
 from jaxpref.train.config import DATA_FORMATS, RunConfig
 from jaxpref.train.metrics import MetricWriter, read_metrics
 from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxpref.train.policy_step import TrainState, group_logps, make_steps
+from jaxpref.train.policy_step import TrainState, group_logps, make_steps, precompute_reference
 
 
 def _say(msg: str) -> None:
@@ -131,6 +131,9 @@ def setup(cfg: RunConfig) -> Setup:
     if size % n_batch_shards:
       raise ValueError(f"--{flag}={size} must be divisible by the mesh's data*fsdp size "
                        f"({n_batch_shards}, --mesh={cfg.mesh})")
+  if cfg.reference == "precomputed" and losses.needs_tokens(cfg.loss):
+    raise ValueError(f"--reference=precomputed stores sequence log-probs, but --loss={cfg.loss} "
+                     "reads per-token reference log-probs; use --reference=model")
   _probe_loss(cfg, train_ds)
   return Setup(cfg, train_ds, eval_ds, mesh)
 
@@ -163,6 +166,8 @@ def train(s: Setup) -> dict:
   optimizer = make_optimizer(cfg.optim, cfg.steps)
   state = TrainState(step=jax.device_put(np.int32(0), replicated), params=params,
                      opt_state=jax.device_put(optimizer.init(params), replicated))
+  if cfg.reference == "precomputed":
+    ref_params = _precompute(cfg, graphdef, ref_params, (train_ds, eval_ds), put)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   _say(f"model: preset {cfg.model_preset}, {n_params:,} parameters; mesh {dict(mesh.shape)} "
        f"on {jax.device_count()} {jax.devices()[0].platform} device(s)")
@@ -244,6 +249,19 @@ def train(s: Setup) -> dict:
   with open(os.path.join(cfg.workdir, "final_metrics.json"), "w") as f:
     json.dump(final, f, indent=1)
   return final
+
+
+def _precompute(cfg: RunConfig, graphdef, ref_params, datasets, put):
+  """Stores the reference's log-probs with the data; returns None, the reference to keep."""
+  t0 = time.perf_counter()
+  n = 0
+  for ds in datasets:
+    if ds is not None:
+      ds.ref_logps = precompute_reference(graphdef, ref_params, ds, cfg.data.eval_batch_size, put)
+      n += ds.n
+  _say(f"reference: precomputed log-probs of {n} groups in {time.perf_counter() - t0:.1f} s; "
+       "the reference model is not kept")
+  return None
 
 
 def _lr(cfg: RunConfig, step: int) -> float:

@@ -10,10 +10,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from jaxpref import ops
+from jaxpref.data import eval_batches
 from jaxpref.types import GroupBatch, Logps
 
 
@@ -34,10 +36,12 @@ def token_logps(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch) -> jax.A
   return ops.token_logps(logits, tokens).reshape(b, k, t) * batch.loss_mask
 
 
-def group_logps(policy_tok: jax.Array, ref_tok: jax.Array, batch: GroupBatch,
+def group_logps(policy_tok: jax.Array, ref_tok: jax.Array | None, batch: GroupBatch,
                 with_tokens: bool = False) -> Logps:
+  """`ref_tok` None: the reference's sequence log-probs come precomputed in the batch."""
   extra = dict(policy_tok=policy_tok, ref_tok=ref_tok, mask=batch.loss_mask) if with_tokens else {}
-  return Logps(policy=policy_tok.sum(-1), ref=ref_tok.sum(-1), length=batch.loss_mask.sum(-1),
+  ref = batch.ref_logps if ref_tok is None else ref_tok.sum(-1)
+  return Logps(policy=policy_tok.sum(-1), ref=ref, length=batch.loss_mask.sum(-1),
                valid=batch.valid, weight=batch.weight, scores=batch.scores, label=batch.label,
                **extra)
 
@@ -50,7 +54,10 @@ def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
   """
 
   def loss_and_metrics(params, ref_params, batch):
-    ref_tok = jax.lax.stop_gradient(token_logps(graphdef, ref_params, batch))
+    if batch.ref_logps is None:
+      ref_tok = jax.lax.stop_gradient(token_logps(graphdef, ref_params, batch))
+    else:  # --reference=precomputed: no reference forward pass at all
+      ref_tok = None
     lp = group_logps(token_logps(graphdef, params, batch), ref_tok, batch, with_tokens)
     loss, metrics = loss_fn(lp)
     return loss, {"loss": loss, **metrics}
@@ -67,3 +74,14 @@ def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
     return metrics, jnp.sum(batch.weight)
 
   return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+
+
+def precompute_reference(graphdef: nnx.GraphDef, ref_params: Any, ds, batch_size: int,
+                         put: Callable) -> np.ndarray:
+  """The reference's sequence log-probs of every group of `ds`, float32[N, K], in batches."""
+  forward = jax.jit(lambda p, b: token_logps(graphdef, p, b).sum(-1))
+  out = np.zeros(ds.tokens.shape[:2], np.float32)
+  for start, batch in zip(range(0, ds.n, batch_size), eval_batches(ds, batch_size)):
+    n = min(batch_size, ds.n - start)
+    out[start:start + n] = np.asarray(jax.device_get(forward(ref_params, put(batch))))[:n]
+  return out
