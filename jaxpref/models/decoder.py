@@ -14,17 +14,18 @@ _MASK = -1e30  # finite: a fully masked (padding) query row stays NaN-free
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  """Shape of a Llama-style decoder; field names are the `--model.FIELD` flag names."""
   vocab_size: int
   d_model: int
   n_layers: int
   n_heads: int
-  n_kv_heads: int
+  n_kv_heads: int  # grouped-query attention: n_heads // n_kv_heads query heads per K/V head
   head_dim: int
   d_ff: int
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
-  max_len: int = 2048
+  max_len: int = 2048  # context the preset is meant for; informational, as RoPE needs no table
   dtype: str = "float32"  # compute dtype; parameters stay float32
   init_std: float = 0.02
 
@@ -38,8 +39,12 @@ class ModelConfig:
                        f"n_kv_heads ({self.n_kv_heads})")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+    for name in ("rope_theta", "norm_eps", "init_std"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
-      raise ValueError(f"ModelConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+      raise ValueError(f"ModelConfig.dtype must be float32, bfloat16 or float16, "
+                       f"got {self.dtype!r}")
 
 
 def _param(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
@@ -68,6 +73,19 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def attention_mask(n: int, t: int, segment_ids=None) -> jax.Array:
+  """bool[N, 1, T, T] (query, key): causal, and within one non-padding segment when given.
+
+  A padding query (segment 0) sees no key; its row is all _MASK, so its softmax is uniform
+  and finite rather than NaN, and the residual stream carries it harmlessly.
+  """
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  if segment_ids is None:
+    return jnp.broadcast_to(causal, (n, 1, t, t))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return (causal & same & (segment_ids[:, None, :] > 0))[:, None]
 
 
 class Attention(nnx.Module):
@@ -142,22 +160,23 @@ class Decoder(nnx.Module):
     return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
 
   def hidden(self, tokens, segment_ids=None, positions=None) -> jax.Array:
-    """Final-norm hidden states float32[N, T, D]."""
+    """Final-norm hidden states float32[N, T, D].
+
+    tokens int32[N, T]; segment_ids int32[N, T] (0 = padding; packed sequences get 1, 2, ...);
+    positions int32[N, T] for RoPE, default arange(T) (give them restarting per segment when
+    packing).
+    """
     n, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    if segment_ids is None:
-      mask = jnp.broadcast_to(causal, (n, 1, t, t))
-    else:
-      same = segment_ids[:, :, None] == segment_ids[:, None, :]
-      mask = (causal & same & (segment_ids[:, None, :] > 0))[:, None]
+    mask = attention_mask(n, t, segment_ids)
     x = self.embed[...][tokens].astype(self.config.dtype)
     for layer in self.layers:
       x = layer(x, positions, mask)
     return self.final_norm(x).astype(jnp.float32)
 
   def __call__(self, tokens, segment_ids=None, positions=None) -> jax.Array:
+    """Logits float32[N, T, V]; arguments as `hidden`."""
     h = self.hidden(tokens, segment_ids, positions)
     return h @ self.lm_head_weight().astype(jnp.float32)
 
@@ -172,4 +191,5 @@ def param_count(config: ModelConfig) -> int:
 
 
 def count_params(model: nnx.Module) -> int:
+  """Parameters actually held by `model` (checks `param_count`)."""
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
