@@ -82,18 +82,14 @@ _DEFINE_BY_TYPE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
                    float: flags.DEFINE_float, str: flags.DEFINE_string}
 
 
-def _define_dotted(prefix: str, fields: dict[str, Any], owner: str) -> list[str]:
-  names = []
+def _define_dotted(prefix: str, fields: dict[str, Any], owner: str) -> None:
   for name, default in fields.items():
     define = _DEFINE_BY_TYPE.get(type(default))
-    if define is None or f"{prefix}.{name}" in FLAGS:
-      continue
-    define(f"{prefix}.{name}", None, f"{owner} {name} (default {default!r}).")
-    names.append(name)
-  return names
+    if define is not None and f"{prefix}.{name}" not in FLAGS:
+      define(f"{prefix}.{name}", None, f"{owner} {name} (default {default!r}).")
 
 
-_MODEL_FIELDS = _define_dotted(
+_define_dotted(
     "model", {f.name: getattr(models.get_config("tiny"), f.name)
               for f in dataclasses.fields(models.ModelConfig)}, "Overrides the preset's")
 

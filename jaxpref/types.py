@@ -35,10 +35,6 @@ class GroupBatch:
   label: Optional[Array] = None  # int32[B, K]; desirability for unpaired data
   ref_logps: Optional[Array] = None  # float32[B, K]; precomputed reference sequence log-probs
 
-  @property
-  def shape(self) -> tuple[int, int, int]:
-    return tuple(self.tokens.shape)  # type: ignore[return-value]
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
