@@ -112,7 +112,7 @@ def test_pair_dataset_chosen_first_and_counts():
   assert TOK.decode(chosen[ds.loss_mask[0, 0] > 0][:-1]) == "apple."
   assert TOK.decode(rejected[ds.loss_mask[0, 1] > 0][:-1]) == "dog."
   batch = ds.batch(np.array([1, 0]))
-  assert batch.shape == (2, 2, 24) and batch.valid.all() and (batch.weight == 1).all()
+  assert batch.tokens.shape == (2, 2, 24) and batch.valid.all() and (batch.weight == 1).all()
   assert batch.scores is None and batch.label is None
   assert (batch.valid.dtype, batch.weight.dtype) == (np.bool_, np.float32)
   np.testing.assert_array_equal(batch.tokens[1], ds.tokens[0])
