@@ -20,7 +20,8 @@ from absl import flags
 
 from jaxpref import losses
 from jaxpref import models
-from jaxpref.train.config import DATA_FORMATS, DataConfig, OptimConfig, RunConfig
+from jaxpref import ops
+from jaxpref.train.config import DATA_FORMATS, DataConfig, LogpsOptions, OptimConfig, RunConfig
 
 FLAGS = flags.FLAGS
 _D, _O = DataConfig(), OptimConfig()
@@ -69,6 +70,12 @@ flags.DEFINE_enum("reference", _R.reference, ["model", "precomputed"],
                   "model: run the frozen reference forward in every step; precomputed: compute "
                   "every group's reference log-probs once at start-up, then train without the "
                   "reference model in memory or in the step.")
+flags.DEFINE_enum("logps_impl", _R.logps.impl, list(ops.IMPLS),
+                  "Per-token log-prob kernel when logits are materialised (--nofused_lm_head): "
+                  "auto = Pallas on TPU/GPU, the vocabulary-streamed XLA twin on CPU.")
+flags.DEFINE_bool("fused_lm_head", _R.logps.fused_lm_head,
+                  "Fuse the LM head into the log-softmax, block by block over the vocabulary, "
+                  "so [tokens, vocab] logits never exist (see benchmarks/README.md).")
 flags.DEFINE_integer("seed", _R.seed, "Seed of the model initialisation.")
 flags.DEFINE_integer("steps", _R.steps, "Train steps.")
 flags.DEFINE_integer("log_every", _R.log_every, "Log train metrics every N steps.")
@@ -176,6 +183,7 @@ def to_config() -> RunConfig:
                       seed=FLAGS.data_seed, skip_invalid=FLAGS.skip_invalid_records,
                       format=FLAGS.data_format, group_size=FLAGS.group_size),
       loss=FLAGS.loss, loss_hparams=loss_hparams, mesh=FLAGS.mesh, reference=FLAGS.reference,
+      logps=LogpsOptions(impl=FLAGS.logps_impl, fused_lm_head=FLAGS.fused_lm_head),
       seed=FLAGS.seed,
       steps=FLAGS.steps, log_every=FLAGS.log_every, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,

@@ -1,5 +1,8 @@
-"""Per-token hot-path ops: plain-XLA versions (Pallas twins arrive with the ops issue)."""
+"""Per-token hot-path ops: log-probs of realised tokens, as Pallas kernels and XLA twins."""
 
-from jaxpref.ops.logprobs import masked_sum, token_logps
+from jaxpref.ops.fused_linear import fused_linear_logps
+from jaxpref.ops.logprobs import IMPLS, masked_sum, next_token_logps, token_logps
+from jaxpref.ops.logratio import LogRatio, token_logratio
 
-__all__ = ["masked_sum", "token_logps"]
+__all__ = ["IMPLS", "LogRatio", "fused_linear_logps", "masked_sum", "next_token_logps",
+           "token_logps", "token_logratio"]

@@ -40,6 +40,13 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogpsOptions:
+  """How per-token log-probs are computed (`--logps_impl`, `--fused_lm_head`)."""
+  impl: str = "auto"  # ops.IMPLS, used when the logits are materialised
+  fused_lm_head: bool = True  # LM head fused into the log-softmax: no [N, T, V] logits
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   workdir: str
   model: Any  # jaxpref.models.ModelConfig
@@ -50,6 +57,7 @@ class RunConfig:
   loss_hparams: dict = dataclasses.field(default_factory=dict)
   mesh: str = "data:-1"
   reference: str = "model"  # model | precomputed
+  logps: LogpsOptions = LogpsOptions()
   seed: int = 0  # model init
   steps: int = 300
   log_every: int = 10

@@ -174,7 +174,7 @@ def train(s: Setup) -> dict:
 
   loss_fn = losses.bind(cfg.loss, cfg.loss_hparams)
   train_step, eval_step = make_steps(graphdef, loss_fn, optimizer,
-                                     with_tokens=losses.needs_tokens(cfg.loss))
+                                     with_tokens=losses.needs_tokens(cfg.loss), opts=cfg.logps)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"),
                                cfg.checkpoint_every, cfg.keep_checkpoints)
@@ -257,7 +257,8 @@ def _precompute(cfg: RunConfig, graphdef, ref_params, datasets, put):
   n = 0
   for ds in datasets:
     if ds is not None:
-      ds.ref_logps = precompute_reference(graphdef, ref_params, ds, cfg.data.eval_batch_size, put)
+      ds.ref_logps = precompute_reference(graphdef, ref_params, ds, cfg.data.eval_batch_size, put,
+                                          cfg.logps)
       n += ds.n
   _say(f"reference: precomputed log-probs of {n} groups in {time.perf_counter() - t0:.1f} s; "
        "the reference model is not kept")

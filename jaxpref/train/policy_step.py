@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxpref import ops
 from jaxpref.data import eval_batches
+from jaxpref.train.config import LogpsOptions
 from jaxpref.types import GroupBatch, Logps
 
 
@@ -27,13 +28,26 @@ class TrainState:
   opt_state: Any
 
 
-def token_logps(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch) -> jax.Array:
+def token_logps(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch,
+                opts: LogpsOptions = LogpsOptions()) -> jax.Array:
   """Masked per-token log-probs float32[B, K, T] of every group member's realised tokens."""
   b, k, t = batch.tokens.shape
   model = nnx.merge(graphdef, params)
   tokens = batch.tokens.reshape(b * k, t)
-  logits = model(tokens, segment_ids=batch.segment_ids.reshape(b * k, t))
-  return ops.token_logps(logits, tokens).reshape(b, k, t) * batch.loss_mask
+  mask = batch.loss_mask.reshape(b * k, t)
+  segment_ids = batch.segment_ids.reshape(b * k, t)
+  if opts.fused_lm_head:
+    # Position t predicts token t+1, whose loss-mask entry decides whether it counts.
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+    row_mask = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
+    h = model.hidden(tokens, segment_ids=segment_ids)
+    logp, _ = ops.fused_linear_logps(h, model.lm_head_weight().astype(h.dtype), targets,
+                                     row_mask)
+    logp = jnp.pad(logp[:, :-1], ((0, 0), (1, 0)))
+  else:
+    logits = model(tokens, segment_ids=segment_ids)
+    logp = ops.next_token_logps(logits, tokens, mask, impl=opts.impl)
+  return logp.reshape(b, k, t)
 
 
 def group_logps(policy_tok: jax.Array, ref_tok: jax.Array | None, batch: GroupBatch,
@@ -47,7 +61,8 @@ def group_logps(policy_tok: jax.Array, ref_tok: jax.Array | None, batch: GroupBa
 
 
 def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
-               optimizer: optax.GradientTransformation, with_tokens: bool = False):
+               optimizer: optax.GradientTransformation, with_tokens: bool = False,
+               opts: LogpsOptions = LogpsOptions()):
   """Returns jitted `train_step(state, ref_params, batch)` and `eval_step(params, ref_params, batch)`.
 
   `with_tokens` passes the per-token log-probs to the loss (`losses.needs_tokens(name)`).
@@ -55,10 +70,10 @@ def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
 
   def loss_and_metrics(params, ref_params, batch):
     if batch.ref_logps is None:
-      ref_tok = jax.lax.stop_gradient(token_logps(graphdef, ref_params, batch))
+      ref_tok = jax.lax.stop_gradient(token_logps(graphdef, ref_params, batch, opts))
     else:  # --reference=precomputed: no reference forward pass at all
       ref_tok = None
-    lp = group_logps(token_logps(graphdef, params, batch), ref_tok, batch, with_tokens)
+    lp = group_logps(token_logps(graphdef, params, batch, opts), ref_tok, batch, with_tokens)
     loss, metrics = loss_fn(lp)
     return loss, {"loss": loss, **metrics}
 
@@ -77,9 +92,9 @@ def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
 
 
 def precompute_reference(graphdef: nnx.GraphDef, ref_params: Any, ds, batch_size: int,
-                         put: Callable) -> np.ndarray:
+                         put: Callable, opts: LogpsOptions = LogpsOptions()) -> np.ndarray:
   """The reference's sequence log-probs of every group of `ds`, float32[N, K], in batches."""
-  forward = jax.jit(lambda p, b: token_logps(graphdef, p, b).sum(-1))
+  forward = jax.jit(lambda p, b: token_logps(graphdef, p, b, opts).sum(-1))
   out = np.zeros(ds.tokens.shape[:2], np.float32)
   for start, batch in zip(range(0, ds.n, batch_size), eval_batches(ds, batch_size)):
     n = min(batch_size, ds.n - start)
