@@ -1,0 +1,278 @@
+"""tpu/launch.py and tpu/slurm.py in --dry-run: the exact commands they would run."""
+
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+  # tpu/ is a folder of scripts, not a package: load each file as a module.
+  spec = importlib.util.spec_from_file_location(f"tpu_{name}", os.path.join(REPO, "tpu", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+launch = _load("launch")
+slurm = _load("slurm")
+
+GC = "gcloud compute tpus tpu-vm"
+QR = "gcloud compute tpus queued-resources"
+SCOPE = "--zone=us-west4-a"
+
+
+def _with_dry_run(argv):
+  # --dry-run must precede "--": after it, it would be a jaxpref-train flag.
+  argv = list(argv)
+  i = argv.index("--") if "--" in argv else len(argv)
+  return argv[:i] + ["--dry-run"] + argv[i:]
+
+
+def dry(capsys, *argv):
+  """Runs launch.py in --dry-run; returns its printed commands, one per line."""
+  rc = launch.main(_with_dry_run(argv))
+  out = capsys.readouterr()
+  assert rc == 0, out.err
+  return out.out.splitlines()
+
+
+def error(capsys, *argv, module=launch):
+  """Runs with --dry-run, expects a failure; returns stderr."""
+  try:
+    rc = module.main(_with_dry_run(argv))
+  except SystemExit as e:  # argparse: missing or malformed flags
+    rc = e.code
+  out = capsys.readouterr()
+  assert rc != 0 and out.out == ""
+  return out.err
+
+
+def bundle(name):
+  return os.path.join(tempfile.gettempdir(), f"jaxpref-{name}.tar.gz")
+
+
+def run_line(name, zone, command):
+  return shlex.join([*GC.split(), "ssh", name, f"--zone={zone}", "--worker=all", "--command", command])
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+  monkeypatch.chdir(REPO)
+
+
+def test_create_plain_uses_generation_runtime(capsys):
+  assert dry(capsys, "create", "--name=dpo", "--zone=us-west4-a", "--accelerator=v5litepod-256") == [
+      f"{GC} create dpo {SCOPE} --accelerator-type=v5litepod-256 --version=v2-alpha-tpuv5-lite"]
+  assert dry(capsys, "create", "--name=dpo", "--zone=us-east5-a", "--accelerator=v5p-64",
+             "--project=my-proj") == [
+      f"{GC} create dpo --zone=us-east5-a --project=my-proj --accelerator-type=v5p-64 "
+      "--version=v2-alpha-tpuv5"]
+  assert dry(capsys, "create", "--name=a", "--zone=z", "--accelerator=v4-8", "--version=custom")[0] \
+      .endswith("--accelerator-type=v4-8 --version=custom")
+
+
+def test_create_spot_and_preemptible(capsys):
+  base = ["create", "--name=dpo", "--zone=us-west4-a", "--accelerator=v5litepod-8"]
+  assert dry(capsys, *base, "--spot") == [
+      f"{GC} create dpo {SCOPE} --accelerator-type=v5litepod-8 --version=v2-alpha-tpuv5-lite --spot"]
+  assert dry(capsys, *base, "--preemptible")[0].endswith("--version=v2-alpha-tpuv5-lite --preemptible")
+  assert "exclude each other" in error(capsys, *base, "--spot", "--preemptible")
+
+
+def test_create_queued_waits_until_active(capsys):
+  lines = dry(capsys, "create", "--name=dpo", "--zone=us-east5-a", "--accelerator=v5p-64",
+              "--queued", "--spot")
+  assert lines[0] == (f"{QR} create dpo --zone=us-east5-a --node-id=dpo --accelerator-type=v5p-64 "
+                      "--runtime-version=v2-alpha-tpuv5 --spot")
+  wait = shlex.split(lines[1])
+  assert wait[:2] == ["bash", "-c"] and len(wait) == 3
+  assert (f"{QR} describe dpo --zone=us-east5-a '--format=value(state.state)'" in wait[2]
+          and 'until [ "$s" = ACTIVE ]' in wait[2] and "FAILED|SUSPENDED) exit 1" in wait[2])
+  assert "take --spot" in error(capsys, "create", "--name=a", "--zone=z", "--accelerator=v5p-8",
+                                "--queued", "--preemptible")
+
+
+def test_install_from_git(capsys):
+  cmd = ("python3 -m pip install --upgrade pip && python3 -m pip install "
+         "'jaxpref[tpu] @ git+https://github.com/o/jaxpref.git@main'")
+  for url in ("https://github.com/o/jaxpref.git@main", "git+https://github.com/o/jaxpref.git@main"):
+    assert dry(capsys, "install", "--name=dpo", "--zone=us-west4-a", f"--git={url}") == [
+        run_line("dpo", "us-west4-a", cmd)]
+
+
+def test_install_from_sdist(capsys, tmp_path):
+  sdist = tmp_path / "jaxpref-0.1.0.tar.gz"
+  sdist.write_bytes(b"")
+  assert dry(capsys, "install", "--name=dpo", "--zone=us-west4-a", f"--sdist={sdist}") == [
+      f"{GC} scp {sdist} dpo:jaxpref-0.1.0.tar.gz {SCOPE} --worker=all",
+      run_line("dpo", "us-west4-a", "python3 -m pip install --upgrade pip && "
+               "python3 -m pip install './jaxpref-0.1.0.tar.gz[tpu]'")]
+  assert "exactly one of --git" in error(capsys, "install", "--name=a", "--zone=z")
+  assert "no such file" in error(capsys, "install", "--name=a", "--zone=z", "--sdist=nope.tar.gz")
+
+
+def _remote_train(train, log="jaxpref_run"):
+  return ("mkdir -p jaxpref_run && tar -xzf jaxpref-bundle.tar.gz -C jaxpref_run && cd jaxpref_run "
+          '|| exit 1; export PATH="$HOME/.local/bin:$PATH"; '
+          f"nohup {train} > train.log 2>&1 < /dev/null & "
+          f'echo "started on $(hostname): pid $!, log ~/{log}/train.log"')
+
+
+def test_run_copies_flag_files_and_data_then_starts_every_worker(capsys):
+  lines = dry(capsys, "run", "--name=dpo", "--zone=us-west4-a",
+              "--flagfile=experiments/quickstart.flags", "--workdir=runs/q", "--", "--steps=100")
+  assert lines == [
+      f"tar -czf {bundle('dpo')} experiments/quickstart.flags experiments/tiny.flags "
+      "jaxpref/data/tiny/eval.jsonl jaxpref/data/tiny/tokenizer.model jaxpref/data/tiny/train.jsonl",
+      f"{GC} scp {bundle('dpo')} dpo:jaxpref-bundle.tar.gz {SCOPE} --worker=all",
+      run_line("dpo", "us-west4-a", _remote_train(
+          "jaxpref-train --flagfile=experiments/quickstart.flags --workdir=runs/q --steps=100"))]
+
+
+def test_run_resolves_includes_relative_to_each_file(capsys, tmp_path, monkeypatch):
+  # exp/rows/a.flags includes ../base.flags, which includes shared/common.flags (from exp/)
+  # and names a data file relative to the cwd and a loss module relative to itself.
+  (tmp_path / "exp" / "rows").mkdir(parents=True)
+  (tmp_path / "exp" / "shared").mkdir()
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "train.jsonl").write_text("{}\n")
+  (tmp_path / "exp" / "my_loss.py").write_text("")
+  (tmp_path / "exp" / "shared" / "common.flags").write_text("# shared\n--steps=10\n")
+  (tmp_path / "exp" / "base.flags").write_text(
+      "--flagfile=shared/common.flags\n--train_data=data/train.jsonl\n--loss_module=my_loss.py\n"
+      "--eval_data=/abs/eval.jsonl\n")
+  (tmp_path / "exp" / "rows" / "a.flags").write_text("--flagfile=../base.flags\n--loss=dpo\n")
+  monkeypatch.chdir(tmp_path)
+  lines = dry(capsys, "run", "--name=n", "--zone=z", "--flagfile=exp/rows/a.flags", "--workdir=w",
+              "--follow")
+  assert lines[0] == (f"tar -czf {bundle('n')} data/train.jsonl exp/base.flags exp/my_loss.py "
+                      "exp/rows/a.flags exp/shared/common.flags")
+  assert lines[2] == run_line("n", "z", _remote_train(
+      "jaxpref-train --flagfile=exp/rows/a.flags --workdir=w"))
+  assert lines[3] == f"{GC} ssh n --zone=z --worker=0 --command 'tail -n +1 -F jaxpref_run/train.log'"
+
+
+def test_run_errors(capsys, tmp_path, monkeypatch):
+  base = ["run", "--name=n", "--zone=z", "--workdir=w"]
+  assert "no such file 'nope.flags'" in error(capsys, *base, "--flagfile=nope.flags")
+  (tmp_path / "a.flags").write_text("--flagfile=missing.flags\n")
+  (tmp_path / "loop.flags").write_text("--flagfile=loop.flags\n")
+  monkeypatch.chdir(tmp_path)
+  assert "included from" in error(capsys, *base, "--flagfile=a.flags")
+  assert "includes itself" in error(capsys, *base, "--flagfile=loop.flags")
+  assert "outside the current folder" in error(capsys, *base, f"--flagfile={REPO}/experiments/quickstart.flags")
+  assert "own --workdir" in error(capsys, *base, "--flagfile=a.flags", "--", "--workdir=x")
+  assert "--flagfile" in error(capsys, "run", "--name=n", "--zone=z", "--workdir=w")
+
+
+def test_logs_copy_delete(capsys):
+  assert dry(capsys, "logs", "--name=dpo", "--zone=us-west4-a") == [
+      f"{GC} ssh dpo {SCOPE} --worker=0 --command 'tail -n +1 -F jaxpref_run/train.log'"]
+  assert dry(capsys, "logs", "--name=dpo", "--zone=us-west4-a", "--worker=3")[0].startswith(
+      f"{GC} ssh dpo {SCOPE} --worker=3 ")
+  assert dry(capsys, "copy", "--name=dpo", "--zone=us-west4-a", "--workdir=runs/q",
+             "--dest=gs://bkt/runs/q") == [
+      f"{GC} ssh dpo {SCOPE} --worker=0 --command "
+      "'gcloud storage rsync --recursive jaxpref_run/runs/q gs://bkt/runs/q'"]
+  assert "gs://" in error(capsys, "copy", "--name=a", "--zone=z", "--workdir=w", "--dest=/tmp/x")
+  assert dry(capsys, "delete", "--name=dpo", "--zone=us-west4-a") == [f"{GC} delete dpo {SCOPE} --quiet"]
+  assert dry(capsys, "delete", "--name=dpo", "--zone=us-west4-a", "--queued") == [
+      f"{QR} delete dpo {SCOPE} --force --quiet"]
+
+
+def test_up_is_create_install_run_in_order(capsys):
+  common = ["--name=dpo", "--zone=us-west4-a"]
+  up = dry(capsys, "up", *common, "--accelerator=v5litepod-8", "--git=https://g/j.git",
+           "--flagfile=experiments/quickstart.flags", "--workdir=runs/q", "--follow", "--", "--steps=5")
+  parts = (dry(capsys, "create", *common, "--accelerator=v5litepod-8")
+           + dry(capsys, "install", *common, "--git=https://g/j.git")
+           + dry(capsys, "run", *common, "--flagfile=experiments/quickstart.flags", "--workdir=runs/q",
+                 "--follow", "--", "--steps=5"))
+  assert up == parts and len(up) == 6
+
+
+def test_missing_flags_and_unknown_accelerator(capsys):
+  assert "--zone" in error(capsys, "create", "--name=a", "--accelerator=v5p-8")
+  assert "--name" in error(capsys, "delete", "--zone=z")
+  assert "--accelerator" in error(capsys, "create", "--name=a", "--zone=z")
+  err = error(capsys, "create", "--name=a", "--zone=z", "--accelerator=v5e-8")
+  assert "unknown accelerator type 'v5e-8'" in err and "v5litepod-N" in err
+  assert "only for run and up" in error(capsys, "delete", "--name=a", "--zone=z", "--", "--steps=1")
+
+
+def test_cli_runs_without_jax_and_stops_on_first_failure(tmp_path):
+  # A jax that cannot be imported proves the launcher never imports it.
+  (tmp_path / "jax").mkdir()
+  (tmp_path / "jax" / "__init__.py").write_text("raise ImportError('the launcher imported jax')\n")
+  # A fake gcloud that fails: the launcher must stop after it, naming the command.
+  (tmp_path / "bin").mkdir()
+  fake = tmp_path / "bin" / "gcloud"
+  fake.write_text("#!/bin/sh\necho \"$@\" >> \"$(dirname \"$0\")/calls\"\nexit 3\n")
+  fake.chmod(0o755)
+  env = dict(os.environ, PYTHONPATH=str(tmp_path), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+  args = [sys.executable, "tpu/launch.py", "up", "--name=n", "--zone=z", "--accelerator=v5p-8",
+          "--git=https://g/j.git", "--flagfile=experiments/quickstart.flags", "--workdir=w"]
+  ok = subprocess.run(args + ["--dry-run"], cwd=REPO, env=env, capture_output=True, text=True)
+  assert ok.returncode == 0 and ok.stdout.startswith(f"{GC} create n"), ok.stderr
+  bad = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+  assert bad.returncode == 1
+  assert "error: stopped: exit status 3 from: gcloud compute tpus tpu-vm create n" in bad.stderr
+  assert len((tmp_path / "bin" / "calls").read_text().splitlines()) == 1
+
+
+def test_slurm_sbatch_script(capsys):
+  rc = slurm.main(["--nodes=2", "--gpus-per-node=4", "--partition=gpu", "--time=02:00:00",
+                   "--flagfile=experiments/quickstart.flags", "--workdir=runs/q",
+                   "--setup=source .venv/bin/activate", "--dry-run", "--", "--steps=100"])
+  out = capsys.readouterr().out
+  assert rc == 0
+  assert out == "\n".join([
+      "# jaxpref.sbatch",
+      "#!/bin/bash",
+      "#SBATCH --job-name=jaxpref",
+      "#SBATCH --nodes=2",
+      "#SBATCH --ntasks-per-node=1",
+      "#SBATCH --gpus-per-node=4",
+      "#SBATCH --cpus-per-task=16",
+      "#SBATCH --time=02:00:00",
+      "#SBATCH --output=slurm-%x-%j.out",
+      "#SBATCH --partition=gpu",
+      "",
+      "set -eo pipefail",
+      f"cd {REPO}",
+      "source .venv/bin/activate",
+      "srun jaxpref-train --flagfile=experiments/quickstart.flags --workdir=runs/q --steps=100",
+      "",
+      "sbatch jaxpref.sbatch",
+      ""])
+  assert not os.path.exists(os.path.join(REPO, "jaxpref.sbatch"))
+
+
+def test_slurm_writes_and_submits(tmp_path, monkeypatch, capsys):
+  (tmp_path / "bin").mkdir()
+  fake = tmp_path / "bin" / "sbatch"
+  fake.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/calls\"\n")
+  fake.chmod(0o755)
+  monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+  script = tmp_path / "job.sbatch"
+  assert slurm.main(["--flagfile=experiments/quickstart.flags", "--workdir=runs/q",
+                     f"--script={script}"]) == 0
+  assert "srun jaxpref-train --flagfile=experiments/quickstart.flags" in script.read_text()
+  assert "#SBATCH --partition" not in script.read_text()
+  assert (tmp_path / "bin" / "calls").read_text().strip() == str(script)
+
+
+def test_slurm_errors(capsys):
+  assert "no such file" in error(capsys, "--flagfile=nope", "--workdir=w", module=slurm)
+  assert "--time" in error(capsys, "--flagfile=experiments/quickstart.flags", "--workdir=w",
+                           "--time=2h", module=slurm)
+  assert ">= 1" in error(capsys, "--flagfile=experiments/quickstart.flags", "--workdir=w",
+                         "--nodes=0", module=slurm)
+  assert "--workdir" in error(capsys, "--flagfile=experiments/quickstart.flags", module=slurm)
