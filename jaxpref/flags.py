@@ -76,6 +76,9 @@ flags.DEFINE_enum("logps_impl", _R.logps.impl, list(ops.IMPLS),
 flags.DEFINE_bool("fused_lm_head", _R.logps.fused_lm_head,
                   "Fuse the LM head into the log-softmax, block by block over the vocabulary, "
                   "so [tokens, vocab] logits never exist (see benchmarks/README.md).")
+flags.DEFINE_integer("grad_accum", _R.grad_accum,
+                     "Micro-batches per step (gradient accumulation); --batch_size must be a "
+                     "multiple of it times the mesh's batch devices.")
 flags.DEFINE_integer("seed", _R.seed, "Seed of the model initialisation.")
 flags.DEFINE_integer("steps", _R.steps, "Train steps.")
 flags.DEFINE_integer("log_every", _R.log_every, "Log train metrics every N steps.")
@@ -184,6 +187,7 @@ def to_config() -> RunConfig:
                       format=FLAGS.data_format, group_size=FLAGS.group_size),
       loss=FLAGS.loss, loss_hparams=loss_hparams, mesh=FLAGS.mesh, reference=FLAGS.reference,
       logps=LogpsOptions(impl=FLAGS.logps_impl, fused_lm_head=FLAGS.fused_lm_head),
+      grad_accum=FLAGS.grad_accum,
       seed=FLAGS.seed,
       steps=FLAGS.steps, log_every=FLAGS.log_every, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,

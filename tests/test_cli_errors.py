@@ -16,6 +16,7 @@ from cli_util import train
     ("--model.d_modle=8", "d_modle"),
     ("--mesh=data:3", "--mesh"),
     ("--steps=0", "--steps"),
+    ("--grad_accum=3", "--grad_accum"),
 ])
 def test_bad_flag_is_named(tmp_path, flag, needle):
   proc = train(str(tmp_path / "w"), flag, check=False)

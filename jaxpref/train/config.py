@@ -58,6 +58,7 @@ class RunConfig:
   mesh: str = "data:-1"
   reference: str = "model"  # model | precomputed
   logps: LogpsOptions = LogpsOptions()
+  grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
   seed: int = 0  # model init
   steps: int = 300
   log_every: int = 10

@@ -131,6 +131,9 @@ def setup(cfg: RunConfig) -> Setup:
     if size % n_batch_shards:
       raise ValueError(f"--{flag}={size} must be divisible by the mesh's data*fsdp size "
                        f"({n_batch_shards}, --mesh={cfg.mesh})")
+  if cfg.grad_accum < 1 or cfg.data.batch_size % (cfg.grad_accum * n_batch_shards):
+    raise ValueError(f"--batch_size={cfg.data.batch_size} must be divisible by --grad_accum="
+                     f"{cfg.grad_accum} times the mesh's data*fsdp size ({n_batch_shards})")
   if cfg.reference == "precomputed" and losses.needs_tokens(cfg.loss):
     raise ValueError(f"--reference=precomputed stores sequence log-probs, but --loss={cfg.loss} "
                      "reads per-token reference log-probs; use --reference=model")
@@ -174,7 +177,8 @@ def train(s: Setup) -> dict:
 
   loss_fn = losses.bind(cfg.loss, cfg.loss_hparams)
   train_step, eval_step = make_steps(graphdef, loss_fn, optimizer,
-                                     with_tokens=losses.needs_tokens(cfg.loss), opts=cfg.logps)
+                                     with_tokens=losses.needs_tokens(cfg.loss), opts=cfg.logps,
+                                     grad_accum=cfg.grad_accum)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"),
                                cfg.checkpoint_every, cfg.keep_checkpoints)

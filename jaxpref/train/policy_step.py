@@ -60,12 +60,27 @@ def group_logps(policy_tok: jax.Array, ref_tok: jax.Array | None, batch: GroupBa
                **extra)
 
 
+def micro_batches(batch: GroupBatch, n: int) -> GroupBatch:
+  """[B, ...] leaves -> [n, B/n, ...]; micro-batch j takes rows j, j+n, j+2n, ...
+
+  Strided rather than contiguous so that each device's rows (the batch is sharded in
+  contiguous blocks) stay on that device in every micro-batch.
+  """
+  def split(x):
+    return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
 def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
                optimizer: optax.GradientTransformation, with_tokens: bool = False,
-               opts: LogpsOptions = LogpsOptions()):
+               opts: LogpsOptions = LogpsOptions(), grad_accum: int = 1):
   """Returns jitted `train_step(state, ref_params, batch)` and `eval_step(params, ref_params, batch)`.
 
   `with_tokens` passes the per-token log-probs to the loss (`losses.needs_tokens(name)`).
+  `grad_accum` > 1 runs the batch as that many micro-batches in a `lax.scan`, each one's
+  gradient and metrics weighted by its share of the batch's total group weight: for losses
+  that are weighted means over groups (all but the batch-statistic ones, such as KTO's
+  batch-level reference point) this is the gradient of the whole batch.
   """
 
   def loss_and_metrics(params, ref_params, batch):
@@ -77,8 +92,27 @@ def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
     loss, metrics = loss_fn(lp)
     return loss, {"loss": loss, **metrics}
 
+  grad_fn = jax.grad(loss_and_metrics, has_aux=True)
+
+  def accumulated_grad(params, ref_params, batch):
+    mbs = micro_batches(batch, grad_accum)
+    total = jnp.sum(batch.weight)
+    first = jax.tree.map(lambda x: x[0], mbs)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, params, ref_params, first))
+
+    def body(acc, mb):
+      out = grad_fn(params, ref_params, mb)
+      share = jnp.sum(mb.weight) / total
+      return jax.tree.map(lambda a, b: a + share * b, acc, out), None
+
+    return jax.lax.scan(body, zeros, mbs)[0]
+
   def train_step(state: TrainState, ref_params, batch: GroupBatch):
-    grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(state.params, ref_params, batch)
+    if grad_accum > 1:
+      grads, metrics = accumulated_grad(state.params, ref_params, batch)
+    else:
+      grads, metrics = grad_fn(state.params, ref_params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
