@@ -45,6 +45,9 @@ flags.DEFINE_enum("data_format", _D.format, list(DATA_FORMATS),
                   "records turned into pairs (best vs worst, best vs each other, all pairs).")
 flags.DEFINE_integer("group_size", _D.group_size, "Responses per group for --data_format=ranked "
                      "(a record's best ones are kept; the dropped ones are counted).")
+flags.DEFINE_bool("shared_prompt", _D.shared_prompt,
+                  "Pack each group's K responses after one copy of their prompt (responses see "
+                  "the prompt and themselves, never each other): the prompt is computed once.")
 flags.DEFINE_bool("skip_invalid_records", _D.skip_invalid,
                   "Skip (and count) malformed records instead of stopping at the first.")
 # Model.
@@ -184,7 +187,8 @@ def to_config() -> RunConfig:
                       tokenizer=FLAGS.tokenizer, max_len=FLAGS.max_len,
                       batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
                       seed=FLAGS.data_seed, skip_invalid=FLAGS.skip_invalid_records,
-                      format=FLAGS.data_format, group_size=FLAGS.group_size),
+                      format=FLAGS.data_format, group_size=FLAGS.group_size,
+                      shared_prompt=FLAGS.shared_prompt),
       loss=FLAGS.loss, loss_hparams=loss_hparams, mesh=FLAGS.mesh, reference=FLAGS.reference,
       logps=LogpsOptions(impl=FLAGS.logps_impl, fused_lm_head=FLAGS.fused_lm_head),
       grad_accum=FLAGS.grad_accum,

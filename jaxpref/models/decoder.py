@@ -75,17 +75,22 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return out.astype(x.dtype)
 
 
-def attention_mask(n: int, t: int, segment_ids=None) -> jax.Array:
+def attention_mask(n: int, t: int, segment_ids=None, shared_prompt: bool = False) -> jax.Array:
   """bool[N, 1, T, T] (query, key): causal, and within one non-padding segment when given.
 
   A padding query (segment 0) sees no key; its row is all _MASK, so its softmax is uniform
   and finite rather than NaN, and the residual stream carries it harmlessly.
+  `shared_prompt`: segment 1 is a prompt that every non-padding segment of the row also
+  sees (the K responses of a group packed after one copy of their prompt).
   """
   causal = jnp.tril(jnp.ones((t, t), bool))
   if segment_ids is None:
     return jnp.broadcast_to(causal, (n, 1, t, t))
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (causal & same & (segment_ids[:, None, :] > 0))[:, None]
+  q_seg, k_seg = segment_ids[:, :, None], segment_ids[:, None, :]
+  visible = q_seg == k_seg
+  if shared_prompt:
+    visible = visible | ((k_seg == 1) & (q_seg > 0))
+  return (causal & visible & (k_seg > 0))[:, None]
 
 
 class Attention(nnx.Module):
@@ -159,17 +164,17 @@ class Decoder(nnx.Module):
     """[D, V]: the output projection (the embedding transposed when tied)."""
     return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
 
-  def hidden(self, tokens, segment_ids=None, positions=None) -> jax.Array:
+  def hidden(self, tokens, segment_ids=None, positions=None, shared_prompt=False) -> jax.Array:
     """Final-norm hidden states float32[N, T, D].
 
     tokens int32[N, T]; segment_ids int32[N, T] (0 = padding; packed sequences get 1, 2, ...);
     positions int32[N, T] for RoPE, default arange(T) (give them restarting per segment when
-    packing).
+    packing); shared_prompt as in `attention_mask`.
     """
     n, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-    mask = attention_mask(n, t, segment_ids)
+    mask = attention_mask(n, t, segment_ids, shared_prompt)
     x = self.embed[...][tokens].astype(self.config.dtype)
     for layer in self.layers:
       x = layer(x, positions, mask)

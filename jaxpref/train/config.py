@@ -37,6 +37,7 @@ class DataConfig:
   skip_invalid: bool = False
   format: str = "pairs"  # see DATA_FORMATS
   group_size: int = 4  # K for --data_format=ranked
+  shared_prompt: bool = False  # pack each group's K responses after one copy of the prompt
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ from jaxpref import losses
 from jaxpref import models
 from jaxpref.eval import plots
 from jaxpref.parallel import mesh as mesh_lib
+from jaxpref.data.shared_prompt import SharedPromptView
 from jaxpref.train import checkpoint as ckpt_lib
 from jaxpref.train.config import DATA_FORMATS, RunConfig
 from jaxpref.train.metrics import MetricWriter, read_metrics
@@ -91,8 +92,22 @@ def load_data(cfg: RunConfig, tok):
     ds, report, extra = _read(cfg, path, tok)
     _say(f"{split} data: {report.summary()}{extra}; {ds.n_truncated} of {ds.n} groups truncated "
          f"to --max_len={cfg.data.max_len}")
+    if cfg.data.shared_prompt:
+      ds = _shared_prompt(cfg, ds, split)
     out.append(ds)
   return out
+
+
+def _shared_prompt(cfg: RunConfig, ds, split: str):
+  if cfg.data.format in ("unpaired", "pairs_as_unpaired"):
+    raise ValueError(f"--shared_prompt needs groups that share a prompt; --data_format="
+                     f"{cfg.data.format} pairs each completion with another prompt's")
+  view = SharedPromptView(ds)
+  length, resp = view.shape
+  k = ds.tokens.shape[1]
+  _say(f"{split} data: shared-prompt rows of {length} tokens for {k} responses (<= {resp} "
+       f"tokens each), instead of {k} x {cfg.data.max_len}")
+  return view
 
 
 def evaluate(eval_step, params, ref_params, ds, batch_size, put) -> dict:
@@ -145,7 +160,7 @@ def _probe_loss(cfg: RunConfig, ds) -> None:
   """Traces the loss on the data's shapes, so a loss/data mismatch (say, score margins on
   records without scores) is a start-up error instead of a failure inside the first jit."""
   batch = ds.batch(np.arange(min(2, ds.n)))
-  zeros = np.zeros(batch.tokens.shape, np.float32)
+  zeros = np.zeros(batch.loss_mask.shape, np.float32)
   lp = group_logps(zeros, zeros, batch, with_tokens=losses.needs_tokens(cfg.loss))
   jax.eval_shape(losses.bind(cfg.loss, cfg.loss_hparams), lp)
 

@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxpref import ops
 from jaxpref.data import eval_batches
+from jaxpref.data.shared_prompt import SharedPromptBatch
 from jaxpref.train.config import LogpsOptions
 from jaxpref.types import GroupBatch, Logps
 
@@ -28,11 +29,29 @@ class TrainState:
   opt_state: Any
 
 
-def token_logps(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch,
+def _packed_token_logps(model, batch: SharedPromptBatch, opts: LogpsOptions) -> jax.Array:
+  """float32[B, K, R] log-probs of each response's tokens from one shared-prompt row."""
+  h = model.hidden(batch.tokens, segment_ids=batch.segment_ids, positions=batch.positions,
+                   shared_prompt=True)  # [B, L, D]
+  b, k, r = batch.targets.shape
+  rows = jnp.take_along_axis(h, batch.pred_index.reshape(b, k * r, 1), axis=1)
+  rows = rows.reshape(b, k, r, -1)
+  w = model.lm_head_weight().astype(h.dtype)
+  if opts.fused_lm_head:
+    logp, _ = ops.fused_linear_logps(rows, w, batch.targets, batch.loss_mask)
+  else:
+    logp, _ = ops.token_logps(rows @ w, batch.targets, batch.loss_mask, impl=opts.impl)
+  return logp
+
+
+def token_logps(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch | SharedPromptBatch,
                 opts: LogpsOptions = LogpsOptions()) -> jax.Array:
-  """Masked per-token log-probs float32[B, K, T] of every group member's realised tokens."""
-  b, k, t = batch.tokens.shape
+  """Masked per-token log-probs float32[B, K, T] of every group member's realised tokens
+  ([B, K, R], response tokens only, for a `SharedPromptBatch`)."""
   model = nnx.merge(graphdef, params)
+  if isinstance(batch, SharedPromptBatch):
+    return _packed_token_logps(model, batch, opts)
+  b, k, t = batch.tokens.shape
   tokens = batch.tokens.reshape(b * k, t)
   mask = batch.loss_mask.reshape(b * k, t)
   segment_ids = batch.segment_ids.reshape(b * k, t)
