@@ -73,6 +73,11 @@ flags.DEFINE_enum("reference", _R.reference, ["model", "precomputed"],
                   "model: run the frozen reference forward in every step; precomputed: compute "
                   "every group's reference log-probs once at start-up, then train without the "
                   "reference model in memory or in the step.")
+flags.DEFINE_string("reference_cache", _R.reference_cache,
+                    "With --reference=precomputed: a folder where the reference log-probs are "
+                    "stored, keyed by the reference weights, data and tokenizer bytes and the "
+                    "layout settings; a later run with the same key reads them, any other "
+                    "computes afresh. Empty: no cache.")
 flags.DEFINE_enum("logps_impl", _R.logps.impl, list(ops.IMPLS),
                   "Per-token log-prob kernel when logits are materialised (--nofused_lm_head): "
                   "auto = Pallas on TPU/GPU, the vocabulary-streamed XLA twin on CPU.")
@@ -190,6 +195,7 @@ def to_config() -> RunConfig:
                       format=FLAGS.data_format, group_size=FLAGS.group_size,
                       shared_prompt=FLAGS.shared_prompt),
       loss=FLAGS.loss, loss_hparams=loss_hparams, mesh=FLAGS.mesh, reference=FLAGS.reference,
+      reference_cache=FLAGS.reference_cache,
       logps=LogpsOptions(impl=FLAGS.logps_impl, fused_lm_head=FLAGS.fused_lm_head),
       grad_accum=FLAGS.grad_accum,
       seed=FLAGS.seed,

@@ -58,6 +58,7 @@ class RunConfig:
   loss_hparams: dict = dataclasses.field(default_factory=dict)
   mesh: str = "data:-1"
   reference: str = "model"  # model | precomputed
+  reference_cache: str = ""  # folder of precomputed reference log-probs; "" = no cache
   logps: LogpsOptions = LogpsOptions()
   grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
   seed: int = 0  # model init

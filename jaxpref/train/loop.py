@@ -23,6 +23,7 @@ from jaxpref.eval import plots
 from jaxpref.parallel import mesh as mesh_lib
 from jaxpref.data.shared_prompt import SharedPromptView
 from jaxpref.train import checkpoint as ckpt_lib
+from jaxpref.train import ref_cache
 from jaxpref.train.config import DATA_FORMATS, RunConfig
 from jaxpref.train.metrics import MetricWriter, read_metrics
 from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
@@ -149,6 +150,9 @@ def setup(cfg: RunConfig) -> Setup:
   if cfg.grad_accum < 1 or cfg.data.batch_size % (cfg.grad_accum * n_batch_shards):
     raise ValueError(f"--batch_size={cfg.data.batch_size} must be divisible by --grad_accum="
                      f"{cfg.grad_accum} times the mesh's data*fsdp size ({n_batch_shards})")
+  if cfg.reference_cache and cfg.reference != "precomputed":
+    raise ValueError("--reference_cache stores precomputed reference log-probs; it needs "
+                     "--reference=precomputed")
   if cfg.reference == "precomputed" and losses.needs_tokens(cfg.loss):
     raise ValueError(f"--reference=precomputed stores sequence log-probs, but --loss={cfg.loss} "
                      "reads per-token reference log-probs; use --reference=model")
@@ -271,15 +275,25 @@ def train(s: Setup) -> dict:
 
 
 def _precompute(cfg: RunConfig, graphdef, ref_params, datasets, put):
-  """Stores the reference's log-probs with the data; returns None, the reference to keep."""
+  """Stores the reference's log-probs with the data (from `--reference_cache` when an entry
+  matches); returns None, the reference to keep."""
   t0 = time.perf_counter()
-  n = 0
-  for ds in datasets:
-    if ds is not None:
-      ds.ref_logps = precompute_reference(graphdef, ref_params, ds, cfg.data.eval_batch_size, put,
-                                          cfg.logps)
-      n += ds.n
-  _say(f"reference: precomputed log-probs of {n} groups in {time.perf_counter() - t0:.1f} s; "
+  weights = ref_cache.params_digest(ref_params) if cfg.reference_cache else ""
+  said = []
+  for ds, path in zip(datasets, (cfg.data.train_data, cfg.data.eval_data)):
+    if ds is None:
+      continue
+    parts = ref_cache.key_parts(cfg, path, weights) if weights else None
+    cached = ref_cache.load(cfg.reference_cache, parts, ds.tokens.shape[:2]) if parts else None
+    said.append(f"{ds.n} groups " + ("read from --reference_cache" if cached is not None
+                                     else "computed"))
+    if cached is None:
+      cached = precompute_reference(graphdef, ref_params, ds, cfg.data.eval_batch_size, put,
+                                    cfg.logps)
+      if parts and jax.process_index() == 0:
+        ref_cache.save(cfg.reference_cache, parts, cached)
+    ds.ref_logps = cached
+  _say(f"reference: log-probs of {', '.join(said)} in {time.perf_counter() - t0:.1f} s; "
        "the reference model is not kept")
   return None
 

@@ -1,0 +1,80 @@
+"""An on-disk cache of precomputed reference log-probs, keyed by everything they depend on.
+
+The key hashes the reference weights (their bytes), the data file (its bytes), the
+tokenizer file, and every setting that changes the token layout or the numbers (format,
+max_len, group_size, shared-prompt packing, log-prob path). A run with any of these
+different computes afresh and writes a new entry; it never reuses a stale one. Each entry
+stores its key's parts beside the array, and a read checks them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+_CHUNK = 1 << 24
+
+
+def file_digest(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(_CHUNK):
+      h.update(block)
+  return h.hexdigest()
+
+
+def params_digest(params: Any) -> str:
+  """sha256 over every leaf's path, dtype, shape and bytes (fetched leaf by leaf)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    arr = np.asarray(jax.device_get(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+  return h.hexdigest()
+
+
+def key_parts(cfg, data_path: str, weights: str) -> dict:
+  return {
+      "weights": weights,
+      "data": file_digest(data_path),
+      "tokenizer": file_digest(cfg.data.tokenizer),
+      "format": cfg.data.format,
+      "skip_invalid": cfg.data.skip_invalid,
+      "max_len": cfg.data.max_len,
+      "group_size": cfg.data.group_size,
+      "shared_prompt": cfg.data.shared_prompt,
+      "logps": [cfg.logps.impl, cfg.logps.fused_lm_head],
+      "version": 1,
+  }
+
+
+def _entry(cache_dir: str, parts: dict) -> str:
+  digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+  return os.path.join(cache_dir, f"ref_logps_{digest}.npz")
+
+
+def load(cache_dir: str, parts: dict, shape: tuple[int, ...]) -> np.ndarray | None:
+  """The cached array for these key parts, or None (absent, or stored under other parts)."""
+  path = _entry(cache_dir, parts)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as z:
+    stored = json.loads(str(z["key"]))
+    if stored != parts or z["ref_logps"].shape != tuple(shape):
+      return None
+    return z["ref_logps"]
+
+
+def save(cache_dir: str, parts: dict, ref_logps: np.ndarray) -> str:
+  """Writes atomically (temp file + rename), so a killed run leaves no half entry."""
+  os.makedirs(cache_dir, exist_ok=True)
+  path = _entry(cache_dir, parts)
+  tmp = f"{path}.{os.getpid()}.tmp.npz"
+  np.savez(tmp, ref_logps=ref_logps, key=np.array(json.dumps(parts, sort_keys=True)))
+  os.replace(tmp, path)
+  return path
