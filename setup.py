@@ -23,14 +23,16 @@ setup(
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "safetensors>=0.8,<1",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0,<6"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         "gpu": ["jax[cuda12]>=0.10,<0.11"],
     },
     entry_points={"console_scripts": [
         "jaxpref-train=jaxpref.main:run",
         "jaxpref-sweep=jaxpref.sweep:run",
+        "jaxpref-convert=jaxpref.models.convert:run",
     ]},
 )

@@ -1,6 +1,7 @@
-"""Flax NNX decoder and its size presets."""
+"""Flax NNX decoder, its size presets and Hugging Face Llama checkpoints (`hf`)."""
 
+from jaxpref.models import hf
 from jaxpref.models.decoder import Decoder, ModelConfig, count_params, param_count
 from jaxpref.models.presets import PRESETS, get_config
 
-__all__ = ["Decoder", "ModelConfig", "PRESETS", "count_params", "get_config", "param_count"]
+__all__ = ["Decoder", "ModelConfig", "PRESETS", "count_params", "get_config", "hf", "param_count"]

@@ -28,6 +28,11 @@ class ModelConfig:
   max_len: int = 2048  # context the preset is meant for; informational, as RoPE needs no table
   dtype: str = "float32"  # compute dtype; parameters stay float32
   init_std: float = 0.02
+  # Llama 3.1 RoPE frequency scaling (HF rope_type "llama3"); factor 1.0 means none.
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -39,6 +44,12 @@ class ModelConfig:
                        f"n_kv_heads ({self.n_kv_heads})")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+    if self.rope_scaling_factor != 1.0 and not (
+        0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+        and self.rope_scaling_factor > 0 and self.rope_original_max_len >= 1):
+      raise ValueError("ModelConfig RoPE scaling needs rope_scaling_factor > 0, "
+                       "0 < rope_low_freq_factor < rope_high_freq_factor and "
+                       "rope_original_max_len >= 1")
     for name in ("rope_theta", "norm_eps", "init_std"):
       if not getattr(self, name) > 0:
         raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
@@ -63,10 +74,24 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...]).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, rotate-half convention (as Hugging Face Llama). x: [N, T, H, Dh]."""
+def _llama3_scaled(inv_freq, factor, low, high, original_len):
+  """Llama 3.1 long-context rule: wavelengths beyond original_len/low are stretched by
+  `factor`, those under original_len/high kept, and the band between interpolated."""
+  wavelen = 2 * jnp.pi / inv_freq
+  smooth = jnp.clip((original_len / wavelen - low) / (high - low), 0.0, 1.0)
+  return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling=None) -> jax.Array:
+  """Rotary embedding, rotate-half convention (as Hugging Face Llama). x: [N, T, H, Dh].
+
+  scaling: None or (factor, low_freq_factor, high_freq_factor, original_max_len), the
+  Llama 3.1 frequency scaling (`ModelConfig.rope_scaling_factor` and the fields after it).
+  """
   half = x.shape[-1] // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
+  if scaling is not None and scaling[0] != 1.0:
+    inv_freq = _llama3_scaled(inv_freq, *scaling)
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [N, T, Dh/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
@@ -106,8 +131,12 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, mask):
     """x: [N, T, D]; mask: bool[N, 1, T, T] (query, key) -> [N, T, D]."""
     cfg, dt = self.cfg, x.dtype
-    q = rope(jnp.einsum("ntd,dhk->nthk", x, self.q[...].astype(dt)), positions, cfg.rope_theta)
-    k = rope(jnp.einsum("ntd,dhk->nthk", x, self.k[...].astype(dt)), positions, cfg.rope_theta)
+    scaling = (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+               cfg.rope_original_max_len)
+    q = rope(jnp.einsum("ntd,dhk->nthk", x, self.q[...].astype(dt)), positions, cfg.rope_theta,
+             scaling)
+    k = rope(jnp.einsum("ntd,dhk->nthk", x, self.k[...].astype(dt)), positions, cfg.rope_theta,
+             scaling)
     v = jnp.einsum("ntd,dhk->nthk", x, self.v[...].astype(dt))
     n, t, _, dh = q.shape
     groups = cfg.n_heads // cfg.n_kv_heads

@@ -1,0 +1,227 @@
+"""jaxpref.models.hf against transformers' LlamaForCausalLM: same logits on the same tokens,
+exact tensor round trips (single-file, sharded, bf16, the jaxpref-convert CLI), and clear
+errors for checkpoints the Decoder cannot represent."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxpref.models import convert, hf  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+V = 128
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def hf_model(tie=False, kv_heads=2, theta=10000.0, scaling=None, seed=0):
+  """A random float32 LlamaForCausalLM. Weights (norm scales included) are drawn far from
+  the default init so a wrong transpose, head split or RoPE half shows in the logits."""
+  torch.manual_seed(seed)
+  rope = {"rope_type": "default", "rope_theta": theta, **(scaling or {})}
+  cfg = transformers.LlamaConfig(
+      vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
+      max_position_embeddings=256, tie_word_embeddings=tie, rope_parameters=rope)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(1 + 0.5 * torch.randn_like(p))
+      else:
+        p.normal_(0.0, 0.15)
+  return model
+
+
+def tokens(n=3, t=40, seed=0):
+  return np.random.default_rng(seed).integers(0, V, (n, t))
+
+
+def hf_logits(model, toks):
+  with torch.no_grad():
+    return model(torch.tensor(toks)).logits.numpy()
+
+
+def state_dict_equal(a, b):
+  a, b = a.state_dict(), b.state_dict()
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+CASES = {
+    "gqa_untied": dict(tie=False, kv_heads=2),
+    "gqa_tied": dict(tie=True, kv_heads=2),
+    "mha_untied_theta5e5": dict(tie=False, kv_heads=4, theta=500000.0),
+    # Llama 3.1 scaling; with head_dim 16 and an original context of 64 the RoPE wavelengths
+    # fall in all three bands (kept, interpolated, stretched by `factor`).
+    "gqa_llama3_rope": dict(tie=True, kv_heads=2, theta=500000.0, scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64)),
+}
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers_and_round_trip(case, sharded, tmp_path):
+  src = hf_model(**CASES[case])
+  kw = dict(max_shard_size="40KB") if sharded else {}
+  src.save_pretrained(tmp_path / "hf", **kw)
+  if sharded:
+    assert os.path.isfile(tmp_path / "hf" / hf.INDEX_FILE)
+    assert len([f for f in os.listdir(tmp_path / "hf") if f.endswith(".safetensors")]) > 1
+
+  cfg, model = hf.load(str(tmp_path / "hf"))
+  want_cfg = CASES[case]
+  assert (cfg.tie_embeddings, cfg.n_kv_heads) == (want_cfg["tie"], want_cfg["kv_heads"])
+  assert cfg.rope_theta == want_cfg.get("theta", 10000.0)
+  assert cfg.rope_scaling_factor == (want_cfg.get("scaling") or {}).get("factor", 1.0)
+  toks = tokens()
+  got = np.asarray(model(jnp.asarray(toks, jnp.int32)))
+  want = hf_logits(src, toks)
+  diff = float(np.abs(got - want).max())
+  print(f"{case} sharded={sharded}: max |logit diff| = {diff:.3g} "
+        f"(logit scale {np.abs(want).max():.3g})")
+  assert diff <= 1e-4
+
+  hf.save(model, cfg, str(tmp_path / "back"))
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+  state_dict_equal(src, back)
+  np.testing.assert_array_equal(hf_logits(back, toks), want)
+
+
+def test_bfloat16_checkpoint_upcasts_exactly(tmp_path):
+  src = hf_model().to(torch.bfloat16)
+  src.save_pretrained(tmp_path / "hf")
+  cfg, model = hf.load(str(tmp_path / "hf"))
+  assert model.embed[...].dtype == jnp.float32
+  q_proj = src.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()
+  np.testing.assert_array_equal(np.asarray(model.layers[1].attn.q[...]).reshape(64, -1).T, q_proj)
+  hf.save(model, cfg, str(tmp_path / "back"), dtype=jnp.bfloat16)
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+  state_dict_equal(src, back)
+
+
+def test_cli_round_trip(tmp_path):
+  src = hf_model(tie=True)
+  src.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+  env = {**os.environ, "PYTHONPATH": REPO}
+  for cmd in (["to-jaxpref", tmp_path / "hf", tmp_path / "jp"],
+              ["to-hf", tmp_path / "jp", tmp_path / "back"]):
+    proc = subprocess.run([sys.executable, "-m", "jaxpref.models.convert", *map(str, cmd)],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+  assert os.path.isfile(tmp_path / "jp" / convert.CONFIG_FILE)
+  cfg, model = convert.load_jaxpref(str(tmp_path / "jp"))
+  toks = tokens(seed=1)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(toks, jnp.int32))),
+                             hf_logits(src, toks), atol=1e-4, rtol=0)
+  state_dict_equal(src, transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back"))
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+  assert convert.main(["to-jaxpref", str(tmp_path), str(tmp_path / "out")]) == 1
+  err = capsys.readouterr().err
+  assert "no config.json" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Clear errors
+# ---------------------------------------------------------------------------------------------
+
+
+def saved(tmp_path, edit_config=None, edit_tensors=None, tie=False):
+  """A saved tiny HF model, its config.json and tensors optionally edited."""
+  path = tmp_path / "hf"
+  hf_model(tie=tie).save_pretrained(path)
+  if edit_config:
+    file = path / "config.json"
+    file.write_text(json.dumps(edit_config(json.loads(file.read_text()))))
+  if edit_tensors:
+    tensors = hf.read_tensors(str(path))
+    edit_tensors(tensors)
+    from safetensors.numpy import save_file
+    save_file(tensors, str(path / hf.SINGLE_FILE), metadata={"format": "pt"})
+  return str(path)
+
+
+def test_unsupported_architecture(tmp_path):
+  gpt2 = lambda c: {**c, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
+  with pytest.raises(hf.UnsupportedCheckpoint, match="model_type='gpt2'.*only Llama"):
+    hf.load(saved(tmp_path, gpt2))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: {**c, "attention_bias": True}, "attention_bias=True"),
+    (lambda c: {**c, "mlp_bias": True}, "mlp_bias=True"),
+    (lambda c: {**c, "hidden_act": "gelu"}, "hidden_act='gelu'"),
+    (lambda c: {**c, "rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                         "rope_theta": 1e4}}, "RoPE scaling.*linear"),
+    (lambda c: {**c, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
+], ids=["attention_bias", "mlp_bias", "gelu", "linear_rope", "legacy_dynamic_rope"])
+def test_unsupported_llama_features(tmp_path, edit, match):
+  with pytest.raises(hf.UnsupportedCheckpoint, match=match):
+    hf.load(saved(tmp_path, edit))
+
+
+def test_missing_and_unexpected_tensors_are_listed(tmp_path):
+  def edit(t):
+    del t["model.layers.1.mlp.up_proj.weight"]
+    t["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+  with pytest.raises(hf.UnsupportedCheckpoint,
+                     match=r"missing: \['model.layers.1.mlp.up_proj.weight'\]; "
+                           r"unexpected: \['model.layers.0.self_attn.q_proj.bias'\]"):
+    hf.load(saved(tmp_path, edit_tensors=edit))
+
+
+def test_tied_checkpoint_storing_lm_head(tmp_path):
+  """Accepted when the stored head is the embedding; refused when it is not."""
+  def same(t):
+    t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
+  cfg, _ = hf.load(saved(tmp_path / "a", edit_tensors=same, tie=True))
+  assert cfg.tie_embeddings
+
+  def other(t):
+    t["lm_head.weight"] = t["model.embed_tokens.weight"] + 1
+  with pytest.raises(hf.UnsupportedCheckpoint, match="lm_head.weight differs"):
+    hf.load(saved(tmp_path / "b", edit_tensors=other, tie=True))
+
+
+def test_wrong_shape_is_named(tmp_path):
+  def edit(t):
+    t["model.norm.weight"] = np.ones(32, np.float32)
+  with pytest.raises(hf.UnsupportedCheckpoint, match="model.norm.weight has shape"):
+    hf.load(saved(tmp_path, edit_tensors=edit))
+
+
+def test_no_safetensors(tmp_path):
+  path = saved(tmp_path)
+  os.remove(os.path.join(path, hf.SINGLE_FILE))
+  with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    hf.load(path)
+
+
+def test_config_mapping_old_and_new_rope_keys():
+  """transformers-4 configs (top-level rope_theta, rope_scaling) and transformers-5 ones
+  (rope_parameters) give the same ModelConfig, and config_to_hf maps back."""
+  base = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=V,
+              hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+  scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                 original_max_position_embeddings=128)
+  old = hf.config_from_hf({**base, "rope_theta": 5e5,
+                           "rope_scaling": {**scaling, "rope_type": "llama3"}})
+  new = hf.config_from_hf({**base, "rope_parameters": {**scaling, "rope_type": "llama3",
+                                                       "rope_theta": 5e5}})
+  assert old == new
+  assert (new.rope_theta, new.rope_scaling_factor, new.rope_original_max_len) == (5e5, 8.0, 128)
+  assert new.head_dim == 16 and new.max_len == 512 and not new.tie_embeddings
+  assert hf.config_from_hf(hf.config_to_hf(new)) == new
