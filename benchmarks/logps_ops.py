@@ -151,6 +151,18 @@ def bench_fused(args):
         f"RSS {_fmt(m.get('rss_gib', 0) / f['rss_gib'] if f.get('rss_gib') else None, 'x')}, "
         f"time {_fmt(f['seconds'] / m['seconds'] if m.get('seconds') else None, 'x')} "
         "(fused / materialised)")
+  # Larger N, compiled only: the logits grow with N, the weights and their gradient do not.
+  print("| N | compiled peak GiB materialised | fused | ratio | temporaries GiB materialised | fused |")
+  print("|---|---|---|---|---|---|")
+  for big_n in (int(x) for x in args.static_ns.split(",")):
+    peak, temp = [], []
+    for impl in ("materialised", "fused"):
+      fn, shapes = _case_fn("fused", impl, big_n, v, d, args.dtype, args.block_v)
+      ma = fn.lower(*shapes).compile().memory_analysis()
+      temp.append(ma.temp_size_in_bytes / GiB)
+      peak.append((ma.argument_size_in_bytes + ma.output_size_in_bytes) / GiB + temp[-1])
+    print(f"| {big_n} | {peak[0]:.2f} | {peak[1]:.2f} | {peak[0] / peak[1]:.2f}x | "
+          f"{temp[0]:.2f} | {temp[1]:.3f} |", flush=True)
 
 
 def main():
@@ -164,6 +176,8 @@ def main():
   p.add_argument("--n", type=int, default=1024)
   p.add_argument("--d", type=int, default=2048)
   p.add_argument("--v", type=int, default=131072)
+  p.add_argument("--static_ns", default="4096,16384",
+                 help="fused: further N whose compiled memory is reported without running")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--block_v", type=int, default=None)
   p.add_argument("--reps", type=int, default=3)
