@@ -69,6 +69,14 @@ flags.DEFINE_multi_string("loss_module", [], "A Python file (or importable modul
                           "--loss.HPARAM flags exist. Repeatable.")
 # Mesh and loop.
 flags.DEFINE_string("mesh", _R.mesh, "Device mesh, e.g. data:-1 or data:2,fsdp:2,tensor:2.")
+flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:PORT of process 0. Not "
+                    "needed on multi-host TPU slices or SLURM allocations (detected).")
+flags.DEFINE_integer("num_processes", 1, "Multi-host: processes (hosts) in the run.")
+flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
+flags.DEFINE_bool("estimate_only", False,
+                  "Print the per-device memory of the train step on --mesh (parameters, "
+                  "optimizer state, reference, batch, activations), from sharded shapes and "
+                  "the compiled step, allocating nothing; then exit without training.")
 flags.DEFINE_enum("reference", _R.reference, ["model", "precomputed"],
                   "model: run the frozen reference forward in every step; precomputed: compute "
                   "every group's reference log-probs once at start-up, then train without the "
@@ -204,12 +212,15 @@ def to_config() -> RunConfig:
       progress=FLAGS.progress, plot=FLAGS.plot)
 
 
+_PER_LAUNCH = ("workdir", "coordinator_address", "num_processes", "process_id")
+
+
 def resolved_flags() -> str:
   """Every jaxpref flag with its value, as a flag file that re-runs this run exactly."""
   lines = ["# Written by jaxpref: re-run with  jaxpref-train --flagfile=THIS --workdir=NEW_DIR"]
   for flag in sorted(FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):
-    if flag.name == "workdir":
-      lines.append(f"# --workdir={flag.value}")
+    if flag.name in _PER_LAUNCH:  # where and how this launch ran, not what it computed
+      lines.append(f"# --{flag.name}={flag.value}")
     elif flag.value is not None:
       lines.append(flag.serialize())
   return "\n".join(lines) + "\n"

@@ -33,20 +33,28 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax and jax are chatty at INFO; -v=0 restores it
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from jaxpref.parallel import distributed  # before anything touches a device
   try:
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     cfg = jflags.to_config()
   except ValueError as e:
     print(f"FATAL: {e}", file=sys.stderr)
     sys.exit(1)
   os.makedirs(cfg.workdir, exist_ok=True)
-  with open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
-    f.write(jflags.resolved_flags())
+  import jax
+  if not FLAGS.estimate_only and jax.process_index() == 0:  # re-runs a training run
+    with open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
+      f.write(jflags.resolved_flags())
   from jaxpref.train import loop  # after flags: keeps --help fast
   try:
     prepared = loop.setup(cfg)
   except (ValueError, OSError) as e:  # bad data, tokenizer path, mesh: no traceback
     print(f"FATAL: {e}", file=sys.stderr)
     sys.exit(1)
+  if FLAGS.estimate_only:
+    from jaxpref.parallel import memory
+    print(memory.report(memory.estimate(prepared), prepared.mesh))
+    return
   loop.train(prepared)
 
 

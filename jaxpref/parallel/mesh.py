@@ -10,6 +10,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both; FSDP also shards weights
 
 
 def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
@@ -49,4 +50,4 @@ def make_mesh(spec: str, devices: Optional[Sequence[jax.Device]] = None) -> Mesh
 
 
 def batch_axis_size(mesh: Mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)

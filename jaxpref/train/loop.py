@@ -21,7 +21,9 @@ from jaxpref import losses
 from jaxpref import models
 from jaxpref.eval import plots
 from jaxpref.parallel import mesh as mesh_lib
+from jaxpref.parallel import sharding
 from jaxpref.data.shared_prompt import SharedPromptView
+from jaxpref.parallel import distributed
 from jaxpref.train import checkpoint as ckpt_lib
 from jaxpref.train import ref_cache
 from jaxpref.train.config import DATA_FORMATS, RunConfig
@@ -176,28 +178,18 @@ def run(cfg: RunConfig) -> dict:
 def train(s: Setup) -> dict:
   """Trains the policy; returns the final eval metrics (or train metrics without eval data)."""
   cfg, train_ds, eval_ds, mesh = s.cfg, s.train_ds, s.eval_ds, s.mesh
-  replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
-  put = lambda batch: jax.device_put(batch, batch_sharding)
+  put = lambda batch: distributed.put_global(batch, batch_sharding)
 
-  model = models.Decoder(cfg.model, rngs=nnx.Rngs(cfg.seed))
-  graphdef, params = nnx.split(model)
-  params = jax.device_put(params, replicated)
-  # The reference is the initial policy; its arrays are never donated or updated.
-  ref_params = jax.tree.map(lambda x: x.copy(), params)
   optimizer = make_optimizer(cfg.optim, cfg.steps)
-  state = TrainState(step=jax.device_put(np.int32(0), replicated), params=params,
-                     opt_state=jax.device_put(optimizer.init(params), replicated))
+  graphdef, state, ref_params = init_state(cfg, mesh, optimizer)
   if cfg.reference == "precomputed":
     ref_params = _precompute(cfg, graphdef, ref_params, (train_ds, eval_ds), put)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
   _say(f"model: preset {cfg.model_preset}, {n_params:,} parameters; mesh {dict(mesh.shape)} "
        f"on {jax.device_count()} {jax.devices()[0].platform} device(s)")
 
-  loss_fn = losses.bind(cfg.loss, cfg.loss_hparams)
-  train_step, eval_step = make_steps(graphdef, loss_fn, optimizer,
-                                     with_tokens=losses.needs_tokens(cfg.loss), opts=cfg.logps,
-                                     grad_accum=cfg.grad_accum)
+  train_step, eval_step = build_steps(cfg, graphdef, optimizer, state, mesh)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"),
                                cfg.checkpoint_every, cfg.keep_checkpoints)
@@ -214,7 +206,7 @@ def train(s: Setup) -> dict:
     _say(f"{cfg.workdir} already finished {start} of --steps={cfg.steps}; nothing to do")
     evals = [r for r in rows if r["split"] == "eval"]
     return evals[-1] if evals else rows[-1] if rows else {}
-  writer = MetricWriter(cfg.workdir, resume_step=start)
+  writer = MetricWriter(cfg.workdir, resume_step=start, enabled=jax.process_index() == 0)
 
   def run_eval(step):
     if eval_ds is None:
@@ -269,9 +261,33 @@ def train(s: Setup) -> dict:
     plots.plot_run(read_metrics(writer.path), os.path.join(cfg.workdir, "metrics.png"),
                    title=f"{cfg.loss} on {os.path.basename(cfg.data.train_data)}")
   final = last_eval or last_train or {}
-  with open(os.path.join(cfg.workdir, "final_metrics.json"), "w") as f:
-    json.dump(final, f, indent=1)
+  if jax.process_index() == 0:
+    with open(os.path.join(cfg.workdir, "final_metrics.json"), "w") as f:
+      json.dump(final, f, indent=1)
   return final
+
+
+def init_state(cfg: RunConfig, mesh: Mesh, optimizer):
+  """(graphdef, TrainState, reference params), each array built directly into its
+  `parallel.sharding` layout (FSDP/tensor shards of params and optimizer state)."""
+  make = lambda: models.Decoder(cfg.model, rngs=nnx.Rngs(cfg.seed))
+  graphdef, params = sharding.init_params(make, mesh)
+  # The reference is the initial policy, sharded alike in buffers of its own: the step
+  # donates the policy's, never the reference's.
+  ref_params = sharding.copy(params)
+  state = TrainState(step=jax.device_put(np.int32(0), NamedSharding(mesh, P())), params=params,
+                     opt_state=sharding.init_opt_state(optimizer, params, mesh))
+  return graphdef, state, ref_params
+
+
+def build_steps(cfg: RunConfig, graphdef, optimizer, state, mesh: Mesh):
+  """The jitted train and eval steps, traced under `mesh`; the train step returns the state
+  in `state`'s shardings, whatever XLA's propagation would pick."""
+  train_step, eval_step = make_steps(graphdef, losses.bind(cfg.loss, cfg.loss_hparams),
+                                     optimizer, with_tokens=losses.needs_tokens(cfg.loss),
+                                     opts=cfg.logps, grad_accum=cfg.grad_accum)
+  return (sharding.keep_state_shardings(train_step, state, mesh),
+          jax.jit(sharding.in_mesh(eval_step, mesh)))
 
 
 def _precompute(cfg: RunConfig, graphdef, ref_params, datasets, put):

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 _CHUNK = 1 << 24
 
@@ -32,7 +33,10 @@ def params_digest(params: Any) -> str:
   """sha256 over every leaf's path, dtype, shape and bytes (fetched leaf by leaf)."""
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    arr = np.asarray(jax.device_get(leaf))
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      arr = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))  # multi-host
+    else:
+      arr = np.asarray(jax.device_get(leaf))
     h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
     h.update(np.ascontiguousarray(arr).tobytes())
   return h.hexdigest()
