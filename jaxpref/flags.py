@@ -81,6 +81,11 @@ flags.DEFINE_enum("reference", _R.reference, ["model", "precomputed"],
                   "model: run the frozen reference forward in every step; precomputed: compute "
                   "every group's reference log-probs once at start-up, then train without the "
                   "reference model in memory or in the step.")
+flags.DEFINE_integer("ref_sync_every", _R.ref_sync_every,
+                     "TR-DPO reference updates: every N steps set the reference to "
+                     "alpha*policy + (1-alpha)*reference (0: a frozen reference).")
+flags.DEFINE_float("ref_sync_alpha", _R.ref_sync_alpha,
+                   "TR-DPO mixing weight: 1 = hard update (copy), < 1 = soft update.")
 flags.DEFINE_string("reference_cache", _R.reference_cache,
                     "With --reference=precomputed: a folder where the reference log-probs are "
                     "stored, keyed by the reference weights, data and tokenizer bytes and the "
@@ -204,6 +209,7 @@ def to_config() -> RunConfig:
                       shared_prompt=FLAGS.shared_prompt),
       loss=FLAGS.loss, loss_hparams=loss_hparams, mesh=FLAGS.mesh, reference=FLAGS.reference,
       reference_cache=FLAGS.reference_cache,
+      ref_sync_every=FLAGS.ref_sync_every, ref_sync_alpha=FLAGS.ref_sync_alpha,
       logps=LogpsOptions(impl=FLAGS.logps_impl, fused_lm_head=FLAGS.fused_lm_head),
       grad_accum=FLAGS.grad_accum,
       seed=FLAGS.seed,

@@ -58,6 +58,8 @@ class RunConfig:
   loss_hparams: dict = dataclasses.field(default_factory=dict)
   mesh: str = "data:-1"
   reference: str = "model"  # model | precomputed
+  ref_sync_every: int = 0  # TR-DPO: every N steps ref <- alpha*policy + (1-alpha)*ref; 0 = never
+  ref_sync_alpha: float = 1.0  # 1 = hard update (copy the policy)
   reference_cache: str = ""  # folder of precomputed reference log-probs; "" = no cache
   logps: LogpsOptions = LogpsOptions()
   grad_accum: int = 1  # micro-batches per step; batch_size must divide by it

@@ -152,6 +152,11 @@ def setup(cfg: RunConfig) -> Setup:
   if cfg.grad_accum < 1 or cfg.data.batch_size % (cfg.grad_accum * n_batch_shards):
     raise ValueError(f"--batch_size={cfg.data.batch_size} must be divisible by --grad_accum="
                      f"{cfg.grad_accum} times the mesh's data*fsdp size ({n_batch_shards})")
+  if cfg.ref_sync_every and cfg.reference != "model":
+    raise ValueError("--ref_sync_every updates the reference model's weights; it needs "
+                     "--reference=model")
+  if not 0 < cfg.ref_sync_alpha <= 1:
+    raise ValueError(f"--ref_sync_alpha must be in (0, 1], got {cfg.ref_sync_alpha}")
   if cfg.reference_cache and cfg.reference != "precomputed":
     raise ValueError("--reference_cache stores precomputed reference log-probs; it needs "
                      "--reference=precomputed")
@@ -193,9 +198,15 @@ def train(s: Setup) -> dict:
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"),
                                cfg.checkpoint_every, cfg.keep_checkpoints)
+  # With reference syncing the reference is training state too, so it is checkpointed.
+  syncing = cfg.ref_sync_every > 0
+  saved = lambda: {"train": state, "ref": ref_params} if syncing else state
+  sync_ref = jax.jit(lambda p, r: jax.tree.map(
+      lambda a, b: (cfg.ref_sync_alpha * a + (1 - cfg.ref_sync_alpha) * b).astype(b.dtype), p, r))
   start = 0
   if ckpt.latest_step is not None:
-    state, position, start = ckpt.restore(state)
+    restored, position, start = ckpt.restore(saved())
+    state, ref_params = (restored["train"], restored["ref"]) if syncing else (restored, ref_params)
     if position.get("seed") != cfg.data.seed:
       raise ValueError(f"{cfg.workdir}: checkpoint was written with --data_seed="
                        f"{position.get('seed')}, this run has --data_seed={cfg.data.seed}")
@@ -227,6 +238,8 @@ def train(s: Setup) -> dict:
       idx = data_lib.batch_indices(train_ds.n, cfg.data.batch_size, step, cfg.data.seed)
       state, metrics = train_step(state, ref_params, put(train_ds.batch(idx)))
       done = step + 1
+      if syncing and done % cfg.ref_sync_every == 0:  # TR-DPO: ref <- a*policy + (1-a)*ref
+        ref_params = sync_ref(state.params, ref_params)
       steps_done += 1
       if bar is not None:
         bar.update(1)
@@ -245,10 +258,10 @@ def train(s: Setup) -> dict:
         last_eval = run_eval(done)
       position = {"seed": cfg.data.seed, "step": done}
       if preemption.requested:
-        ckpt.save(done, state, position, force=True)
+        ckpt.save(done, saved(), position, force=True)
         _say(f"SIGTERM: saved a checkpoint at step {done} and stopped")
         break
-      ckpt.save(done, state, position, force=done == cfg.steps)
+      ckpt.save(done, saved(), position, force=done == cfg.steps)
   finally:
     if bar is not None:
       bar.close()
