@@ -14,6 +14,16 @@ from jaxpref.parallel.sharding import constrain_batch
 _MASK = -1e30  # finite: a fully masked (padding) query row stays NaN-free
 
 
+# --model.remat: what each block keeps for the backward pass. "none" keeps everything;
+# "full" keeps only the block's input (least memory, one extra forward); "dots" keeps the
+# matmul outputs and recomputes the cheap elementwise work between them.
+REMAT_POLICIES = {
+    "none": False,
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape of a Llama-style decoder; field names are the `--model.FIELD` flag names."""
@@ -29,6 +39,7 @@ class ModelConfig:
   tie_embeddings: bool = False
   max_len: int = 2048  # context the preset is meant for; informational, as RoPE needs no table
   dtype: str = "float32"  # compute dtype; parameters stay float32
+  remat: str = "none"  # per-block rematerialisation policy: see REMAT_POLICIES
   init_std: float = 0.02
   # Llama 3.1 RoPE frequency scaling (HF rope_type "llama3"); factor 1.0 means none.
   rope_scaling_factor: float = 1.0
@@ -55,6 +66,9 @@ class ModelConfig:
     for name in ("rope_theta", "norm_eps", "init_std"):
       if not getattr(self, name) > 0:
         raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat must be one of {', '.join(REMAT_POLICIES)}, "
+                       f"got {self.remat!r}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"ModelConfig.dtype must be float32, bfloat16 or float16, "
                        f"got {self.dtype!r}")
@@ -210,8 +224,14 @@ class Decoder(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
     mask = attention_mask(n, t, segment_ids, shared_prompt)
     x = self.embed[...][tokens].astype(self.config.dtype)
+    policy = REMAT_POLICIES[self.config.remat]
     for layer in self.layers:
-      x = layer(x, positions, mask)
+      if policy is False:
+        x = layer(x, positions, mask)
+      else:  # the backward recomputes the block's insides from its input
+        gd, state = nnx.split(layer)
+        block = lambda st, x, gd=gd: nnx.merge(gd, st)(x, positions, mask)
+        x = jax.checkpoint(block, policy=policy)(state, x)
     return self.final_norm(x).astype(jnp.float32)
 
   def __call__(self, tokens, segment_ids=None, positions=None) -> jax.Array:
