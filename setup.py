@@ -19,12 +19,18 @@ setup(
         "chex>=0.1.90",
         "absl-py>=2.1",
         "sentencepiece>=0.2,<0.3",
+        "tokenizers>=0.20,<1",  # Hugging Face tokenizer.json (jaxpref/data/tokenizer.py)
+        "jinja2>=3.1.6",  # chat templates; older releases have sandbox escapes
         "numpy>=1.26",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "safetensors>=0.8,<1",
         "pyarrow>=15",
+        # jaxpref-data prepare / prepared training data (no TensorFlow needed).
+        "tensorflow-datasets>=4.9.10,<5",
+        "array-record>=0.8.6",
+        "grain>=0.2.18,<0.3",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0,<6"],
@@ -36,6 +42,7 @@ setup(
         "jaxpref-sweep=jaxpref.sweep:run",
         "jaxpref-convert=jaxpref.models.convert:run",
         "jaxpref-eval=jaxpref.eval.reward_eval:run",
+        "jaxpref-strength=jaxpref.eval.strength:run",
         "jaxpref-data=jaxpref.data.cli:run",
     ]},
 )

@@ -35,7 +35,12 @@ flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, plots, f
 flags.DEFINE_string("train_data", _D.train_data, "Records: a JSONL or Parquet file, a folder "
                     "of them or a glob of shards (docs/data.md); check with jaxpref-data validate.")
 flags.DEFINE_string("eval_data", _D.eval_data, "Held-out records in the same layout ('' for none).")
-flags.DEFINE_string("tokenizer", _D.tokenizer, "sentencepiece model file.")
+flags.DEFINE_string("tokenizer", _D.tokenizer, "sentencepiece model file, tokenizer.json or a "
+                    "Hugging Face folder holding either; with --init_from and no --tokenizer, "
+                    "the --init_from folder's tokenizer if it has one (docs/models.md).")
+flags.DEFINE_string("chat_template", _D.chat_template, "Message-list records: auto = the "
+                    "tokenizer folder's Jinja chat template if it has one, else the plain "
+                    "format; none = the plain format; or a template file (docs/data.md).")
 flags.DEFINE_integer("max_len", _D.max_len, "Tokens per sequence (BOS + prompt + response + EOS).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Pairs per train step (global).")
 flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Pairs per eval step (global).")
@@ -74,6 +79,9 @@ flags.DEFINE_string("model", _R.model_preset, "Model size preset: " + ", ".join(
 flags.DEFINE_string("init_from", _R.init_from, "Start the policy and the reference from a "
                     "Hugging Face folder (Llama, Qwen2, Gemma, Gemma 2) or a jaxpref-convert "
                     "folder; the model's shape comes from it (docs/models.md).")
+flags.DEFINE_string("export_hf", _R.export_hf, "At the end of training write the trained model "
+                    "(LoRA merged; a reward model as *ForSequenceClassification) and the "
+                    "tokenizer files to this folder as a Hugging Face checkpoint.")
 # Optimizer.
 flags.DEFINE_float("learning_rate", _O.learning_rate, "Peak learning rate.")
 flags.DEFINE_integer("warmup_steps", _O.warmup_steps, "Linear warmup steps.")
@@ -91,6 +99,13 @@ flags.DEFINE_enum("role", _R.role, ["policy", "reward"],
 flags.DEFINE_integer("reward_dim", _R.reward_dim,
                      "--role=reward head width: 1 = a scalar reward; an even 2k = a preference "
                      "embedding of k rotation blocks (--loss=gpm).")
+flags.DEFINE_enum("reward_head", _R.reward_head, ["linear", "attributes", "pal"],
+                  "--role=reward head: linear (a reward or GPM embedding); attributes (one "
+                  "score per attribute, --reward_dim=A, --loss=attribute_bt); pal (PAL ideal "
+                  "points in --reward_dim dims, --loss=pal).")
+flags.DEFINE_integer("pal_prototypes", _R.pal_prototypes, "--reward_head=pal: prototypes K'.")
+flags.DEFINE_integer("pal_users", _R.pal_users, "--reward_head=pal: number of user ids (the "
+                     "records' `user` field, 0 .. N-1; records without it are user 0).")
 # Loss.
 flags.DEFINE_string("loss", _R.loss, "Loss name, or a weighted sum such as 0.8*dpo+0.2*bco_pair+sft: "
                     + ", ".join(losses.names()))
@@ -226,6 +241,23 @@ def _dotted_values(prefix: str) -> dict[str, Any]:
           if n.startswith(prefix + ".") and FLAGS[n].present}
 
 
+def _tokenizer() -> str:
+  """--tokenizer, or the --init_from folder when it holds a tokenizer and none was given."""
+  from jaxpref.data.tokenizer import find
+  if FLAGS.init_from and not FLAGS["tokenizer"].present and os.path.isdir(FLAGS.init_from):
+    # The file, not the folder: --reference_cache keys on the tokenizer file's bytes.
+    FLAGS.tokenizer = find(FLAGS.init_from) or FLAGS.tokenizer  # flags.txt re-runs with it
+  return FLAGS.tokenizer
+
+
+def _reward_dim() -> int:
+  if FLAGS.role == "reward" and FLAGS.init_from:
+    from jaxpref.models import hf_reward  # a sequence-classification folder's num_labels
+    FLAGS.reward_dim = hf_reward.reward_dim(FLAGS.init_from, FLAGS.reward_dim,
+                                            FLAGS["reward_dim"].present)
+  return FLAGS.reward_dim
+
+
 def to_config() -> RunConfig:
   """The parsed flags as a `RunConfig`; errors name the offending flag."""
   if not FLAGS.workdir:
@@ -250,7 +282,8 @@ def to_config() -> RunConfig:
                         b1=FLAGS.adam_b1, b2=FLAGS.adam_b2, adam_eps=FLAGS.adam_eps,
                         grad_clip_norm=FLAGS.grad_clip_norm),
       data=DataConfig(train_data=FLAGS.train_data, eval_data=FLAGS.eval_data,
-                      tokenizer=FLAGS.tokenizer, max_len=FLAGS.max_len,
+                      tokenizer=_tokenizer(), chat_template=FLAGS.chat_template,
+                      max_len=FLAGS.max_len,
                       batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
                       seed=FLAGS.data_seed, skip_invalid=FLAGS.skip_invalid_records,
                       format=FLAGS.data_format, group_size=FLAGS.group_size,
@@ -258,7 +291,9 @@ def to_config() -> RunConfig:
                       batching=FLAGS.batching, bucket_multiple=FLAGS.bucket_multiple,
                       bucket_window=FLAGS.bucket_window, pack_groups=FLAGS.pack_groups,
                       curriculum=FLAGS.curriculum, curriculum_stages=FLAGS.curriculum_stages),
-      role=FLAGS.role, reward_dim=FLAGS.reward_dim,
+      role=FLAGS.role, reward_dim=_reward_dim(), reward_head=FLAGS.reward_head,
+      export_hf=FLAGS.export_hf,
+      pal_prototypes=FLAGS.pal_prototypes, pal_users=FLAGS.pal_users,
       loss=FLAGS.loss, loss_hparams=loss_hparams, mesh=FLAGS.mesh, reference=FLAGS.reference,
       reference_cache=FLAGS.reference_cache,
       lora=lora.LoraConfig(FLAGS.lora_rank, FLAGS.lora_alpha, tuple(FLAGS.lora_targets))

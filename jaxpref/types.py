@@ -35,6 +35,9 @@ class GroupBatch:
   label: Optional[Array] = None  # int32[B, K]; desirability for unpaired data
   ref_logps: Optional[Array] = None  # float32[B, K]; precomputed reference sequence log-probs
   label_smoothing: Optional[Array] = None  # float32[B]; per-pair flip rate from the records
+  source_logps: Optional[Array] = None  # float32[B, S, 2]; per source model (chosen, rejected)
+  user: Optional[Array] = None  # int32[B]; the records' `user` id (PAL's per-user mixture)
+  attribute_prefs: Optional[Array] = None  # float32[B, A]; +1 chosen / -1 rejected / 0 don't care
 
 
 @jax.tree_util.register_dataclass
@@ -56,7 +59,20 @@ class Logps:
   policy_tok: Optional[Array] = None  # float32[B, K, T]
   ref_tok: Optional[Array] = None  # float32[B, K, T]
   mask: Optional[Array] = None  # float32[B, K, T]
+  # Full-vocabulary term k_t = sum_v p_ref(v|t) (log p_pol(v|t) - log p_ref(v|t)) <= 0 per
+  # token (minus the KL of the reference from the policy), 0 off the mask (SparsePO, MaPO).
+  kl_tok: Optional[Array] = None  # float32[B, K, T]
+  # Per-token mask inputs M: the learned mask network's M masks (SparsePO), or one
+  # feature-mean activation per reference layer (MaPO); registry's `token_mask` says which.
+  token_mask: Optional[Array] = None  # float32[B, K, T, M]
   label_smoothing: Optional[Array] = None  # float32[B]; per-pair flip rate, overrides the hparam
+  source_logps: Optional[Array] = None  # float32[B, S, 2]; summed, per source model (infifpo)
   # The reward role (jaxpref/train/reward_step.py) puts a scalar reward per response in
   # `policy` (and zeros in `ref`), or a preference embedding per response here.
   embed: Optional[Array] = None  # float32[B, K, E]
+  user: Optional[Array] = None  # int32[B], from the batch
+  attribute_prefs: Optional[Array] = None  # float32[B, A], from the batch
+  # A PAL head (--reward_head=pal) adds the prompt's K' prototype points g_k(x) and the
+  # user's softmax mixture weights over them; `embed` then holds the item points f(y).
+  prototypes: Optional[Array] = None  # float32[B, K', E]
+  mixture: Optional[Array] = None  # float32[B, K']

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from cli_util import ROOT, env
-from jaxpref import data as data_lib
+from loop_util import train_steps
 from jaxpref import losses, models
 from jaxpref.data import make_tiny
 from jaxpref.models import hf, lora
@@ -146,17 +146,8 @@ def test_adapter_gradients_are_the_chain_rule_through_the_weight(train_ds):
 
 
 def run_steps(cfg, mesh, ds, n):
-  """n train steps through the loop's own placement and steps: (metrics, state, frozen)."""
-  optimizer = make_optimizer(cfg.optim, cfg.steps)
-  graphdef, state, frozen = loop.init_state(cfg, mesh, optimizer)
-  train_step, eval_step = loop.build_steps(cfg, graphdef, optimizer, state, mesh)
-  put = lambda b: jax.device_put(b, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
-  out = []
-  for step in range(n):
-    idx = data_lib.batch_indices(ds.n, cfg.data.batch_size, step, cfg.data.seed)
-    state, metrics = train_step(state, frozen, put(ds.batch(idx)))
-    out.append(jax.device_get(metrics))
-  return out, state, frozen, graphdef, eval_step, put
+  run = train_steps(cfg, mesh, ds, n)
+  return run.metrics, run.state, run.ref, run.graphdef, run.eval_step, run.put
 
 
 @pytest.mark.slow

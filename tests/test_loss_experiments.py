@@ -8,11 +8,13 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cli_util import ROOT
 from jaxpref import data as data_lib
 from jaxpref import flags as jflags
 from jaxpref import losses, models
+from jaxpref.models import token_mask
 from jaxpref.train.config import OptimConfig
 from jaxpref.train.optimizer import make_optimizer
 from jaxpref.train.policy_step import TrainState, make_steps
@@ -44,6 +46,16 @@ def reward_dim_of(path):
   return int(args.get("reward_dim", 1)) if args.get("role") == "reward" else None
 
 
+def extra_batch(path, name):
+  """16 groups of the flag file's own --train_data, for a loss that reads extra record
+  fields (their tiny files, data/make_tiny_extra.py), with the group members it needs."""
+  args = dict(a.lstrip("-").partition("=")[::2] for a in jflags.expand_flagfiles([f"--flagfile={path}"]))
+  tok = data_lib.Tokenizer.load(os.path.join(ROOT, args["tokenizer"]))
+  records, _ = data_lib.read_pairs(os.path.join(ROOT, args["train_data"]),
+                                   require=losses.record_fields(name))
+  return data_lib.PairDataset(records[:16], tok, 32, losses.member_fields(name)).batch(np.arange(16))
+
+
 def value_as(default, text):
   if isinstance(default, bool):
     return True if text == "" else text.lower() == "true"
@@ -65,24 +77,37 @@ def fixed_batches():
           "pairs_as_unpaired": unpaired.batch(np.arange(16))}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
-def test_loss_flagfile_trains(path, fixed_batches):
+def steps_of(path, fixed_batches, optimizer):
+  """(name, hps, params, ref, train_step, eval_step, batch) for a flag file's loss on the
+  tiny model: the reward step for a --role=reward file, the policy step otherwise."""
   name, hps, fmt = loss_from_flagfile(path)
-  fixed_batch = fixed_batches[fmt]
-  assert hps.keys() == losses.hparams(name).keys()  # the file spells out every hyperparameter
-  optimizer = make_optimizer(OptimConfig(learning_rate=3e-3, warmup_steps=0), 10)
+  fixed_batch = extra_batch(path, name) if losses.record_fields(name) else fixed_batches[fmt]
   reward_dim = reward_dim_of(path)
   if reward_dim:  # --role=reward: a reward head on the decoder, its own step
     from jaxpref.models.heads import RewardModel
     from jaxpref.train import reward_step
-    graphdef, params = nnx.split(RewardModel(models.get_config("tiny"), reward_dim, rngs=nnx.Rngs(0)))
-    train_step, _ = reward_step.make_steps(graphdef, losses.bind(name, hps), optimizer)
+    args = dict(a.lstrip("-").partition("=")[::2] for a in jflags.expand_flagfiles([f"--flagfile={path}"]))
+    head = dict(head=args.get("reward_head", "linear"), prototypes=int(args.get("pal_prototypes", 2)),
+                users=int(args.get("pal_users", 1)))  # --reward_head=pal/attributes
+    graphdef, params = nnx.split(RewardModel(models.get_config("tiny"), reward_dim,
+                                             rngs=nnx.Rngs(0), **head))
+    train_step, eval_step = reward_step.make_steps(graphdef, losses.bind(name, hps), optimizer,
+                                                   with_tokens=losses.needs_tokens(name))
   else:
-    graphdef, params = nnx.split(models.Decoder(models.get_config("tiny"), rngs=nnx.Rngs(0)))
-    train_step, _ = make_steps(graphdef, losses.bind(name, hps), optimizer,
-                               with_tokens=losses.needs_tokens(name))
+    decoder = models.Decoder(models.get_config("tiny"), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(token_mask.attach(decoder, losses.needs_tokens(name)))
+    train_step, eval_step = make_steps(graphdef, losses.bind(name, hps), optimizer,
+                                       with_tokens=losses.needs_tokens(name))
   ref = jax.tree.map(lambda x: x.copy(), params)
+  return name, hps, params, ref, train_step, eval_step, fixed_batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
+def test_loss_flagfile_trains(path, fixed_batches):
+  optimizer = make_optimizer(OptimConfig(learning_rate=3e-3, warmup_steps=0), 10)
+  name, hps, params, ref, train_step, _, fixed_batch = steps_of(path, fixed_batches, optimizer)
+  assert hps.keys() == losses.hparams(name).keys()  # the file spells out every hyperparameter
   state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params))
   history = []
   for _ in range(10):
@@ -90,3 +115,22 @@ def test_loss_flagfile_trains(path, fixed_batches):
     history.append(float(metrics["loss"]))
   assert np.isfinite(history).all(), history
   assert history[-1] < history[0], history
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
+def test_loss_is_the_same_sharded_over_8_devices_and_under_vmap(path, fixed_batches):
+  """Every loss, batch-coupled ones (KTO's reference point) included, through its real
+  step: the batch split over 8 devices, and a vmapped stack of batches, give the loss of
+  the plain jitted step."""
+  optimizer = make_optimizer(OptimConfig(), 10)
+  *_, params, ref, _, eval_step, batch = steps_of(path, fixed_batches, optimizer)
+  loss = lambda b: eval_step(params, ref, b)[0]["loss"]
+  plain = float(jax.jit(loss)(batch))
+  assert np.isfinite(plain)
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+  sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
+  np.testing.assert_allclose(float(jax.jit(loss)(sharded)), plain, rtol=1e-5, atol=1e-6)
+  stacked = jax.tree.map(lambda x: np.stack([x, x]), batch)
+  np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(loss))(stacked)), plain, rtol=1e-5,
+                             atol=1e-6)

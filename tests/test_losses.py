@@ -47,9 +47,13 @@ SCORED = [("osp", {}, "osp"), ("osp", {"temperature": 0.3, "beta": 0.5}, "osp"),
 def test_every_registered_loss_is_tested():
   unpaired = {"kto", "apo", "apo_zero_unpaired", "bco"}  # tests/test_losses_unpaired.py
   token_level = {"ld_dpo"}  # tests/test_losses_token_level.py
+  token_masks = {"sparse_po", "mapo"}  # tests/test_sparse_po.py
   reward = {"bt", "bt_adaptive_margin", "bt_flip", "bt_soft", "gpm"}  # tests/test_reward_losses.py
+  # tests/test_contrastive.py, test_pal.py, test_attribute_bt.py, test_themis.py
+  reward |= {"bt_contrastive", "pal", "attribute_bt", "themis"}
+  extra = set(losses.extra_members.RECORD_FIELDS)  # tests/test_losses_extra_members.py
   tested = ({n for n, _ in PAIRWISE + LISTWISE} | {n for n, _, _ in SCORED} | unpaired | token_level
-            | reward)
+            | token_masks | reward | extra)
   assert set(losses.names()) <= tested | {"test_only_margin"}, set(losses.names()) - tested
 
 

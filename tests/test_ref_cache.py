@@ -1,5 +1,6 @@
 """--reference_cache: reused only under an identical key, recomputed otherwise."""
 
+import dataclasses
 import glob
 import os
 import shutil
@@ -82,3 +83,22 @@ def test_data_digest_covers_every_shard_of_a_folder_or_glob(tmp_path):
   assert data_digest(str(folder)) != base
   (folder / "part-1.jsonl").rename(folder / "part-2.jsonl")
   assert len({base, data_digest(str(folder))}) == 2
+
+
+def test_key_follows_the_tokenizer_file_and_the_chat_template(tmp_path):
+  folder = tmp_path / "tok"
+  folder.mkdir()
+  shutil.copy(f"{TINY}/tokenizer.model", folder / "tokenizer.model")
+
+  def key(tokenizer, template):
+    (folder / "tokenizer_config.json").write_text(
+        '{"chat_template": "%s"}' % template)
+    cfg = config(tmp_path / "w", tmp_path / "cache")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, tokenizer=str(tokenizer), chat_template="auto"))
+    return ref_cache.key_parts(cfg, f"{TINY}/train.jsonl", weights="w")
+
+  plain = "{% for m in messages %}{{ m.content }}{% endfor %}"
+  # A folder and the file it resolves to are the same tokenization; no crash on a folder.
+  assert key(folder, plain) == key(folder / "tokenizer.model", plain)
+  assert key(folder, plain) != key(folder, "<s>" + plain)  # another template, another key

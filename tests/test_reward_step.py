@@ -6,16 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxpref import data as data_lib
+from loop_util import train_steps
 from jaxpref import models
 from jaxpref.data import make_tiny
 from jaxpref.models.heads import RewardModel, last_token_index
 from jaxpref.parallel import mesh as mesh_lib
 from jaxpref.train import loop
 from jaxpref.train.config import DataConfig, RunConfig
-from jaxpref.train.optimizer import make_optimizer
 
 TINY = make_tiny.OUT
 MODEL = models.get_config("tiny")
@@ -63,18 +61,10 @@ def train_ds(tmp_path_factory):
 
 def run_steps(cfg, mesh, ds):
   """STEPS train steps through the loop's own placement and steps, then one eval step."""
-  optimizer = make_optimizer(cfg.optim, cfg.steps)
-  graphdef, state, ref = loop.init_state(cfg, mesh, optimizer)
-  assert ref is None  # no reference model in the reward role
-  train_step, eval_step = loop.build_steps(cfg, graphdef, optimizer, state, mesh)
-  put = lambda b: jax.device_put(b, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
-  losses = []
-  for step in range(STEPS):
-    idx = data_lib.batch_indices(ds.n, cfg.data.batch_size, step, cfg.data.seed)
-    state, metrics = train_step(state, None, put(ds.batch(idx)))
-    losses.append(float(metrics["loss"]))
-  metrics, _ = eval_step(state.params, None, put(ds.batch(np.arange(64))))
-  return losses, jax.device_get(metrics), jax.device_get(state.params)
+  run = train_steps(cfg, mesh, ds, STEPS)
+  assert run.ref is None  # no reference model in the reward role
+  metrics, _ = run.eval_step(run.state.params, None, run.put(ds.batch(np.arange(64))))
+  return run.losses, jax.device_get(metrics), jax.device_get(run.state.params)
 
 
 @pytest.mark.slow

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from jaxpref import data as data_lib
+from loop_util import train_steps
 from jaxpref import models
 from jaxpref.data import make_tiny
 from jaxpref.parallel import mesh as mesh_lib
@@ -45,17 +45,8 @@ def train_ds(tmp_path_factory):
 
 
 def run_steps(cfg, mesh, ds, n=STEPS):
-  """n train steps through the loop's own placement and steps; (losses, state, ref)."""
-  optimizer = make_optimizer(cfg.optim, cfg.steps)
-  graphdef, state, ref = loop.init_state(cfg, mesh, optimizer)
-  train_step, _ = loop.build_steps(cfg, graphdef, optimizer, state, mesh)
-  put = lambda b: jax.device_put(b, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
-  out = []
-  for step in range(n):
-    idx = data_lib.batch_indices(ds.n, cfg.data.batch_size, step, cfg.data.seed)
-    state, metrics = train_step(state, ref, put(ds.batch(idx)))
-    out.append(float(metrics["loss"]))
-  return out, state, ref
+  run = train_steps(cfg, mesh, ds, n)
+  return run.losses, run.state, run.ref
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,34 @@ Two layouts are recognised per record, with no flag:
   "\n\nHuman: ... \n\nAssistant: ..." turns. They are split at the last "\n\nAssistant:";
   the text up to and including it is the prompt, which must be the same in both.
 
-Our sentencepiece tokenizers have no chat template, so a message-list prompt is rendered
-by `render` (the one place that defines it): each turn as "Role: content\n", then
-"Assistant:" for the response to follow. HH transcripts keep their own text.
+A message-list prompt is rendered by the tokenizer's Jinja chat template when there is one
+(`--chat_template=auto`, the default, or a file; `chat_template.py`): the prompt as
+transformers' `apply_chat_template(add_generation_prompt=True)` renders it, each response
+as what rendering the whole conversation adds after that. Without a template (our
+sentencepiece tokenizers have none, or `--chat_template=none`) `render` defines the plain
+format: each turn as "Role: content\n", then "Assistant:" for the response to follow.
+HH transcripts and string records keep their own text.
 """
 
 from __future__ import annotations
+
+import contextlib
+
+# The template message lists are rendered with (`using`); None: the plain format.
+_TEMPLATE = None
+
+
+@contextlib.contextmanager
+def using(template):
+  """Renders message-list records with `template` (a `chat_template.ChatTemplate`, or None
+  for the plain format) inside the block: the readers need no tokenizer argument."""
+  global _TEMPLATE
+  old, _TEMPLATE = _TEMPLATE, template
+  try:
+    yield template
+  finally:
+    _TEMPLATE = old
+
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 HH_ASSISTANT = "\n\nAssistant:"
@@ -88,8 +110,17 @@ def _from_messages(obj: dict):
   if not prompt:
     return None, ("field 'prompt' is empty",
                   "field 'prompt' is empty: the conversation has no turn before the responses")
-  out = dict(obj, prompt=render([{"role": r, "content": c} for r, c in prompt]))
-  out.update({n: obj[n][-1]["content"] for n in ("chosen", "rejected")})
+  messages = [{"role": r, "content": c} for r, c in prompt]
+  if _TEMPLATE is None:
+    out = dict(obj, prompt=render(messages))
+    out.update({n: obj[n][-1]["content"] for n in ("chosen", "rejected")})
+    return out, None
+  out = dict(obj)
+  for n in ("chosen", "rejected"):
+    try:
+      out["prompt"], out[n] = _TEMPLATE.split(messages, obj[n][-1]["content"])
+    except ValueError as e:  # the template refused the conversation (raise_exception, ...)
+      return None, ("chat template failed", f"field '{n}': {e}")
   return out, None
 
 

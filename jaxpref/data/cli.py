@@ -2,9 +2,13 @@
 
     jaxpref-data validate PATH [--format=pairs|unpaired|ranked] [--fields=prompt:question,...]
                                [--tokenizer=MODEL --max_len=N]
+    jaxpref-data prepare PATH --format=pairs|ranked|unpaired --tokenizer=MODEL --max_len=N
+                              --out=DIR [--fields=...] [--split=train] [--group_size=K]
+                              [--skip_invalid_records]
 
-Exit status: 0 when training would read the data, 1 when it would stop (a bad record or a
-file-wide problem), 2 for a usage error (a bad flag, an unknown field name, no tokenizer).
+validate: exit status 0 when training would read the data, 1 when it would stop (a bad
+record or a file-wide problem), 2 for a usage error (a bad flag, an unknown field name, no
+tokenizer). prepare (docs/data.md): 0 when written, 1 for bad data, 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -30,11 +34,49 @@ def _parser() -> argparse.ArgumentParser:
   v.add_argument("--tokenizer", default="", help="sentencepiece model: lengths in tokens")
   v.add_argument("--max_len", type=int, default=None,
                  help="with --tokenizer: count responses training would truncate")
+  p = sub.add_parser("prepare", help="tokenize records once into ArrayRecord shards",
+                     description="tokenize records once into ArrayRecord shards (docs/data.md)")
+  p.add_argument("path", help="a JSONL or Parquet file, a folder of them, or a glob (quoted)")
+  p.add_argument("--format", default="pairs", choices=("pairs", "ranked", "unpaired"))
+  p.add_argument("--tokenizer", required=True, help="sentencepiece model, as --tokenizer")
+  p.add_argument("--max_len", type=int, required=True, help="as training's --max_len")
+  p.add_argument("--out", required=True, help="folder to write (an earlier prepare there "
+                 "is replaced)")
+  p.add_argument("--fields", default="", help="as --data_fields: ours:theirs,...")
+  p.add_argument("--split", default="train", help="split name stored with the data")
+  p.add_argument("--group_size", type=int, default=4, help="--format=ranked: as training's")
+  p.add_argument("--skip_invalid_records", action="store_true",
+                 help="skip bad records, counted by reason in the stats")
   return parser
+
+
+def _prepare(args) -> int:
+  from jaxpref.data import prepare  # TFDS is imported only by this subcommand
+  try:
+    tok = Tokenizer.load(args.tokenizer)
+    records.parse_fields(args.fields, "--fields")
+    job = prepare.Job(args.path, args.format, tok, args.max_len, split=args.split,
+                      fields=args.fields, skip_invalid=args.skip_invalid_records,
+                      group_size=args.group_size)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"jaxpref-data: error: {e}", file=sys.stderr)
+    return 2
+  try:
+    stats = prepare.prepare(job, args.out)
+  except records.DataError as e:
+    print(f"jaxpref-data: error: {e}", file=sys.stderr)
+    return 1
+  except (ValueError, FileNotFoundError) as e:
+    print(f"jaxpref-data: error: {e}", file=sys.stderr)
+    return 2
+  print(prepare.summary(stats, args.out))
+  return 0
 
 
 def main(argv: Sequence[str]) -> int:
   args = _parser().parse_args(argv)
+  if args.command == "prepare":
+    return _prepare(args)
   try:
     tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
     result = validate_lib.validate(args.path, args.format, args.fields, tok, args.max_len)

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from jaxpref.data import extra_members
 from jaxpref.data.records import PairRecord
 from jaxpref.data.tokenizer import Tokenizer
 from jaxpref.types import GroupBatch
@@ -77,15 +78,30 @@ class PairDataset:
   # Per-pair flip rates [N] from the records; a class default so that the ranked and
   # unpaired datasets, which never read the field, batch without it.
   label_smoothing: np.ndarray | None = None
+  user: np.ndarray | None = None  # int32[N], the records' `user` ids
+  attribute_prefs: np.ndarray | None = None  # float32[N, A], the records' `attribute_prefs`
+  source_logps: np.ndarray | None = None  # float32[N, S, 2], the records' `source_logps`
 
-  def __init__(self, records: Sequence[PairRecord], tok: Tokenizer, max_len: int):
-    self._fill(tok, max_len, ((tok.encode(r.prompt), (tok.encode(r.chosen), tok.encode(r.rejected)))
-                              for r in records), len(records), counted=(0, 1))
+  def __init__(self, records: Sequence[PairRecord], tok: Tokenizer, max_len: int,
+               extra: Sequence[str] = ()):
+    """`extra`: extra-member fields (`extra_members.MEMBER_FIELDS`, what the loss needs)
+    whose sequences follow the pair, so K = 2 + len(extra)."""
+    k = 2 + len(extra)
+    groups = ((tok.encode(r.prompt), (tok.encode(r.chosen), tok.encode(r.rejected),
+                                      *extra_members.member_ids(tok, r, i, extra)))
+              for i, r in enumerate(records))
+    self._fill(tok, max_len, groups, len(records), counted=tuple(range(k)), k=k)
     self.weight = np.array([r.weight for r in records], np.float32)  # [N]
     has_scores = bool(records) and records[0].scores is not None  # all or none (read_pairs)
     self.scores = np.array([r.scores for r in records], np.float32) if has_scores else None
     if records and records[0].label_smoothing is not None:  # all or none (read_pairs)
       self.label_smoothing = np.array([r.label_smoothing for r in records], np.float32)
+    if records and records[0].user is not None:  # all or none (read_pairs)
+      self.user = np.array([r.user for r in records], np.int32)
+    if records and records[0].attribute_prefs is not None:  # all or none, one length
+      self.attribute_prefs = np.array([r.attribute_prefs for r in records], np.float32)
+    if records and records[0].source_logps is not None:  # all or none, one S (read_pairs)
+      self.source_logps = np.array([r.source_logps for r in records], np.float32)
 
   def _fill(self, tok: Tokenizer, max_len: int, groups, n: int, counted: tuple[int, ...],
             k: int = 2):
@@ -104,7 +120,9 @@ class PairDataset:
     for i, (prompt, responses) in enumerate(groups):
       cut_any = False
       for j, response in enumerate(responses):
-        t, m, seg, cut = _layout(tok, prompt, response, max_len)
+        # An extra member (extra_members.py) comes as (its own prompt ids, response ids).
+        p, r = response if isinstance(response, tuple) else (prompt, response)
+        t, m, seg, cut = _layout(tok, p, r, max_len)
         self.tokens[i, j], self.loss_mask[i, j], self.segment_ids[i, j] = t, m, seg
         self.members[i, j] = True
         cut_any |= cut and j in counted
@@ -130,6 +148,11 @@ class PairDataset:
                       scores=None if self.scores is None else self.scores[indices],
                       label_smoothing=(None if self.label_smoothing is None
                                        else self.label_smoothing[indices]),
+                      user=None if self.user is None else self.user[indices],
+                      source_logps=(None if self.source_logps is None
+                                    else self.source_logps[indices]),
+                      attribute_prefs=(None if self.attribute_prefs is None
+                                       else self.attribute_prefs[indices]),
                       ref_logps=None if self.ref_logps is None else self.ref_logps[indices])
 
 

@@ -10,7 +10,10 @@ numbers `weight` (>= 0, default 1: the pair's weight in the loss) and
 `chosen_score` / `rejected_score` (both or neither, and then in every record: ratings that
 strength-aware losses and score margins read as `Logps.scores`) and `label_smoothing` (in
 [0, 0.5], in every record or in none: the pair's assumed flip rate, which `dpo` uses
-instead of its scalar `--loss.label_smoothing`); other fields are ignored. Chat layouts
+instead of its scalar `--loss.label_smoothing`), `user` (an int >= 0) and `attribute_prefs`
+(a list of 1/-1/0), both in every record or in none (docs/reward_models.md); `rationale`,
+`rejected_prompt` and `source_logps` for the losses that read extra group members
+(`extra_members.py`); other fields are ignored. Chat layouts
 (message lists, HH-RLHF transcripts) are turned into these three strings first
 (`chat.py`). All three must hold some non-whitespace text: an empty response has no
 tokens to score but the EOS, and an empty prompt almost always means a field was
@@ -30,53 +33,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 from typing import Iterator, Mapping
 
 from jaxpref.data import chat
+from jaxpref.data import extra_members
 from jaxpref.data import sources
+from jaxpref.data.fields import FIELD_NAMES, parse_fields, rename  # noqa: F401 (re-exported)
+from jaxpref.data.fields import remap as _remap
 from jaxpref.data.sources import DataError
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 MAX_FIRST_ERRORS = 5
-FIELD_NAMES = ("prompt", "chosen", "rejected", "completion", "label", "completions", "weight",
-               "chosen_score", "rejected_score", "label_smoothing")  # --data_fields targets
-
-
-def parse_fields(spec: str | Mapping[str, str], flag: str = "--data_fields") -> dict[str, str]:
-  """`"prompt:question,chosen:response_j"` -> {ours: theirs}; a ValueError names `flag`."""
-  if isinstance(spec, Mapping):
-    spec = ",".join(f"{k}:{v}" for k, v in spec.items())
-  out = {}
-  for item in filter(None, (x.strip() for x in spec.split(","))):
-    ours, sep, theirs = (x.strip() for x in item.partition(":"))
-    if not sep or not ours or not theirs:
-      raise ValueError(f"{flag}: {item!r} is not OURS:THEIRS (e.g. prompt:question)")
-    if ours not in FIELD_NAMES:
-      raise ValueError(f"{flag}: {ours!r} is not a record field; valid: {', '.join(FIELD_NAMES)}")
-    if ours in out:
-      raise ValueError(f"{flag}: {ours!r} is mapped twice")
-    out[ours] = theirs
-  return out
-
-
-def _remap(obj, mapping: dict[str, str]):
-  # A field named like a target but not mapped to it is dropped, so a missing source is
-  # reported as missing rather than quietly replaced by a same-named field.
-  if not mapping or not isinstance(obj, dict):
-    return obj
-  out = {k: v for k, v in obj.items() if k not in mapping}
-  out.update({ours: obj[theirs] for ours, theirs in mapping.items() if theirs in obj})
-  return out
-
-
-def rename(text: str, mapping: dict[str, str]) -> str:
-  """Our quoted field names in a message -> the file's (one pass: swaps stay swaps)."""
-  if not mapping:
-    return text
-  return re.sub(r"'(\w+)'", lambda m: f"'{mapping.get(m[1], m[1])}'", text)
-
-
 SCORE_FIELDS = ("chosen_score", "rejected_score")
 MAX_LABEL_SMOOTHING = 0.5  # a flip rate above 1/2 would mean the labels are mostly wrong
 
@@ -89,6 +56,11 @@ class PairRecord:
   weight: float = 1.0
   scores: tuple[float, float] | None = None  # (chosen, rejected), higher is better
   label_smoothing: float | None = None  # this pair's flip rate; None: the loss's scalar
+  user: int | None = None  # the annotator's id (PAL, docs/reward_models.md)
+  attribute_prefs: tuple[int, ...] | None = None  # per attribute: 1 chosen, -1 rejected, 0 either
+  rationale: str | None = None  # these three: extra_members.py (read, unused, by other losses)
+  rejected_prompt: str | None = None
+  source_logps: tuple[tuple[float, float], ...] | None = None  # S x (chosen, rejected)
 
 
 @dataclasses.dataclass
@@ -162,19 +134,39 @@ def _check_numbers(obj) -> tuple[str, str] | None:
   return None
 
 
+def _check_pair_extras(obj) -> tuple[str, str] | None:
+  """(reason, message) for a bad `user` (an int >= 0) or `attribute_prefs` (a non-empty list
+  of 1 = chosen better, -1 = rejected better, 0 = don't care), or None."""
+  user = obj.get("user", 0)
+  if not (isinstance(user, int) and not isinstance(user, bool) and user >= 0):
+    return ("field 'user' is not an integer >= 0",
+            f"field 'user' must be an integer >= 0 (a user id), got {user!r}")
+  prefs = obj.get("attribute_prefs", [1])
+  if not (isinstance(prefs, list) and prefs and all(
+      p in (-1, 0, 1) and not isinstance(p, bool) for p in prefs)):
+    return ("field 'attribute_prefs' is not a list of 1/-1/0",
+            f"field 'attribute_prefs' must be a non-empty list of 1 (chosen better), -1 "
+            f"(rejected better) or 0 (don't care), got {prefs!r}")
+  return None
+
+
 def _parse_pair(obj):
   """(PairRecord, None) or (None, (reason, message)) for one decoded record."""
   if isinstance(obj, dict) and chat.is_chat(obj):
     obj, problem = chat.to_pair(obj)
     if problem is not None:
       return None, problem
-  problem = _check_record(obj, PAIR_FIELDS) or _check_numbers(obj)
+  problem = (_check_record(obj, PAIR_FIELDS) or _check_numbers(obj) or _check_pair_extras(obj)
+             or extra_members.check(obj, _check_record))
   if problem is not None:
     return None, problem
   scores = tuple(float(obj[k]) for k in SCORE_FIELDS) if SCORE_FIELDS[0] in obj else None
   eps = float(obj["label_smoothing"]) if "label_smoothing" in obj else None
   return PairRecord(*(obj[k] for k in PAIR_FIELDS), weight=float(obj.get("weight", 1.0)),
-                    scores=scores, label_smoothing=eps), None
+                    scores=scores, label_smoothing=eps, user=obj.get("user"),
+                    attribute_prefs=(tuple(int(p) for p in obj["attribute_prefs"])
+                                     if "attribute_prefs" in obj else None),
+                    **extra_members.parse(obj)), None
 
 
 def scan(path: str, kind: str, fields: str | Mapping[str, str] = "") -> Iterator[tuple]:
@@ -215,8 +207,9 @@ def _read(path: str, kind: str, skip_invalid: bool, fields) -> tuple[list, ReadR
   return records, report, where
 
 
-def consistency_error(kind: str, records: list, where: list, fields="") -> str | None:
-  """What makes a whole file unreadable although each record is fine, or None."""
+def consistency_error(kind: str, records: list, where: list, fields="", require=()) -> str | None:
+  """What makes a whole file unreadable although each record is fine, or None; `require`:
+  extra pair fields the selected loss needs in every record (extra_members.EXTRA_FIELDS)."""
   if kind != "pairs":
     return None
   mapping = parse_fields(fields)
@@ -231,14 +224,27 @@ def consistency_error(kind: str, records: list, where: list, fields="") -> str |
     file, line = where[with_eps.index(False)]
     return rename(f"{file}:{line}: field 'label_smoothing' is missing, but other records "
                    f"have it (per-pair label smoothing must be in every record or in none)", mapping)
-  return None
+  for name in ("user", "attribute_prefs"):  # one array per batch: all records or none
+    has = [getattr(r, name) is not None for r in records]
+    if any(has) and not all(has):
+      file, line = where[has.index(False)]
+      return rename(f"{file}:{line}: field '{name}' is missing, but other records have it "
+                    f"(it must be in every record or in none)", mapping)
+  sizes = [len(r.attribute_prefs) for r in records if r.attribute_prefs is not None]
+  bad = next((i for i, n in enumerate(sizes) if n != sizes[0]), None)
+  if bad is not None:
+    return rename(f"{where[bad][0]}:{where[bad][1]}: field 'attribute_prefs' has {sizes[bad]} "
+                  f"entries, the first record {sizes[0]} (one per attribute, in every record)", mapping)
+  error = extra_members.consistency_error(records, where, require)
+  return error and rename(error, mapping)
 
 
-def read_pairs(path: str, *, skip_invalid: bool = False, fields: str | Mapping[str, str] = ""
-               ) -> tuple[list[PairRecord], ReadReport]:
-  """Reads `{prompt, chosen, rejected}` records (blank lines are ignored, not counted)."""
+def read_pairs(path: str, *, skip_invalid: bool = False, fields: str | Mapping[str, str] = "",
+               require: tuple[str, ...] = ()) -> tuple[list[PairRecord], ReadReport]:
+  """Reads `{prompt, chosen, rejected}` records (blank lines are ignored, not counted);
+  every record must hold the extra fields in `require` (`jaxpref.losses.record_fields`)."""
   records, report, where = _read(path, "pairs", skip_invalid, fields)
-  error = consistency_error("pairs", records, where, fields)
+  error = consistency_error("pairs", records, where, fields, require)
   if error:
     raise DataError(error)
   return records, report

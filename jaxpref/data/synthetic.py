@@ -12,7 +12,8 @@ Three worlds, each writing `{prompt, chosen, rejected}` records plus the truth b
 * `groups`: items at points in the plane, user groups with ideal points; a group prefers
   the item nearer its ideal point (u_g(i) = -|f_i - a_g|^2, labels drawn as in `bt`). The
   prompt names the group unless `--hide_group`, which makes the population's preferences a
-  mixture no single reward can fit.
+  mixture no single reward can fit. Each record's integer `user` field is its group's index
+  (the record field PAL reads, docs/reward_models.md).
 
 Items are single words the tiny tokenizer (`jaxpref/data/tiny/tokenizer.model`) holds as one
 piece; prompts use only letters it knows (it has no `q` and no digits), so no record holds
@@ -176,7 +177,7 @@ class Groups:
       question = self.prompts[rng.integers(len(self.prompts))]
       prompt = question if self.hide_group else f"for group {self.groups[g]}, {question}"
       rec = _record(rng, prompt, self.items[i], self.items[j], self.flip_rate,
-                    group=self.groups[g])
+                    group=self.groups[g], user=g)  # `user`: PAL's per-user id (the group)
       rec.update(_bt_truth(u[i], u[j], self.temperature, rec["flipped"]))
       out.append(rec)
     return out

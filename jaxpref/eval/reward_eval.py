@@ -1,6 +1,7 @@
 """`jaxpref-eval`: a trained reward model's accuracy per subset on RewardBench-layout pairs.
 
   jaxpref-eval --workdir=runs/bt_cyclic --data=bench.jsonl
+  jaxpref-eval --workdir=runs/bt_cyclic --best_of_n=candidates.jsonl   # eval/best_of_n.py
 
 Reads the run's `flags.txt` (model, head, tokenizer, max_len; later flags override it) and
 its latest checkpoint, scores every `{prompt, chosen, rejected, subset}` record (the chosen
@@ -41,6 +42,10 @@ flags.DEFINE_string("data", None, "jaxpref-eval: RewardBench-layout JSONL of {pr
                     "rejected, subset} records.")
 flags.DEFINE_string("results", "", "jaxpref-eval: where to write the results JSON "
                     "(default WORKDIR/eval_results.json).")
+flags.DEFINE_string("best_of_n", "", "jaxpref-eval: instead of --data, rerank a JSONL of "
+                    "{prompt, candidates, [scores], [best]} records (eval/best_of_n.py).")
+flags.DEFINE_string("best_of_n_out", "", "jaxpref-eval: the picks' JSONL (default "
+                    "WORKDIR/best_of_n.jsonl).")
 FLAGS = flags.FLAGS
 
 
@@ -130,8 +135,10 @@ def restore(cfg, mesh):
   return graphdef, state.params, step
 
 
-def margins(graphdef, params, ds, batch_size: int, mesh) -> np.ndarray:
-  """float32[N]: r_w - r_l per pair (scalar head) or the GPM score s(y_w, y_l) (embeddings)."""
+def margins(graphdef, params, ds, batch_size: int, mesh, first_channel: bool = False
+            ) -> np.ndarray:
+  """float32[N]: r_w - r_l per pair (scalar head, or channel 0 with `first_channel`) or the
+  GPM score s(y_w, y_l) (embeddings)."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -142,7 +149,8 @@ def margins(graphdef, params, ds, batch_size: int, mesh) -> np.ndarray:
 
   def margin(p, batch):
     out = reward_step.score(graphdef, p, batch)  # [B, 2, E]
-    return out[:, 0, 0] - out[:, 1, 0] if out.shape[-1] == 1 else gpm_score(out[:, 0], out[:, 1])
+    scalar = out.shape[-1] == 1 or first_channel
+    return out[:, 0, 0] - out[:, 1, 0] if scalar else gpm_score(out[:, 0], out[:, 1])
 
   fn = jax.jit(margin)
   put = lambda b: jax.device_put(b, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
@@ -170,7 +178,8 @@ def evaluate(cfg, path: str) -> dict:
   mesh = mesh_lib.make_mesh("data:-1")
   batch_size = -(-cfg.data.eval_batch_size // mesh.size) * mesh.size
   graphdef, params, step = restore(cfg, mesh)
-  m = margins(graphdef, params, ds, batch_size, mesh)
+  from jaxpref.losses.reward import FIRST_CHANNEL_REWARD
+  m = margins(graphdef, params, ds, batch_size, mesh, cfg.loss in FIRST_CHANNEL_REWARD)
   correct = np.where(m > 0, 1.0, np.where(m == 0, 0.5, 0.0))
   res = summarize(subsets, correct)
   res.update({"workdir": cfg.workdir, "data": path, "step": int(step), "loss": cfg.loss,
@@ -204,6 +213,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
+    if FLAGS.best_of_n:
+      from jaxpref.eval import best_of_n
+      res = best_of_n.best_of_n(jflags.to_config(), FLAGS.best_of_n, restore,
+                                FLAGS.best_of_n_out)
+      print(best_of_n.format_summary(res) + f"\nwrote {res['output']}")
+      return
     if not FLAGS.data:
       raise ValueError("--data=FILE.jsonl is required ({prompt, chosen, rejected, subset} records)")
     cfg = jflags.to_config()

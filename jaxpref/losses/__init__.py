@@ -3,7 +3,10 @@
 # Importing a family module registers its losses.
 from jaxpref.losses import listwise, pairwise, reference_free, token_level, unpaired  # noqa: F401
 from jaxpref.losses import reward  # noqa: F401
+from jaxpref.losses import attributes, pal, themis  # noqa: F401  (reward-role losses)
 from jaxpref.losses import weighted  # noqa: F401
+from jaxpref.losses.extra_members import member_fields, record_fields
 from jaxpref.losses.registry import bind, get, hparams, names, needs_tokens, register
 
-__all__ = ["bind", "get", "hparams", "names", "needs_tokens", "register"]
+__all__ = ["bind", "get", "hparams", "member_fields", "names", "needs_tokens", "record_fields",
+           "register"]

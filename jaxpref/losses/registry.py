@@ -11,21 +11,53 @@ is the weighted sum, and each term's value is reported as `loss/<name>`.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 LossFn = Callable[..., Any]
 
+TOKEN_MASKS = ("learned", "activations")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenNeeds:
+  """What a loss asks the train step for beyond sequence log-probs; false when nothing, so
+  `with_tokens=needs_tokens(name)` stays a plain flag for losses that only need tokens."""
+  tokens: bool = False  # Logps.policy_tok, ref_tok, mask
+  vocab_kl: bool = False  # Logps.kl_tok: a full-vocabulary pass over both models' logits
+  # Logps.token_mask: "learned" = the policy's mask network (models/token_mask.py) on the
+  # reference's per-layer hidden states; "activations" = their feature means (no params).
+  token_mask: Optional[str] = None
+
+  def __bool__(self):
+    return self.tokens
+
+  def __or__(self, other: "TokenNeeds") -> "TokenNeeds":
+    masks = {m for m in (self.token_mask, other.token_mask) if m}
+    if len(masks) > 1:
+      raise ValueError(f"losses asking for different token masks ({', '.join(sorted(masks))}) "
+                       "cannot be summed")
+    return TokenNeeds(self.tokens or other.tokens, self.vocab_kl or other.vocab_kl,
+                      masks.pop() if masks else None)
+
+
 _LOSSES: dict[str, LossFn] = {}
-_NEEDS_TOKENS: set[str] = set()
+_NEEDS: dict[str, TokenNeeds] = {}
 
 
-def register(name: str, *, needs_tokens: bool = False) -> Callable[[LossFn], LossFn]:
+def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = False,
+             token_mask: Optional[str] = None) -> Callable[[LossFn], LossFn]:
   """Decorator adding `fn` to the registry under `name` (a user's file may use it too).
 
   `needs_tokens=True` asks the train step for the per-token log-probs
   (`Logps.policy_tok`, `ref_tok`, `mask`, each [B, K, T]); other losses never hold them.
+  `needs_vocab_kl` asks for `Logps.kl_tok`, and `token_mask` (one of TOKEN_MASKS) for
+  `Logps.token_mask`: a full-vocabulary pass and per-layer reference states, paid only by
+  the losses that ask (either implies `needs_tokens`).
   """
+  if token_mask is not None and token_mask not in TOKEN_MASKS:
+    raise ValueError(f"loss {name!r}: token_mask must be one of {TOKEN_MASKS}, got {token_mask!r}")
 
   def add(fn: LossFn) -> LossFn:
     if name in _LOSSES and _LOSSES[name] is not fn:
@@ -39,8 +71,8 @@ def register(name: str, *, needs_tokens: bool = False) -> Callable[[LossFn], Los
         raise TypeError(f"loss {name!r}: hyperparameter {p.name!r} must be keyword-only "
                         "with a default (the paper's)")
     _LOSSES[name] = fn
-    if needs_tokens:
-      _NEEDS_TOKENS.add(name)
+    if needs_tokens or needs_vocab_kl or token_mask:
+      _NEEDS[name] = TokenNeeds(True, needs_vocab_kl, token_mask)
     return fn
 
   return add
@@ -85,9 +117,13 @@ def _weighted_sum(terms: list[tuple[float, str]]) -> LossFn:
   return total
 
 
-def needs_tokens(name: str) -> bool:
-  """Whether any term of `name` reads per-token log-probs."""
-  return any(loss in _NEEDS_TOKENS for _, loss in _terms(name))
+def needs_tokens(name: str) -> TokenNeeds:
+  """What the terms of `name` read beyond sequence log-probs; truthy iff any reads
+  per-token log-probs (the train step's `with_tokens`)."""
+  out = TokenNeeds()
+  for _, loss in _terms(name):
+    out = out | _NEEDS.get(loss, TokenNeeds())
+  return out
 
 
 def names() -> list[str]:

@@ -4,7 +4,8 @@ The reward role (`jaxpref/train/reward_step.py`) fills `Logps.policy` [B, 2] wit
 reward per response (chosen first) and `ref` with zeros, or `Logps.embed` [B, 2, 2k] with
 a preference embedding per response. `dr = r_w - r_l`; a per-pair strength `mu = s_w - s_l`
 comes from the records' `chosen_score`/`rejected_score` (`Logps.scores`): to use an
-ensemble's strength (§5.1), write `chosen_score = mu, rejected_score = 0`. Records without
+ensemble's strength (§5.1), write `chosen_score = mu, rejected_score = 0`, or map
+`jaxpref-strength`'s `ensemble_chosen_reward`/`ensemble_rejected_reward` onto them. Records without
 scores give the strength losses nothing to act on: they are then `bt` (as `osp` is `dpo`).
 
 Every loss here reports the same metrics: `rewards/accuracy` (a tie counts half),
@@ -198,3 +199,64 @@ def gpm(lp: Logps, *, tau: float = 0.1, margin: float = 0.0, normalize: bool = F
   metrics = reward_metrics(lp, s, jax.nn.sigmoid(s / tau))
   metrics["embed/norm"] = weighted_mean(jnp.linalg.norm(lp.embed, axis=-1).mean(1), lp.weight)
   return weighted_mean(per, lp.weight), metrics
+
+
+# --- Secrets of RLHF II contrastive auxiliary (§5.1) -------------------------------------
+
+# Losses whose head's channel 0 is the scalar reward although --reward_dim > 1 (the rest is
+# a representation): jaxpref-eval scores their pairs by channel 0, not by the GPM score.
+FIRST_CHANNEL_REWARD = ("bt_contrastive",)
+_PAD_LOGIT = -1e9  # a padded pair as a negative: exp(-1e9) = 0, finite (no NaN at weight 0)
+
+
+def simcse_infonce(z1: jax.Array, z2: jax.Array, weight: jax.Array,
+                   temperature: float) -> jax.Array:
+  """SimCSE's InfoNCE between two views [B, D] of B items: row i's positive is z2[i], the
+  other rows of z2 with weight > 0 its negatives; s = cos / temperature; the weighted mean
+  over rows of -log softmax(s_i)[i]."""
+  unit = lambda z: z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-6)
+  sim = unit(z1) @ unit(z2).T / temperature  # [B, B]
+  sim = jnp.where(weight[None, :] > 0, sim, _PAD_LOGIT)
+  per = jax.nn.logsumexp(sim, axis=-1) - jnp.diagonal(sim)
+  return weighted_mean(per, weight)
+
+
+def _dropout_views(z: jax.Array, rate: float, seed: int) -> tuple[jax.Array, jax.Array]:
+  """Two dropout views of z. A loss sees no PRNG key, so the key is folded from the batch's
+  own values: fixed for a batch, fresh for every new batch or parameter update."""
+  if rate <= 0:
+    return z, z
+  bits = jax.lax.bitcast_convert_type(jnp.sum(jax.lax.stop_gradient(z)).astype(jnp.float32),
+                                      jnp.uint32)
+  k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(seed), bits))
+  keep = lambda k: jax.random.bernoulli(k, 1.0 - rate, z.shape).astype(z.dtype) / (1.0 - rate)
+  return z * keep(k1), z * keep(k2)
+
+
+@register("bt_contrastive")
+def bt_contrastive(lp: Logps, *, contrastive_weight: float = 0.1, temperature: float = 0.05,
+                   dropout: float = 0.1, tau: float = 1.0, seed: int = 0):
+  """Secrets of RLHF in LLMs Part II, contrastive auxiliary (SimCSE variant; §5.1, a reading).
+
+  l = -logsig(dr/tau) + lambda * InfoNCE(drop(z), drop'(z)),  z = phi(x, y_w) - phi(x, y_l).
+  One head of --reward_dim=2k: channel 0 is the reward r, channels 1.. the projection phi of
+  the same last-token state; the two dropout views of a pair's z are positives, the other
+  pairs of the batch negatives (cosine / temperature).
+  """
+  if lp.embed is None:
+    raise ValueError("bt_contrastive reads a reward and a representation from one head: run "
+                     "--role=reward with --reward_dim=2k >= 2 (e.g. 8): channel 0 is the "
+                     "reward, the other 2k-1 the representation")
+  chex.assert_rank(lp.embed, 3)
+  if lp.embed.shape[1] != 2:
+    raise ValueError(f"bt_contrastive needs pairs (K=2, chosen first), got {lp.embed.shape}")
+  if not 0 <= dropout < 1:
+    raise ValueError(f"bt_contrastive: dropout must be in [0, 1), got {dropout}")
+  r, phi = lp.embed[..., 0], lp.embed[..., 1:]
+  d = r[:, 0] - r[:, 1]
+  bt_term = weighted_mean(-logsig(d / tau), lp.weight)
+  cl = simcse_infonce(*_dropout_views(phi[:, 0] - phi[:, 1], dropout, seed), lp.weight,
+                      temperature)
+  metrics = reward_metrics(lp, d, jax.nn.sigmoid(d / tau), r)
+  metrics.update({"loss/bt": bt_term, "loss/contrastive": cl})
+  return bt_term + contrastive_weight * cl, metrics

@@ -102,6 +102,7 @@ def load_pretrained(path: str, cfg: ModelConfig) -> Decoder:
   float32."""
   if os.path.isfile(os.path.join(path, CONFIG_FILE)):
     return load_jaxpref(path, jnp.float32, cfg)[1]
+  hf.check_causal(path)
   return hf.model_from_tensors(cfg, hf.read_tensors(path), jnp.float32, where=path)
 
 

@@ -213,12 +213,21 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, mask):
     """x: [N, T, D]; mask: bool[N, 1, T, T] (query, key) -> [N, T, D]."""
-    cfg, dt = self.cfg, x.dtype
+    return self.attend(*self.qkv(x, positions), mask)
+
+  def qkv(self, x, positions):
+    """q [N, T, H, Dh], k and v [N, T, Hkv, Dh], RoPE applied to q and k. Split from
+    `attend` so a KV cache (`jaxpref.models.kv_cache`) can keep k and v between calls."""
+    cfg = self.cfg
     scaling = (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
                cfg.rope_original_max_len)
     q = rope(self._project(x, "q"), positions, cfg.rope_theta, scaling)
     k = rope(self._project(x, "k"), positions, cfg.rope_theta, scaling)
-    v = self._project(x, "v")
+    return q, k, self._project(x, "v")
+
+  def attend(self, q, k, v, mask):
+    """q [N, T, H, Dh] over k, v [N, S, Hkv, Dh]; mask bool[N, 1, T, S] -> [N, T, D]."""
+    cfg, dt = self.cfg, q.dtype
     n, t, _, dh = q.shape
     groups = cfg.n_heads // cfg.n_kv_heads
     # GQA: query head h reads key/value head h // groups.
@@ -262,11 +271,16 @@ class Block(nnx.Module):
       self.post_mlp_norm = norm()
 
   def __call__(self, x, positions, mask):
+    return self.apply(x, lambda h: self.attn(h, positions, mask))
+
+  def apply(self, x, attention):
+    """The block with `attention(normed x) -> [N, T, D]` in place of self-attention over x
+    alone: the sampler's cached attention goes through the same residual path."""
     # Pin the residual stream to the batch axes: otherwise, under FSDP, XLA may follow the
     # sharded weights and gather the batch instead (3.5x the temporaries on `small`).
     x = constrain_batch(x)
     post = hasattr(self, "post_attn_norm")
-    h = self.attn(self.attn_norm(x), positions, mask)
+    h = attention(self.attn_norm(x))
     x = x + (self.post_attn_norm(h) if post else h)
     h = self.mlp(self.mlp_norm(x))
     return x + (self.post_mlp_norm(h) if post else h)
@@ -288,12 +302,14 @@ class Decoder(nnx.Module):
     """[D, V]: the output projection (the embedding transposed when tied)."""
     return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
 
-  def hidden(self, tokens, segment_ids=None, positions=None, shared_prompt=False) -> jax.Array:
+  def hidden(self, tokens, segment_ids=None, positions=None, shared_prompt=False,
+             all_layers=False):
     """Final-norm hidden states float32[N, T, D].
 
     tokens int32[N, T]; segment_ids int32[N, T] (0 = padding; packed sequences get 1, 2, ...);
     positions int32[N, T] for RoPE, default arange(T) (give them restarting per segment when
-    packing); shared_prompt as in `attention_mask`.
+    packing); shared_prompt as in `attention_mask`. `all_layers`: also every block's output
+    residual stream (before the final norm), returning (hidden, float32[L, N, T, D]).
     """
     n, t = tokens.shape
     if positions is None:
@@ -306,6 +322,7 @@ class Decoder(nnx.Module):
     if cfg.embed_scale:  # sqrt(D) rounded to the compute dtype first, as HF Gemma does
       x = x * jnp.asarray(cfg.d_model ** 0.5, cfg.dtype)
     policy = REMAT_POLICIES[cfg.remat]
+    states = []
     for layer in self.layers:
       mask = local if layer.local else full
       if policy is False:
@@ -314,7 +331,10 @@ class Decoder(nnx.Module):
         gd, state = nnx.split(layer)
         block = lambda st, x, gd=gd, mask=mask: nnx.merge(gd, st)(x, positions, mask)
         x = jax.checkpoint(block, policy=policy)(state, x)
-    return self.final_norm(x).astype(jnp.float32)
+      if all_layers:
+        states.append(x.astype(jnp.float32))
+    h = self.final_norm(x).astype(jnp.float32)
+    return (h, jnp.stack(states)) if all_layers else h
 
   def logits(self, h: jax.Array) -> jax.Array:
     """float32[..., V] from `hidden` states [..., D]: the LM head, then the final soft-cap."""

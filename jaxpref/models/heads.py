@@ -1,9 +1,19 @@
-"""Reward and preference-embedding heads on the decoder's last real token.
+"""Reward, attribute and PAL heads on the decoder's last real token.
 
 `RewardModel` holds a `Decoder` and a linear head [D, E] on the final-norm hidden state of
-each sequence's last non-padding token (the EOS that closes the response, when it fits):
-E = 1 is a scalar reward model (Bradley-Terry), an even E = 2k a General Preference
-embedding model (GPM, LOSSES.md §5.3). The LM head, if the decoder has one, is unused.
+each sequence's last non-padding token (the EOS that closes the response, when it fits).
+The head kind (`--reward_head`) says what the E outputs mean:
+
+* `linear`: E = 1 is a scalar reward model (Bradley-Terry), an even E = 2k a General
+  Preference embedding model (GPM, LOSSES.md §5.3).
+* `attributes`: E = A scores, one per attribute (multi-objective reward, `attribute_bt`).
+* `pal`: E-dim item points f(y) of PAL-B's ideal-point model (LOSSES.md §5.5). The head
+  also holds K' prototype maps g_k(x) = p_k + W_k h_x, read from the hidden state h_x of
+  the prompt's last token (causal: it sees the prompt only), and one row of mixture
+  logits per user (`prototypes_of`, `mixture_of`); the `pal` loss mixes them.
+
+The LM head, if the decoder has one, is unused except by losses that read per-token
+log-probs (`themis`, through `reward_step`).
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ from flax import nnx
 
 from jaxpref.models.decoder import Decoder, ModelConfig
 
+HEADS = ("linear", "attributes", "pal")
+
 
 def last_token_index(segment_ids: jax.Array) -> jax.Array:
   """int32[N]: position of each row's last real token (segment id > 0); 0 for an all-padding row."""
@@ -22,20 +34,59 @@ def last_token_index(segment_ids: jax.Array) -> jax.Array:
   return jnp.maximum(pos.max(-1), 0)
 
 
+def prompt_end_index(loss_mask: jax.Array) -> jax.Array:
+  """int32[N]: position of each row's last prompt token (BOS for an empty prompt): the one
+  before the first response token. A row without response tokens gives 0."""
+  first = jnp.argmax(loss_mask > 0, axis=-1).astype(jnp.int32)
+  return jnp.maximum(first - 1, 0)
+
+
+def check_head(head: str, out_dim: int, prototypes: int = 1, users: int = 1) -> None:
+  if head not in HEADS:
+    raise ValueError(f"--reward_head must be one of {', '.join(HEADS)}, got {head!r}")
+  if head == "linear" and (out_dim < 1 or (out_dim > 1 and out_dim % 2)):
+    raise ValueError(f"--reward_dim must be 1 (a scalar reward) or even (2k, a preference "
+                     f"embedding of k rotation blocks), got {out_dim}")
+  if out_dim < 1:
+    raise ValueError(f"--reward_dim must be >= 1 (--reward_head={head}), got {out_dim}")
+  if head == "pal" and (prototypes < 1 or users < 1):
+    raise ValueError(f"--reward_head=pal needs --pal_prototypes >= 1 and --pal_users >= 1, got "
+                     f"{prototypes} and {users}")
+
+
 class RewardModel(nnx.Module):
   """tokens int32[N, T], segment_ids int32[N, T] -> float32[N, E]."""
 
-  def __init__(self, config: ModelConfig, out_dim: int = 1, *, rngs: nnx.Rngs):
-    if out_dim < 1 or (out_dim > 1 and out_dim % 2):
-      raise ValueError(f"--reward_dim must be 1 (a scalar reward) or even (2k, a preference "
-                       f"embedding of k rotation blocks), got {out_dim}")
+  def __init__(self, config: ModelConfig, out_dim: int = 1, *, rngs: nnx.Rngs,
+               head: str = "linear", prototypes: int = 2, users: int = 1):
+    check_head(head, out_dim, prototypes, users)
+    self.kind = head
     self.decoder = Decoder(config, rngs=rngs)
+    d = config.d_model
     # Scaled by 1/sqrt(D): an initial reward of O(1) whatever the width.
-    self.head = nnx.Param(jax.random.normal(rngs.params(), (config.d_model, out_dim), jnp.float32)
-                          / jnp.sqrt(config.d_model))
+    self.head = nnx.Param(jax.random.normal(rngs.params(), (d, out_dim), jnp.float32)
+                          / jnp.sqrt(d))
+    if head == "pal":
+      self.proto_bias = nnx.Param(jax.random.normal(rngs.params(), (prototypes, out_dim)))
+      self.proto_proj = nnx.Param(jax.random.normal(rngs.params(), (prototypes, d, out_dim))
+                                  / jnp.sqrt(d))
+      # N(0, 1) logits as in PAL-B: users start from different, non-uniform mixtures.
+      self.user_logits = nnx.Param(jax.random.normal(rngs.params(), (users, prototypes)))
+
+  def read_out(self, h: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """The head on each row's last real token: h [N, T, D] -> [N, E]."""
+    idx = last_token_index(segment_ids)
+    return jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0] @ self.head[...]
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    h = self.decoder.hidden(tokens, segment_ids=segment_ids)  # [N, T, D]
-    idx = last_token_index(segment_ids)
-    last = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]  # [N, D]
-    return last @ self.head[...]
+    return self.read_out(self.decoder.hidden(tokens, segment_ids=segment_ids), segment_ids)
+
+  def prototypes_of(self, h: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """g_k(x) = p_k + W_k h_x, h_x the prompt's last-token state: h [N, T, D] -> [N, K', E]."""
+    idx = prompt_end_index(loss_mask)
+    h_x = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+    return self.proto_bias[...] + jnp.einsum("nd,kde->nke", h_x, self.proto_proj[...])
+
+  def mixture_of(self, user: jax.Array) -> jax.Array:
+    """softmax(W_u): int32[N] -> [N, K']."""
+    return jax.nn.softmax(self.user_logits[...][user], axis=-1)

@@ -34,12 +34,42 @@ INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def read_config(path: str) -> ModelConfig:
+def read_json_config(path: str) -> dict:
+  """The parsed config.json of a Hugging Face folder."""
   file = os.path.join(path, "config.json")
   if not os.path.isfile(file):
     raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model folder)")
   with open(file) as f:
-    return config_from_hf(json.load(f))
+    return json.load(f)
+
+
+def sequence_classification(hf_config: dict) -> bool:
+  """Whether the config is a `*ForSequenceClassification` of a family we read."""
+  family = FAMILIES.get(hf_config.get("model_type"))
+  return family is not None and hf_config.get("architectures") == [seq_cls_architecture(family)]
+
+
+def seq_cls_architecture(family) -> str:
+  return family.architecture.replace("ForCausalLM", "ForSequenceClassification")
+
+
+def check_causal(path: str) -> None:
+  """Raises for a sequence-classification folder where a causal LM is wanted."""
+  config = read_json_config(path)
+  if sequence_classification(config):  # hf_reward.load reads these, with their head
+    raise UnsupportedCheckpoint(
+        f"{path} is a {config['architectures'][0]}, a reward model without an LM head: it "
+        f"starts --role=reward runs (jaxpref.models.hf_reward), not a causal LM")
+
+
+def read_config(path: str) -> ModelConfig:
+  """The decoder's config. A `*ForSequenceClassification` folder stores no LM head, so its
+  decoder reads as a tied one (which holds none); `hf_reward` loads its score head."""
+  hf_config = read_json_config(path)
+  if sequence_classification(hf_config):
+    family = FAMILIES[hf_config["model_type"]]
+    hf_config = dict(hf_config, architectures=[family.architecture], tie_word_embeddings=True)
+  return config_from_hf(hf_config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +241,7 @@ def load(path: str, dtype=jnp.float32) -> tuple[ModelConfig, Decoder]:
   `dtype` is the dtype of the loaded parameters and the model's compute dtype
   (bf16 checkpoints are upcast exactly to the float32 default).
   """
+  check_causal(path)
   cfg = read_config(path)
   name = jnp.dtype(dtype).name
   if name in ("float32", "bfloat16", "float16"):

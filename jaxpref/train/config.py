@@ -29,7 +29,8 @@ DATA_FORMATS = ("pairs", "unpaired", "pairs_as_unpaired", "ranked", "ratings_bes
 class DataConfig:
   train_data: str = "jaxpref/data/tiny/train.jsonl"
   eval_data: str = "jaxpref/data/tiny/eval.jsonl"  # "" for no held-out evaluation
-  tokenizer: str = "jaxpref/data/tiny/tokenizer.model"
+  tokenizer: str = "jaxpref/data/tiny/tokenizer.model"  # sentencepiece, tokenizer.json or HF folder
+  chat_template: str = "auto"  # message-list records: auto (the tokenizer's) | none | PATH
   max_len: int = 32
   batch_size: int = 32  # groups (pairs) per step
   eval_batch_size: int = 64
@@ -63,6 +64,9 @@ class RunConfig:
   data: DataConfig = DataConfig()
   role: str = "policy"  # policy | reward (a reward or preference-embedding model, no reference)
   reward_dim: int = 1  # reward role: 1 = scalar reward head, even 2k = GPM embedding head
+  reward_head: str = "linear"  # linear | attributes | pal (docs/reward_models.md)
+  pal_prototypes: int = 2  # --reward_head=pal: K' prototypes (ideal points) per prompt
+  pal_users: int = 1  # --reward_head=pal: user ids 0 .. pal_users-1 get mixture weights
   loss: str = "dpo"
   loss_hparams: dict = dataclasses.field(default_factory=dict)
   mesh: str = "data:-1"
@@ -75,6 +79,7 @@ class RunConfig:
   grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
   seed: int = 0  # model init
   init_from: str = ""  # HF or jaxpref-convert folder: policy and reference start from it
+  export_hf: str = ""  # folder: the trained model is written there as a Hugging Face one
   steps: int = 300
   log_every: int = 10
   eval_every: int = 50

@@ -12,18 +12,15 @@ from typing import Any, Optional
 import jax
 import numpy as np
 from absl import logging
-from flax import nnx
 from tqdm import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpref import data as data_lib
 from jaxpref import losses
-from jaxpref import models
-from jaxpref.models import convert, lora
+from jaxpref.models import hf_export
 from jaxpref.eval import plots
 from jaxpref.parallel import mesh as mesh_lib
-from jaxpref.parallel import sharding
-from jaxpref.data import batching
+from jaxpref.data import batching, chat, chat_template, grain_source
 from jaxpref.data.shared_prompt import SharedPromptView
 from jaxpref.parallel import distributed
 from jaxpref.train import checkpoint as ckpt_lib
@@ -31,7 +28,8 @@ from jaxpref.train import ref_cache
 from jaxpref.train.config import DATA_FORMATS, RunConfig
 from jaxpref.train.metrics import MetricWriter, read_metrics
 from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxpref.train.policy_step import TrainState, group_logps, make_steps, precompute_reference
+from jaxpref.train.policy_step import group_logps, precompute_reference
+from jaxpref.train.state import build_steps, check_lora, init_state
 from jaxpref.train import reward_step
 
 
@@ -61,11 +59,14 @@ class _Preemption:
 
 
 def _read(cfg: RunConfig, path: str, tok):
+  if grain_source.is_prepared(path):  # a `jaxpref-data prepare` folder: read with grain
+    return grain_source.load(cfg, path)
   fmt = cfg.data.format
   opts = dict(skip_invalid=cfg.data.skip_invalid, fields=cfg.data.fields)
-  if fmt == "pairs":
-    records, report = data_lib.read_pairs(path, **opts)
-    return data_lib.PairDataset(records, tok, cfg.data.max_len), report, ""
+  if fmt == "pairs":  # a loss may need extra record fields and group members (K = 3)
+    records, report = data_lib.read_pairs(path, **opts, require=losses.record_fields(cfg.loss))
+    return (data_lib.PairDataset(records, tok, cfg.data.max_len, losses.member_fields(cfg.loss)),
+            report, "")
   if fmt == "unpaired":
     records, report = data_lib.read_unpaired(path, **opts)
   elif fmt == "pairs_as_unpaired":
@@ -147,7 +148,12 @@ def setup(cfg: RunConfig) -> Setup:
   if tok.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"--model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary ({tok.vocab_size}, {cfg.data.tokenizer})")
-  train_ds, eval_ds = load_data(cfg, tok)
+  template = chat_template.resolve(cfg.data.chat_template, tok)
+  _say(f"tokenizer: {tok.describe()}" + (" (the --init_from folder's)" if cfg.init_from and
+       os.path.dirname(os.path.abspath(tok.path)) == os.path.abspath(cfg.init_from) else "") +
+       (f"; message-list records rendered with {template.where}" if template else ""))
+  with chat.using(template):
+    train_ds, eval_ds = load_data(cfg, tok)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   n_batch_shards = mesh_lib.batch_axis_size(mesh)
   for flag, size in (("batch_size", cfg.data.batch_size), ("eval_batch_size", cfg.data.eval_batch_size)):
@@ -157,8 +163,9 @@ def setup(cfg: RunConfig) -> Setup:
   if cfg.grad_accum < 1 or cfg.data.batch_size % (cfg.grad_accum * n_batch_shards):
     raise ValueError(f"--batch_size={cfg.data.batch_size} must be divisible by --grad_accum="
                      f"{cfg.grad_accum} times the mesh's data*fsdp size ({n_batch_shards})")
-  reward_step.check_config(cfg)
-  _check_lora(cfg)
+  reward_step.check_config(cfg, train_ds, eval_ds)
+  check_lora(cfg)
+  hf_export.check(cfg)
   if cfg.ref_sync_every and cfg.reference != "model":
     raise ValueError("--ref_sync_every updates the reference model's weights; it needs "
                      "--reference=model")
@@ -178,6 +185,8 @@ def _batcher(cfg: RunConfig, ds, n_batch_shards: int) -> batching.Batcher:
   """--batching and --curriculum as a `Batcher`; combinations that cannot work raise."""
   if cfg.data.batching == "pack" and getattr(cfg, "role", "policy") != "policy":
     raise ValueError("--batching=pack is built for the policy role's log-probs")
+  if isinstance(ds, grain_source.PreparedDataset):
+    return grain_source.batcher(cfg, ds)
   return batching.from_config(cfg.data, ds, cfg.grad_accum * n_batch_shards)
 
 
@@ -186,7 +195,7 @@ def _probe_loss(cfg: RunConfig, ds) -> None:
   records without scores) is a start-up error instead of a failure inside the first jit."""
   batch = ds.batch(np.arange(min(2, ds.n)))
   zeros = np.zeros(batch.loss_mask.shape, np.float32)
-  lp = (reward_step.probe_logps(batch, cfg.reward_dim) if cfg.role == "reward" else
+  lp = (reward_step.probe_logps(batch, cfg) if cfg.role == "reward" else
         group_logps(zeros, zeros, batch, with_tokens=losses.needs_tokens(cfg.loss)))
   jax.eval_shape(losses.bind(cfg.loss, cfg.loss_hparams), lp)
 
@@ -224,6 +233,7 @@ def train(s: Setup) -> dict:
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"),
                                cfg.checkpoint_every, cfg.keep_checkpoints)
+  ckpt.data_iterator = getattr(batcher, "iterator", None)  # grain's state, saved with the step
   # With reference syncing the reference is training state too, so it is checkpointed.
   syncing = cfg.ref_sync_every > 0
   saved = lambda: {"train": state, "ref": ref_params} if syncing else state
@@ -307,6 +317,8 @@ def train(s: Setup) -> dict:
     plots.plot_run(read_metrics(writer.path), os.path.join(cfg.workdir, "metrics.png"),
                    title=f"{cfg.loss} on {os.path.basename(cfg.data.train_data)}")
   final = last_eval or last_train or {}
+  if cfg.export_hf and not preemption.requested:  # all processes gather; process 0 writes
+    hf_export.export(cfg, state.params, ref_params, _say)
   if jax.process_index() == 0:
     with open(os.path.join(cfg.workdir, "final_metrics.json"), "w") as f:
       json.dump(final, f, indent=1)
@@ -325,71 +337,6 @@ def _host_rows(batcher, batch_sharding):
          "every host builds the whole batch")
     return everything
   return mine, lambda b: distributed.put_host_rows(b, batch_sharding, batcher.rows)
-
-
-def init_state(cfg: RunConfig, mesh: Mesh, optimizer):
-  """(graphdef, TrainState, reference params), each array built directly into its
-  `parallel.sharding` layout (FSDP/tensor shards of params and optimizer state)."""
-  if cfg.role == "reward":  # a decoder with a reward head; no reference model
-    graphdef, params = reward_step.init_params(cfg, mesh)
-    return graphdef, TrainState(step=jax.device_put(np.int32(0), NamedSharding(mesh, P())),
-                                params=params,
-                                opt_state=sharding.init_opt_state(optimizer, params, mesh)), None
-  make = lambda: models.Decoder(cfg.model, rngs=nnx.Rngs(cfg.seed))
-  if cfg.init_from:  # the checkpoint's weights, placed in the shardings init would give them
-    graphdef, abstract = sharding.abstract_params(make, mesh)
-    params = nnx.split(convert.load_pretrained(cfg.init_from, cfg.model))[1]
-    params = jax.device_put(params, jax.tree.map(lambda s: s.sharding, abstract))
-  else:
-    graphdef, params = sharding.init_params(make, mesh)
-  if cfg.lora is not None:
-    return (graphdef, *_lora_state(cfg, mesh, optimizer, params))
-  # The reference is the initial policy, sharded alike in buffers of its own: the step
-  # donates the policy's, never the reference's.
-  ref_params = sharding.copy(params)
-  state = TrainState(step=jax.device_put(np.int32(0), NamedSharding(mesh, P())), params=params,
-                     opt_state=sharding.init_opt_state(optimizer, params, mesh))
-  return graphdef, state, ref_params
-
-
-def _lora_state(cfg: RunConfig, mesh: Mesh, optimizer, base):
-  """(TrainState of the adapters, `lora.Frozen`): the base is never donated nor saved, and
-  is its own reference under --reference=lora_base (no second copy)."""
-  adapters = sharding.init_tree(
-      lambda: lora.init(base, cfg.lora, jax.random.fold_in(jax.random.key(cfg.seed), 1)), mesh)
-  state = TrainState(step=jax.device_put(np.int32(0), NamedSharding(mesh, P())), params=adapters,
-                     opt_state=sharding.init_opt_state(optimizer, adapters, mesh))
-  return state, lora.Frozen(base, sharding.copy(base) if cfg.reference == "model" else None)
-
-
-def _check_lora(cfg: RunConfig) -> None:
-  if cfg.lora is None:
-    if cfg.reference == "lora_base":
-      raise ValueError("--reference=lora_base is the base under LoRA adapters; it needs "
-                       "--lora_rank > 0")
-    return
-  if cfg.ref_sync_every:
-    raise ValueError("--ref_sync_every with --lora_rank is not supported (the reference would "
-                     "need the adapters merged into a copy of the base)")
-  lora.target_paths(nnx.state(nnx.eval_shape(lambda: models.Decoder(cfg.model,
-                                                                   rngs=nnx.Rngs(0)))), cfg.lora)
-
-
-def build_steps(cfg: RunConfig, graphdef, optimizer, state, mesh: Mesh):
-  """The jitted train and eval steps, traced under `mesh`; the train step returns the state
-  in `state`'s shardings, whatever XLA's propagation would pick."""
-  if cfg.role == "reward":
-    train_step, eval_step = reward_step.make_steps(
-        graphdef, losses.bind(cfg.loss, cfg.loss_hparams), optimizer, grad_accum=cfg.grad_accum)
-  else:
-    train_step, eval_step = make_steps(graphdef, losses.bind(cfg.loss, cfg.loss_hparams),
-                                       optimizer, with_tokens=losses.needs_tokens(cfg.loss),
-                                       opts=cfg.logps, grad_accum=cfg.grad_accum,
-                                       lora_scale=cfg.lora.scale if cfg.lora else None,
-                                       grad_shardings=jax.tree.map(lambda x: x.sharding,
-                                                                   state.params))
-  return (sharding.keep_state_shardings(train_step, state, mesh),
-          jax.jit(sharding.in_mesh(eval_step, mesh)))
 
 
 def _precompute(cfg: RunConfig, graphdef, ref_params, datasets, put):

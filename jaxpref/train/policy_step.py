@@ -18,7 +18,7 @@ from jaxpref import ops
 from jaxpref.data import eval_batches
 from jaxpref.data.packing import PackedBatch
 from jaxpref.data.shared_prompt import SharedPromptBatch
-from jaxpref.models import lora
+from jaxpref.models import lora, token_mask
 from jaxpref.train.config import LogpsOptions
 from jaxpref.types import GroupBatch, Logps
 
@@ -61,33 +61,141 @@ def token_logps(graphdef: nnx.GraphDef, params: Any,
   if isinstance(batch, (SharedPromptBatch, PackedBatch)):
     return _packed_token_logps(model, batch, opts)
   b, k, t = batch.tokens.shape
-  tokens = batch.tokens.reshape(b * k, t)
-  mask = batch.loss_mask.reshape(b * k, t)
-  segment_ids = batch.segment_ids.reshape(b * k, t)
+  tokens, mask, segment_ids = (x.reshape(b * k, t) for x in
+                               (batch.tokens, batch.loss_mask, batch.segment_ids))
+  h = model.hidden(tokens, segment_ids=segment_ids)
+  return _head_logps(model, h, tokens, mask, opts).reshape(b, k, t)
+
+
+def _head_logps(model, h: jax.Array, tokens: jax.Array, mask: jax.Array,
+                opts: LogpsOptions) -> jax.Array:
+  """float32[N, T] masked log-probs of `tokens` from hidden states `h` [N, T, D]."""
   if opts.fused_lm_head:
     # Position t predicts token t+1, whose loss-mask entry decides whether it counts.
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
     row_mask = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
-    h = model.hidden(tokens, segment_ids=segment_ids)
     logp, _ = ops.fused_linear_logps(h, model.lm_head_weight().astype(h.dtype), targets,
                                      row_mask, softcap=model.config.final_logit_softcap)
-    logp = jnp.pad(logp[:, :-1], ((0, 0), (1, 0)))
-  else:
-    logits = model(tokens, segment_ids=segment_ids)
-    logp = ops.next_token_logps(logits, tokens, mask, impl=opts.impl)
-  return logp.reshape(b, k, t)
+    return jnp.pad(logp[:, :-1], ((0, 0), (1, 0)))
+  return ops.next_token_logps(model.logits(h), tokens, mask, impl=opts.impl)
+
+
+_NEG = -1e30  # finite: exp(_NEG - m) is 0 and its gradient too, where -inf would give NaN
+
+
+def _kl_update(carry, a, b):
+  """Online-softmax step over one vocabulary chunk of policy (a) and reference (b) logits:
+  running max and sum of exp for both, and e = sum_v exp(b_v - m_b) (a_v - b_v)."""
+  m_a, s_a, m_b, s_b, e = carry
+  new_a = jnp.maximum(m_a, a.max(-1))
+  new_b = jnp.maximum(m_b, b.max(-1))
+  p_b = jnp.exp(b - new_b[:, None])
+  scale_b = jnp.exp(m_b - new_b)
+  return (new_a, s_a * jnp.exp(m_a - new_a) + jnp.exp(a - new_a[:, None]).sum(-1),
+          new_b, s_b * scale_b + p_b.sum(-1), e * scale_b + (p_b * (a - b)).sum(-1))
+
+
+def vocab_kl(h: jax.Array, w: jax.Array, h_ref: jax.Array, w_ref: jax.Array,
+             softcap: float = 0.0, chunk: int = 4096) -> jax.Array:
+  """k = sum_v p_ref(v) (log p_pol(v) - log p_ref(v)) <= 0 per row, float32[N].
+
+  h, h_ref [N, D] hidden states and w, w_ref [D, V] LM heads of policy and reference (the
+  reference side should come stop-gradient). The vocabulary is walked in chunks with an
+  online softmax, each chunk rematerialised in the backward, so no [N, V] array is held:
+  k = E_ref[a - b] - LSE(a) + LSE(b) for logits a (policy) and b (reference).
+  """
+  v = w.shape[1]
+  chunk = min(chunk, v)
+  n_full, tail = divmod(v, chunk)
+
+  def logits(x, wt, start, width):
+    y = jnp.dot(x, jax.lax.dynamic_slice_in_dim(wt, start, width, axis=1).astype(x.dtype),
+                preferred_element_type=jnp.float32)
+    return softcap * jnp.tanh(y / softcap) if softcap else y
+
+  def update(carry, start, width):
+    return _kl_update(carry, logits(h, w, start, width), logits(h_ref, w_ref, start, width))
+
+  n = h.shape[0]
+  zeros = jnp.zeros((n,), jnp.float32)
+  carry = (jnp.full((n,), _NEG), zeros, jnp.full((n,), _NEG), zeros, zeros)
+  body = jax.checkpoint(lambda c, start: (update(c, start, chunk), None))
+  carry, _ = jax.lax.scan(body, carry, jnp.arange(n_full, dtype=jnp.int32) * chunk)
+  if tail:
+    carry = update(carry, n_full * chunk, tail)
+  m_a, s_a, m_b, s_b, e = carry
+  k = e / s_b - (m_a + jnp.log(s_a)) + (m_b + jnp.log(s_b))
+  # Minus a KL, so <= 0; float32 round-off may leave +1e-7 where the models agree (where
+  # the gradient is 0 anyway).
+  return jnp.minimum(k, 0.0)
+
+
+def token_level_logps(graphdef: nnx.GraphDef, params: Any, ref_params: Any, batch: GroupBatch,
+                      needs: Any, opts: LogpsOptions = LogpsOptions()):
+  """(policy_tok, ref_tok, extras) [B, K, T] for losses that ask for `Logps.kl_tok` or
+  `token_mask` (`needs`, a losses.TokenNeeds): one forward pass of each model serves the
+  log-probs, the full-vocabulary k_t and the reference's per-layer states.
+
+  Token t's k_t and mask come from position t-1, the state that predicts token t, as its
+  log-prob does; all are 0 off the loss mask.
+  """
+  if isinstance(batch, (SharedPromptBatch, PackedBatch)):
+    raise ValueError("losses that read Logps.kl_tok or token_mask (sparse_po, mapo) are not "
+                     "supported with --shared_prompt or --batching=pack; use --batching=pad or "
+                     "buckets")
+  model, ref = nnx.merge(graphdef, params), nnx.merge(graphdef, ref_params)
+  b, k, t = batch.tokens.shape
+  tokens, mask, segment_ids = (x.reshape(b * k, t) for x in
+                               (batch.tokens, batch.loss_mask, batch.segment_ids))
+  h = model.hidden(tokens, segment_ids=segment_ids)
+  h_ref = ref.hidden(tokens, segment_ids=segment_ids, all_layers=bool(needs.token_mask))
+  h_ref, states = (h_ref if needs.token_mask else (h_ref, None))
+  h_ref, states = jax.lax.stop_gradient((h_ref, states))
+  policy_tok = _head_logps(model, h, tokens, mask, opts).reshape(b, k, t)
+  ref_tok = _head_logps(ref, h_ref, tokens, mask, opts).reshape(b, k, t)
+  shift = lambda x: jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))  # t-1 -> t
+  extras = {}
+  if needs.vocab_kl:
+    d = h.shape[-1]
+    kl = vocab_kl(h[:, :-1].reshape(-1, d), model.lm_head_weight(),
+                  h_ref[:, :-1].reshape(-1, d), jax.lax.stop_gradient(ref.lm_head_weight()),
+                  model.config.final_logit_softcap)
+    extras["kl_tok"] = (shift(kl.reshape(b * k, t - 1)) * mask).reshape(b, k, t)
+  if needs.token_mask == "learned":
+    net = getattr(model, token_mask.ATTR, None)
+    if net is None:
+      raise ValueError("this loss trains a token-mask network, but the policy has none: build "
+                       "the policy with jaxpref.models.token_mask.attach(model, needs)")
+    masks = net(states[:, :, :-1])  # [N, T-1, M]
+  elif needs.token_mask == "activations":
+    masks = jnp.moveaxis(states[:, :, :-1].mean(-1), 0, -1)  # [N, T-1, L] feature means
+  if needs.token_mask:
+    extras["token_mask"] = (shift(masks) * mask[..., None]).reshape(b, k, t, -1)
+  return policy_tok, ref_tok, extras
 
 
 def group_logps(policy_tok: jax.Array, ref_tok: jax.Array | None, batch: GroupBatch,
-                with_tokens: bool = False) -> Logps:
-  """`ref_tok` None: the reference's sequence log-probs come precomputed in the batch."""
+                with_tokens: Any = False, kl_tok: jax.Array | None = None,
+                token_mask: jax.Array | None = None) -> Logps:
+  """`ref_tok` None: the reference's sequence log-probs come precomputed in the batch.
+
+  `with_tokens` a losses.TokenNeeds asking for `kl_tok` or `token_mask` that are not given:
+  zeros of their shape stand in (M = 2 masks, or 1 activation layer), for tracing a loss
+  on the data's shapes (the loop's start-up probe).
+  """
   if isinstance(batch, PackedBatch):
     batch = batch.groups()
   extra = dict(policy_tok=policy_tok, ref_tok=ref_tok, mask=batch.loss_mask) if with_tokens else {}
+  if getattr(with_tokens, "vocab_kl", False):
+    extra["kl_tok"] = jnp.zeros_like(policy_tok) if kl_tok is None else kl_tok
+  kind = getattr(with_tokens, "token_mask", None)
+  if kind:
+    extra["token_mask"] = (jnp.zeros((*policy_tok.shape, 2 if kind == "learned" else 1))
+                           if token_mask is None else token_mask)
   ref = batch.ref_logps if ref_tok is None else ref_tok.sum(-1)
   return Logps(policy=policy_tok.sum(-1), ref=ref, length=batch.loss_mask.sum(-1),
                valid=batch.valid, weight=batch.weight, scores=batch.scores, label=batch.label,
-               label_smoothing=batch.label_smoothing, **extra)
+               label_smoothing=batch.label_smoothing, source_logps=batch.source_logps, **extra)
 
 
 def micro_batches(batch: GroupBatch, n: int) -> GroupBatch:
@@ -107,7 +215,8 @@ def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
                lora_scale: float | None = None, grad_shardings: Any = None):
   """Returns jitted `train_step(state, ref_params, batch)` and `eval_step(params, ref_params, batch)`.
 
-  `with_tokens` passes the per-token log-probs to the loss (`losses.needs_tokens(name)`).
+  `with_tokens` passes the per-token log-probs to the loss (`losses.needs_tokens(name)`);
+  when that asks for `kl_tok` or `token_mask`, the step computes them (`token_level_logps`).
   `grad_accum` > 1 runs the batch as that many micro-batches in a `lax.scan`, each one's
   gradient and metrics weighted by its share of the batch's total group weight: for losses
   that are weighted means over groups (all but the batch-statistic ones, such as KTO's
@@ -120,10 +229,22 @@ def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
   float32 copy of the model per device.
   """
 
+  extras = getattr(with_tokens, "vocab_kl", False) or getattr(with_tokens, "token_mask", None)
+  if lora_scale is not None and getattr(with_tokens, "token_mask", None) == "learned":
+    raise ValueError("a loss with a learned token mask (sparse_po) is not supported with "
+                     "--lora_rank: the mask network would sit frozen in the LoRA base")
+
   def loss_and_metrics(params, ref_params, batch):
     if lora_scale is not None:
       params, ref_params = (lora.merge(ref_params.base, params, lora_scale),
                             ref_params.reference)
+    if extras:
+      if batch.ref_logps is not None:
+        raise ValueError("Logps.kl_tok and token_mask need the reference model: --reference=model")
+      policy_tok, ref_tok, more = token_level_logps(graphdef, params, ref_params, batch,
+                                                    with_tokens, opts)
+      loss, metrics = loss_fn(group_logps(policy_tok, ref_tok, batch, with_tokens, **more))
+      return loss, {"loss": loss, **metrics}
     if batch.ref_logps is None:
       ref_tok = jax.lax.stop_gradient(token_logps(graphdef, ref_params, batch, opts))
     else:  # --reference=precomputed: no reference forward pass at all

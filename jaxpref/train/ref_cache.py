@@ -1,8 +1,10 @@
 """An on-disk cache of precomputed reference log-probs, keyed by everything they depend on.
 
 The key hashes the reference weights (their bytes), the data files (every shard's bytes
-and name), the field mapping, the tokenizer file, and every setting that changes the token layout or the numbers (format,
-max_len, group_size, shared-prompt packing, log-prob path). A run with any of these
+and name), the field mapping, the tokenizer file the run actually loads (a folder's
+tokenizer.json or .model), the chat template it renders message lists with, and every
+setting that changes the token layout or the numbers (format, max_len, group_size,
+shared-prompt packing, log-prob path). A run with any of these
 different computes afresh and writes a new entry; it never reuses a stale one. Each entry
 stores its key's parts beside the array, and a read checks them again.
 """
@@ -52,19 +54,31 @@ def data_digest(path: str) -> str:
   return h.hexdigest()
 
 
+def _tokenization(cfg) -> tuple[str, str]:
+  """Digests of the tokenizer file and of the chat template source the run resolves."""
+  from jaxpref.data import chat_template
+  from jaxpref.data.tokenizer import Tokenizer
+  tok = Tokenizer.load(cfg.data.tokenizer)
+  template = chat_template.resolve(getattr(cfg.data, "chat_template", "none"), tok)
+  source = template.source if template is not None else ""
+  return file_digest(tok.path), hashlib.sha256(source.encode()).hexdigest()
+
+
 def key_parts(cfg, data_path: str, weights: str) -> dict:
+  tokenizer, template = _tokenization(cfg)
   return {
       "weights": weights,
       "data": data_digest(data_path),
       "fields": cfg.data.fields,
-      "tokenizer": file_digest(cfg.data.tokenizer),
+      "tokenizer": tokenizer,
+      "chat_template": template,
       "format": cfg.data.format,
       "skip_invalid": cfg.data.skip_invalid,
       "max_len": cfg.data.max_len,
       "group_size": cfg.data.group_size,
       "shared_prompt": cfg.data.shared_prompt,
       "logps": [cfg.logps.impl, cfg.logps.fused_lm_head],
-      "version": 1,
+      "version": 2,
   }
 
 

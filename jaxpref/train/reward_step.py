@@ -3,7 +3,11 @@ Logps -> loss, as jitted train and eval steps with the policy role's signatures.
 
 There is no reference model: the steps take `ref_params` only to share the loop's calls,
 and ignore it. A scalar head (`--reward_dim=1`) fills `Logps.policy` with rewards and
-`ref` with zeros; a preference-embedding head (`--reward_dim=2k`) fills `Logps.embed`.
+`ref` with zeros; a preference-embedding head (`--reward_dim=2k`) or an attribute head
+(`--reward_head=attributes`) fills `Logps.embed`; a PAL head (`--reward_head=pal`) fills
+`embed` with item points and `prototypes`/`mixture` with the prompt's prototypes and the
+record's user's mixture weights. A loss that reads per-token log-probs (`themis`) gets the
+decoder's LM log-probs of every response in `policy_tok`/`mask` from the same forward pass.
 `--init_from` puts a pretrained decoder under a freshly drawn head.
 """
 
@@ -17,23 +21,23 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxpref import ops
 from jaxpref.losses.reward import finish_metrics  # noqa: F401  (the loop's one import)
-from jaxpref.models.heads import RewardModel
+from jaxpref.models.heads import RewardModel, check_head
 from jaxpref.models import convert
 from jaxpref.parallel import sharding
 from jaxpref.train.policy_step import TrainState, micro_batches
 from jaxpref.types import GroupBatch, Logps
 
 
-def check_config(cfg) -> None:
-  """Start-up checks of a `RunConfig`'s role (the policy role passes through)."""
+def check_config(cfg, *datasets) -> None:
+  """Start-up checks of a `RunConfig`'s role (the policy role passes through), and of the
+  reward role's `datasets` (`PairDataset`s, None skipped) against its head."""
   if cfg.role == "policy":
     return
   if cfg.role != "reward":
     raise ValueError(f"--role must be policy or reward, got {cfg.role!r}")
-  if cfg.reward_dim < 1 or (cfg.reward_dim > 1 and cfg.reward_dim % 2):
-    raise ValueError(f"--reward_dim must be 1 (a scalar reward) or even (a 2k-dim preference "
-                     f"embedding), got {cfg.reward_dim}")
+  check_head(cfg.reward_head, cfg.reward_dim, cfg.pal_prototypes, cfg.pal_users)
   clashes = [f for f, on in (("--reference=" + cfg.reference, cfg.reference != "model"),
                              ("--ref_sync_every", cfg.ref_sync_every > 0),
                              ("--reference_cache", bool(cfg.reference_cache)),
@@ -43,56 +47,107 @@ def check_config(cfg) -> None:
     raise ValueError(f"--role=reward does not support {', '.join(clashes)}: it has no "
                      "reference model, and LoRA and shared-prompt rows are built for the "
                      "policy role")
+  for ds in filter(lambda d: d is not None, datasets):
+    user, prefs = getattr(ds, "user", None), getattr(ds, "attribute_prefs", None)
+    if cfg.reward_head == "pal" and user is None and cfg.pal_users > 1:
+      raise ValueError(f"--pal_users={cfg.pal_users}, but the records have no 'user' field "
+                       "(without it every record is user 0: pass --pal_users=1)")
+    if cfg.reward_head == "pal" and user is not None and user.max() >= cfg.pal_users:
+      raise ValueError(f"a record has field 'user' = {int(user.max())}, but --pal_users="
+                       f"{cfg.pal_users} (ids must be 0 .. {cfg.pal_users - 1})")
+    if cfg.reward_head == "attributes" and prefs is not None and prefs.shape[1] != cfg.reward_dim:
+      raise ValueError(f"the records' field 'attribute_prefs' has {prefs.shape[1]} entries, "
+                       f"but --reward_dim={cfg.reward_dim} attribute scores")
 
 
 def make_model(cfg) -> RewardModel:
   """The reward model of a `RunConfig` (decoder of `cfg.model`, head of `cfg.reward_dim`)."""
-  return RewardModel(cfg.model, cfg.reward_dim, rngs=nnx.Rngs(cfg.seed))
+  return RewardModel(cfg.model, cfg.reward_dim, head=cfg.reward_head,
+                     prototypes=cfg.pal_prototypes, users=cfg.pal_users, rngs=nnx.Rngs(cfg.seed))
 
 
 def init_params(cfg, mesh):
   """(graphdef, params) of the reward model, in their shardings; with `--init_from` the
   decoder is the pretrained one (its LM head unused) and only the reward head is drawn."""
   graphdef, params = sharding.init_params(lambda: make_model(cfg), mesh)
-  if cfg.init_from:
-    decoder = nnx.split(convert.load_pretrained(cfg.init_from, cfg.model))[1]
-    params["decoder"] = jax.device_put(decoder, jax.tree.map(lambda x: x.sharding,
-                                                             params["decoder"]))
+  if cfg.init_from:  # a sequence-classification folder brings its head too (hf_reward.py)
+    from jaxpref.models import hf_reward
+    params = hf_reward.init_from(cfg, params)
   return graphdef, params
 
 
 def score(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch) -> jax.Array:
-  """float32[B, K, E]: the head's output for every group member."""
+  """float32[B, K, E]: a linear head's output (a reward or GPM embedding) for every group
+  member, as `jaxpref-eval` and the strength tools read it."""
   model = nnx.merge(graphdef, params)
+  if model.kind != "linear":
+    raise ValueError(f"this reads a reward or GPM embedding per response, but the model has "
+                     f"--reward_head={model.kind} (its outputs are not one; use model_logps "
+                     "and the loss's own scorer)")
   b, k, t = batch.tokens.shape
   out = model(batch.tokens.reshape(b * k, t), batch.segment_ids.reshape(b * k, t))
   return out.reshape(b, k, -1)
 
 
-def reward_logps(out: jax.Array, batch: GroupBatch) -> Logps:
-  """The head's output [B, K, E] in the Logps slots (E = 1: rewards; else embeddings)."""
-  scalar = out.shape[-1] == 1
+def reward_logps(out: jax.Array, batch: GroupBatch, head: str = "linear",
+                 pal: tuple | None = None, tokens: jax.Array | None = None) -> Logps:
+  """The head's output [B, K, E] in the Logps slots (a linear head with E = 1: rewards in
+  `policy`; else `embed`); `pal` = (prototypes [B, K', E], mixture [B, K']); `tokens`:
+  per-token LM log-probs [B, K, T] for `policy_tok`."""
+  scalar = head == "linear" and out.shape[-1] == 1
   zeros = jnp.zeros(out.shape[:2], jnp.float32)
+  extra = {} if tokens is None else dict(policy_tok=tokens, mask=batch.loss_mask)
   return Logps(policy=out[..., 0] if scalar else zeros, ref=zeros,
                length=batch.loss_mask.sum(-1), valid=batch.valid, weight=batch.weight,
                scores=batch.scores, label=batch.label, label_smoothing=batch.label_smoothing,
-               embed=None if scalar else out)
+               embed=None if scalar else out, user=batch.user,
+               attribute_prefs=batch.attribute_prefs, prototypes=None if pal is None else pal[0],
+               mixture=None if pal is None else pal[1], **extra)
 
 
-def probe_logps(batch: GroupBatch, reward_dim: int) -> Logps:
-  """Zeros in the shapes the steps will produce, for tracing the loss at start-up."""
-  b, k = batch.tokens.shape[:2]
-  return reward_logps(np.zeros((b, k, reward_dim), np.float32), batch)
+def model_logps(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch,
+                with_tokens: bool = False) -> Logps:
+  """One forward pass of every group member -> the Logps of the model's head kind."""
+  model = nnx.merge(graphdef, params)
+  b, k, t = batch.tokens.shape
+  flat = lambda x: x.reshape(b * k, *x.shape[2:])
+  tokens, seg, mask = flat(batch.tokens), flat(batch.segment_ids), flat(batch.loss_mask)
+  h = model.decoder.hidden(tokens, segment_ids=seg)
+  out = model.read_out(h, seg).reshape(b, k, -1)
+  pal = None
+  if model.kind == "pal":
+    # Every member of a group shares the prompt: its prototypes come from member 0's row.
+    user = jnp.zeros(b, jnp.int32) if batch.user is None else batch.user
+    pal = (model.prototypes_of(h.reshape(b, k, t, -1)[:, 0], batch.loss_mask[:, 0]),
+           model.mixture_of(user))
+  tok = None
+  if with_tokens:
+    tok = ops.next_token_logps(model.decoder.logits(h), tokens, mask).reshape(b, k, t)
+  return reward_logps(out, batch, model.kind, pal, tok)
+
+
+def probe_logps(batch: GroupBatch, cfg) -> Logps:
+  """The Logps the steps will produce for `cfg`, in shapes only, for tracing the loss at
+  start-up (`cfg` may also be a bare --reward_dim, for a linear head)."""
+  if isinstance(cfg, int):
+    b, k = batch.tokens.shape[:2]
+    return reward_logps(np.zeros((b, k, cfg), np.float32), batch)
+  from jaxpref import losses  # a late import: the losses package imports this module's users
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: make_model(cfg)))
+  return jax.eval_shape(lambda p: model_logps(graphdef, p, batch, losses.needs_tokens(cfg.loss)),
+                        params)
 
 
 def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
-               optimizer: optax.GradientTransformation, grad_accum: int = 1):
+               optimizer: optax.GradientTransformation, grad_accum: int = 1,
+               with_tokens: bool = False):
   """Jitted `train_step(state, ref_params, batch)` and `eval_step(params, ref_params, batch)`;
   `ref_params` is ignored. `grad_accum` as in `policy_step.make_steps` (micro-batches
-  weighted by their share of the group weight)."""
+  weighted by their share of the group weight); `with_tokens`: the loss reads per-token
+  LM log-probs (`losses.needs_tokens`)."""
 
   def loss_and_metrics(params, batch):
-    loss, metrics = loss_fn(reward_logps(score(graphdef, params, batch), batch))
+    loss, metrics = loss_fn(model_logps(graphdef, params, batch, with_tokens))
     return loss, {"loss": loss, **metrics}
 
   grad_fn = jax.grad(loss_and_metrics, has_aux=True)

@@ -1,0 +1,123 @@
+"""Jinja chat templates (`--chat_template`), rendered as transformers' `apply_chat_template`.
+
+The environment is the one transformers builds (a sandbox, `trim_blocks`, `lstrip_blocks`,
+loop controls, its `tojson`, `raise_exception` and `strftime_now`) and the template sees the
+same variables (`messages`, `add_generation_prompt`, `tools`, `documents` and the tokenizer's
+special tokens), so the text is the text transformers renders for the same template.
+
+A pair's prompt is the conversation rendered with `add_generation_prompt=True`; a response
+is what rendering the conversation with the assistant's turn appended adds after it (its
+end-of-turn marker included). jaxpref places BOS and EOS as token ids (`pairs.py`), so a
+BOS token the template writes first and an EOS token it writes last are left to those ids
+rather than doubled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+
+SETTINGS = ("auto", "none")
+
+
+def _environment():
+  import jinja2
+  from jinja2 import nodes
+  from jinja2.ext import Extension, loopcontrols
+  from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+  class Generation(Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag) renders
+    its body: the mask it marks is not used here."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+      lineno = next(parser.stream).lineno
+      body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+      return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+      return caller()
+
+  def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                      extensions=[Generation, loopcontrols])
+  # Jinja's own tojson escapes HTML characters; transformers' (and so the templates') does not.
+  env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, \
+      sort_keys=False: json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                                  separators=separators, sort_keys=sort_keys)
+  env.globals["raise_exception"] = raise_exception
+  env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+  return env
+
+
+def special_tokens(tok) -> dict[str, str]:
+  """bos_token, eos_token (and unk_token where the tokenizer has one) as text."""
+  out = {"bos_token": tok.token(tok.bos_id), "eos_token": tok.token(tok.eos_id)}
+  if tok.unk_id >= 0:
+    out["unk_token"] = tok.token(tok.unk_id)
+  return out
+
+
+class ChatTemplate:
+  """A compiled template and the special tokens it is rendered with."""
+
+  def __init__(self, source: str, where: str, special: dict[str, str]):
+    import jinja2
+    self.where, self.special, self.source = where, dict(special), source
+    try:
+      self._template = _environment().from_string(source)
+    except jinja2.TemplateError as e:
+      raise ValueError(f"--chat_template: {where} is not a valid Jinja template ({e})") from None
+
+  def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    import jinja2
+    try:
+      return self._template.render(messages=messages, tools=None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **self.special)
+    except jinja2.TemplateError as e:
+      raise ValueError(f"the chat template ({self.where}) failed: {e}") from None
+
+  def split(self, prompt: list[dict], response: str) -> tuple[str, str]:
+    """(prompt text, response text) of one conversation and its final assistant turn."""
+    head = self.render(prompt, add_generation_prompt=True)
+    full = self.render(prompt + [{"role": "assistant", "content": response}],
+                       add_generation_prompt=False)
+    if not full.startswith(head):
+      raise ValueError(f"the chat template ({self.where}) renders the conversation with the "
+                       "response so that it does not start with the prompt rendered with "
+                       "add_generation_prompt=True, so the response cannot be split off")
+    body = full[len(head):]
+    bos, eos = self.special.get("bos_token"), self.special.get("eos_token")
+    if bos and head.startswith(bos):
+      head = head[len(bos):]
+    if eos and body.endswith(eos):
+      body = body[:-len(eos)]
+    return head, body
+
+
+def resolve(setting: str, tok) -> ChatTemplate | None:
+  """The template `--chat_template` names for `tok`: auto = the tokenizer folder's (None
+  when it has none), none = None, else a Jinja file (or a tokenizer_config.json)."""
+  if setting == "none":
+    return None
+  special = special_tokens(tok)
+  if setting == "auto":
+    if not tok.chat_template:
+      return None
+    return ChatTemplate(tok.chat_template, f"{tok.folder}'s chat template", special)
+  if not os.path.isfile(setting):
+    raise FileNotFoundError(f"--chat_template: {setting!r} is neither auto, none nor a file")
+  with open(setting) as f:
+    source = f.read()
+  if setting.endswith(".json"):
+    try:
+      source = json.loads(source).get("chat_template")
+    except (json.JSONDecodeError, AttributeError):
+      source = None
+    if not isinstance(source, str):
+      raise ValueError(f"--chat_template: {setting} holds no \"chat_template\" string")
+  return ChatTemplate(source, setting, special)

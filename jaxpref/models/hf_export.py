@@ -1,0 +1,97 @@
+"""`--export_hf=PATH`: the trained model of a run as a Hugging Face folder.
+
+The policy is written as its family's `*ForCausalLM` (LoRA adapters merged into the base
+first, so the folder is a plain checkpoint); a reward model as `*ForSequenceClassification`
+(`hf_reward.save`). The tokenizer files the run read are copied beside the weights, so the
+folder loads with `AutoTokenizer` as well when they are Hugging Face files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Callable
+
+import jax
+
+from jaxpref.models import hf, hf_reward, lora
+from jaxpref.models.hf_config import family_of
+
+# Files of a Hugging Face tokenizer, copied when present beside the run's tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+
+
+def check(cfg) -> None:
+  """Start-up check: the model must be one a Hugging Face family represents, or the export
+  would fail only after training."""
+  if not getattr(cfg, "export_hf", ""):
+    return
+  try:
+    family_of(cfg.model)
+  except ValueError as e:
+    raise ValueError(f"--export_hf: {e}") from None
+  if cfg.role == "reward" and getattr(cfg, "reward_head", "linear") != "linear":
+    raise ValueError(f"--export_hf writes a reward model as *ForSequenceClassification, a "
+                     f"linear head; --reward_head={cfg.reward_head} has no such form")
+  if cfg.init_from and os.path.abspath(cfg.export_hf) == os.path.abspath(cfg.init_from):
+    raise ValueError(f"--export_hf={cfg.export_hf!r} is the --init_from folder; the export "
+                     "would overwrite the weights the run started from")
+  if os.path.isfile(cfg.export_hf):
+    raise ValueError(f"--export_hf={cfg.export_hf!r} is a file; it names the output folder")
+
+
+def tokenizer_files(tokenizer: str) -> list[str]:
+  """The files of the tokenizer at `tokenizer` (a file, or a Hugging Face folder)."""
+  folder = tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer)
+  files = [os.path.join(folder, n) for n in TOKENIZER_FILES
+           if os.path.isfile(os.path.join(folder, n))]
+  if os.path.isfile(tokenizer) and os.path.abspath(tokenizer) not in map(os.path.abspath, files):
+    files.append(tokenizer)
+  return files
+
+
+def _copy_tokenizer(tokenizer: str, path: str) -> list[str]:
+  """Copies the tokenizer's files into `path`; a sentencepiece or tokenizers file of another
+  name gets the name transformers looks for."""
+  out = []
+  for f in tokenizer_files(tokenizer):
+    name = os.path.basename(f)
+    if name not in TOKENIZER_FILES:
+      name = "tokenizer.json" if name.endswith(".json") else "tokenizer.model"
+    shutil.copyfile(f, os.path.join(path, name))
+    out.append(name)
+  return out
+
+
+def host_copy(tree: Any) -> Any:
+  """The whole of every (possibly sharded) array as numpy; with several processes every
+  process must call it (an all-gather), then only process 0 writes."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def export(cfg, params: Any, frozen: Any = None, say: Callable[[str], None] = print) -> None:
+  """Writes the run's model to `cfg.export_hf`. `params` is the train state's params (the
+  adapters under LoRA, whose frozen base is `frozen.base`)."""
+  if cfg.lora is not None:
+    params = lora.merge(frozen.base, params, cfg.lora.scale)
+  params = host_copy(params)
+  if jax.process_index() != 0:
+    return
+  path = cfg.export_hf
+  if cfg.role == "reward":
+    from jaxpref.data.tokenizer import Tokenizer
+    # transformers pools at the last token that is not pad_token_id: ours pads with this.
+    pad = Tokenizer.load(cfg.data.tokenizer).pad_id
+    hf_reward.save(params, cfg.model, path, pad_token_id=pad)
+    kind = hf.seq_cls_architecture(family_of(cfg.model))
+  else:
+    hf.save(params, cfg.model, path)
+    kind = family_of(cfg.model).architecture
+  copied = _copy_tokenizer(cfg.data.tokenizer, path) if cfg.data.tokenizer else []
+  what = "LoRA adapters merged into the base" if cfg.lora is not None else "trained weights"
+  say(f"--export_hf: wrote {path} ({kind}, {what}; tokenizer files: "
+      f"{', '.join(copied) or 'none'})")

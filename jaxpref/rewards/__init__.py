@@ -1,0 +1,9 @@
+"""Model-based rewards as functions of (prompt, response) strings: CDR (LOSSES.md §5.8),
+FLR and R^3 mixtures (§10b), and a command that labels candidate responses into preference
+pairs by one of them (`python -m jaxpref.rewards.label`)."""
+
+from jaxpref.rewards.model_rewards import (LM, cdr, embed, flr, length_penalty, mixture,
+                                           relevance, repetition_penalty, sequence_logps)
+
+__all__ = ["LM", "cdr", "embed", "flr", "length_penalty", "mixture", "relevance",
+           "repetition_penalty", "sequence_logps"]
