@@ -67,6 +67,9 @@ class Logps:
   token_mask: Optional[Array] = None  # float32[B, K, T, M]
   label_smoothing: Optional[Array] = None  # float32[B]; per-pair flip rate, overrides the hparam
   source_logps: Optional[Array] = None  # float32[B, S, 2]; summed, per source model (infifpo)
+  # Per response, sum over its tokens of log sum_v pi(v|t)^2 under the policy, no gradient
+  # (WPO's weight alignment: log of the probability that two samples of pi agree at t).
+  prob_sq: Optional[Array] = None  # float32[B, K]
   # The reward role (jaxpref/train/reward_step.py) puts a scalar reward per response in
   # `policy` (and zeros in `ref`), or a preference embedding per response here.
   embed: Optional[Array] = None  # float32[B, K, E]

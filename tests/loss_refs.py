@@ -326,10 +326,12 @@ def lipo(policy, ref, length, w, valid, scores=None, beta=0.1):
   return wmean(np.array(out), w)
 
 
-def wpo(policy, ref, length, w, beta=0.01, label_smoothing=0.0):
+def wpo(policy, ref, length, w, beta=0.01, label_smoothing=0.0, align=True, prob_sq=None):
   """cDPO per pair times pi(y_w)^(1/L_w) * pi(y_l)^(1/L_l) (capped at 1), the weight
-  evaluated as a number (no gradient flows through it in the loss)."""
-  weight = np.minimum(np.exp(policy[:, 0] / length[:, 0]) * np.exp(policy[:, 1] / length[:, 1]), 1.0)
+  evaluated as a number (no gradient flows through it in the loss). `align`: each token's
+  probability is first divided by sum_v pi(v)^2, i.e. S - prob_sq in place of S."""
+  s = policy - prob_sq if align else policy
+  weight = np.minimum(np.exp(s[:, 0] / length[:, 0]) * np.exp(s[:, 1] / length[:, 1]), 1.0)
   z = beta * h_of(policy, ref)
   return wmean(weight * (-(1 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z)), w)
 

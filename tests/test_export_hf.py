@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from cli_util import train  # noqa: E402
+from hf_util import random_llama  # noqa: E402
 from jaxpref import models  # noqa: E402
 from jaxpref.data import Tokenizer, make_tiny  # noqa: E402
 from jaxpref.models import convert, hf_export, lora  # noqa: E402
@@ -43,18 +44,9 @@ def write_tokenizer(path):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
   """A random tiny LlamaForCausalLM with a tokenizer, as a Hub folder would hold it."""
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=64)
-  model = transformers.LlamaForCausalLM(cfg).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.normal_(0.0, 0.2)
-  path = tmp_path_factory.mktemp("hf") / "llama"
-  model.save_pretrained(path)
-  write_tokenizer(str(path))
-  return str(path)
+  path, _ = random_llama(tmp_path_factory.mktemp("hf") / "llama", V)
+  write_tokenizer(path)
+  return path
 
 
 def lora_config(workdir, init_from, export):

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from cli_util import metrics, train  # noqa: E402
+from hf_util import random_llama  # noqa: E402
 from jaxpref import losses  # noqa: E402
 from jaxpref.data import make_tiny  # noqa: E402
 from jaxpref.models import convert  # noqa: E402
@@ -26,17 +27,7 @@ V = 160  # >= the tiny tokenizer's 156 pieces
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
   """A random tiny LlamaForCausalLM, saved: weights far from any init jaxpref would draw."""
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=64)
-  model = transformers.LlamaForCausalLM(cfg).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.normal_(0.0, 0.2)
-  path = tmp_path_factory.mktemp("hf") / "llama"
-  model.save_pretrained(path)
-  return str(path), model
+  return random_llama(tmp_path_factory.mktemp("hf") / "llama", V)
 
 
 def run_config(workdir, init_from, **model):

@@ -8,7 +8,8 @@ from flax import nnx
 
 from jaxpref import models
 from jaxpref.train.config import LogpsOptions
-from jaxpref.train.policy_step import token_logps
+from jaxpref.data import shared_prompt
+from jaxpref.train.policy_step import token_logps, vocab_log_prob_sq
 from jaxpref.types import GroupBatch
 
 
@@ -42,3 +43,47 @@ def test_paths_match_naive_values_and_gradients(opts):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # float32 sum order
   tok = token_logps(graphdef, params, batch, opts)
   assert np.all(np.asarray(tok)[np.asarray(batch.loss_mask) == 0] == 0)
+
+
+def _log_prob_sq(logits):
+  """float64 log sum_v softmax(z)_v^2 along the last axis."""
+  z = np.asarray(logits, np.float64)
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.log((p ** 2).sum(-1))
+
+
+def test_vocab_log_prob_sq_streams_chunks_and_a_tail():
+  rng = np.random.default_rng(1)
+  h, w = rng.normal(size=(6, 8)), rng.normal(size=(8, 37)) * 3
+  want = _log_prob_sq(h @ w)
+  for chunk in (8, 37, 4096):  # 4 chunks + a tail of 5; one chunk; the tail alone
+    got = vocab_log_prob_sq(jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32), chunk=chunk)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  capped = vocab_log_prob_sq(jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32), softcap=2.0,
+                             chunk=8)
+  np.testing.assert_allclose(capped, _log_prob_sq(2.0 * np.tanh(h @ w / 2.0)), rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(want) <= 0) and np.all(np.asarray(want) >= -np.log(37) - 1e-9)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_prob_sq_sums_the_masked_tokens_on_every_layout(fused):
+  """WPO's alignment term from the step: per response, the sum over its masked tokens of
+  log sum_v pi(v|t)^2 at the position that predicts the token; the shared-prompt layout
+  gives the same sums."""
+  cfg = models.get_config("tiny", vocab_size=97)
+  graphdef, params = nnx.split(models.Decoder(cfg, rngs=nnx.Rngs(0)))
+  batch = _batch(v=97)
+  tokens = np.asarray(batch.tokens).copy()
+  tokens[:, 1, :5] = tokens[:, 0, :5]  # the two members share their prompt
+  batch = GroupBatch(**{**batch.__dict__, "tokens": jnp.asarray(tokens)})
+  opts = LogpsOptions(fused_lm_head=fused)
+  logp, sq = token_logps(graphdef, params, batch, opts, prob_sq=True)
+  np.testing.assert_allclose(logp, token_logps(graphdef, params, batch, opts), rtol=1e-6)
+  logits = nnx.merge(graphdef, params)(jnp.asarray(tokens.reshape(4, 12)))
+  per = _log_prob_sq(logits)[:, :-1] * np.asarray(batch.loss_mask).reshape(4, 12)[:, 1:]
+  np.testing.assert_allclose(sq, per.sum(-1).reshape(2, 2), rtol=1e-5)
+  assert np.all(np.asarray(sq) < 0)
+  packed = shared_prompt.pack(jax.tree.map(np.asarray, batch))
+  _, packed_sq = token_logps(graphdef, params, packed, opts, prob_sq=True)
+  np.testing.assert_allclose(packed_sq, sq, rtol=1e-4)

@@ -26,7 +26,8 @@ PAIRWISE = [
     ("f_dpo", {}), ("f_dpo", {"divergence": "js_divergence"}),
     ("f_dpo", {"divergence": "alpha_divergence", "alpha": 0.5, "label_smoothing": 0.1}),
     ("sft", {}), ("spo", {}),
-    ("wpo", {}), ("wpo", {"beta": 0.5, "label_smoothing": 0.1}), ("mcts_dpo", {}),
+    ("wpo", {"align": False}), ("wpo", {"beta": 0.5, "label_smoothing": 0.1, "align": False}),
+    ("mcts_dpo", {}),
     ("mcts_dpo", {"length_normalize": True, "length_penalty": 1.25}),
     ("mcts_dpo", {"ipo": True, "beta": 0.5}), ("mcts_dpo", {"conservative": False}),
 ]

@@ -15,6 +15,11 @@ from jaxpref.types import Logps
 from test_losses import make_lp, pair_inputs
 
 
+def WPO(lp, **kw):
+  """`wpo` without the weight alignment (whose tests give `Logps.prob_sq` explicitly)."""
+  return losses.get("wpo")(lp, **{"align": False, **kw})
+
+
 def replace(lp, **fields):
   return Logps(**{**lp.__dict__, **fields})
 
@@ -36,12 +41,12 @@ def test_wpo_gradient_treats_the_weight_as_a_constant():
     w0 = wpo_weight(lp)
     frozen = lambda p: weighted_dpo(replace(lp, policy=p), w0, 0.5, 0.1)[0]
     check_grads(frozen, (lp.policy,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
-    got = jax.grad(lambda p: losses.get("wpo")(replace(lp, policy=p), beta=0.5,
+    got = jax.grad(lambda p: WPO(replace(lp, policy=p), beta=0.5,
                                                label_smoothing=0.1)[0])(lp.policy)
     np.testing.assert_allclose(got, jax.grad(frozen)(lp.policy), rtol=1e-10, atol=1e-14)
     # Per pair: w times DPO's gradient (the value of w moves, its gradient is not taken).
     one = make_lp([[-2.0, -3.0]], [[-2.5, -2.5]], [[2.0, 4.0]], [1.0], dtype=jnp.float64)
-    g_wpo = jax.grad(lambda p: losses.get("wpo")(replace(one, policy=p), beta=0.5)[0])(one.policy)
+    g_wpo = jax.grad(lambda p: WPO(replace(one, policy=p), beta=0.5)[0])(one.policy)
     g_dpo = jax.grad(lambda p: losses.get("dpo")(replace(one, policy=p), beta=0.5)[0])(one.policy)
     np.testing.assert_allclose(g_wpo, np.exp(-1.0 - 0.75) * g_dpo, rtol=1e-12)
 
@@ -56,23 +61,23 @@ def test_wpo_weights_pairs_by_policy_likelihood_not_by_margin():
   np.testing.assert_allclose(dpo(lp, beta=0.01)[0], dpo(shifted, beta=0.01)[0], rtol=1e-6)
   w, w_shift = np.asarray(wpo_weight(lp)), np.asarray(wpo_weight(shifted))
   np.testing.assert_allclose(w_shift / w, np.exp(-3.0 / length[:, 0] - 3.0 / length[:, 1]), rtol=1e-4)
-  assert float(losses.get("wpo")(shifted)[0]) < float(losses.get("wpo")(lp)[0])
+  assert float(WPO(shifted)[0]) < float(WPO(lp)[0])
 
 
 def test_wpo_on_certain_pairs_is_dpo():
   # A policy that puts probability 1 on both responses weighs the pair fully.
   policy, ref, length, weight = pair_inputs(33)
   certain = make_lp(np.full_like(policy, -1e-7), ref, length, weight)
-  np.testing.assert_allclose(losses.get("wpo")(certain, beta=0.3)[0],
+  np.testing.assert_allclose(WPO(certain, beta=0.3)[0],
                              losses.get("dpo")(certain, beta=0.3)[0], rtol=1e-5)
-  assert float(losses.get("wpo")(certain)[1]["wpo/weight"]) == pytest.approx(1.0, abs=1e-5)
+  assert float(WPO(certain)[1]["wpo/weight"]) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_wpo_stays_finite_at_extreme_log_probs():
   lp = make_lp([[-4000.0, -1e-6], [-1e-6, -3000.0]], [[-10.0, -200.0], [-300.0, -1.0]],
                [[1.0, 1.0], [1.0, 2.0]], [1.0, 1.0])
-  loss, metrics = losses.get("wpo")(lp, beta=1.0)
-  grads = jax.grad(lambda p: losses.get("wpo")(replace(lp, policy=p), beta=1.0)[0])(lp.policy)
+  loss, metrics = WPO(lp, beta=1.0)
+  grads = jax.grad(lambda p: WPO(replace(lp, policy=p), beta=1.0)[0])(lp.policy)
   assert np.isfinite(float(loss)) and np.isfinite(np.asarray(grads)).all()
   assert float(metrics["wpo/weight"]) == 0.0  # both pairs are unreachable for this policy
 
@@ -84,7 +89,56 @@ def test_wpo_reads_per_pair_label_smoothing_from_the_records():
   want = R.wmean(np.minimum(np.exp(policy[:, 0] / length[:, 0] + policy[:, 1] / length[:, 1]), 1)
                  * (-(1 - eps) * R.logsig(0.01 * R.h_of(policy, ref))
                     - eps * R.logsig(-0.01 * R.h_of(policy, ref))), weight)
-  np.testing.assert_allclose(float(losses.get("wpo")(lp, label_smoothing=0.3)[0]), want, rtol=1e-4)
+  np.testing.assert_allclose(float(WPO(lp, label_smoothing=0.3)[0]), want, rtol=1e-4)
+
+
+def aligned_inputs(seed):
+  policy, ref, length, weight = pair_inputs(seed, spread=3.0)
+  # Per token, log sum_v pi(v)^2 lies in [-log V, 0]; here between -3 and 0.
+  prob_sq = -np.random.default_rng(seed).uniform(0, 3, policy.shape) * length
+  return policy, ref, length, weight, prob_sq
+
+
+@pytest.mark.parametrize("hp", [{}, {"beta": 0.5, "label_smoothing": 0.1}])
+def test_wpo_aligned_weight_matches_float64_reference(hp):
+  policy, ref, length, weight, prob_sq = aligned_inputs(35)
+  lp = replace(make_lp(policy, ref, length, weight), prob_sq=jnp.asarray(prob_sq, jnp.float32))
+  loss, metrics = jax.jit(lambda l: losses.get("wpo")(l, **hp))(lp)
+  np.testing.assert_allclose(float(loss), R.wpo(policy, ref, length, weight, prob_sq=prob_sq, **hp),
+                             rtol=2e-4, atol=1e-6)
+  # Alignment divides each token's probability by sum_v pi^2 <= 1: weights only grow.
+  assert float(metrics["wpo/weight"]) >= float(WPO(lp, **hp)[1]["wpo/weight"])
+
+
+def test_wpo_aligned_weight_is_one_for_a_pair_the_policy_samples_like_its_own():
+  # A uniform policy over V tokens: pi(y_t) = 1/V = sum_v pi(v)^2, so the aligned weight is 1
+  # however long the responses, where the plain one is V^-(2) per pair.
+  length = np.array([[3.0, 7.0], [1.0, 20.0]])
+  logv = np.log(32000.0)
+  lp = replace(make_lp(-logv * length, -logv * length, length, np.ones(2)),
+               prob_sq=jnp.asarray(-logv * length, jnp.float32))
+  w_aligned = np.asarray(wpo_weight(lp, align=True))
+  np.testing.assert_allclose(w_aligned, 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(wpo_weight(lp)), np.exp(-2 * logv), rtol=1e-4)
+
+
+def test_wpo_alignment_without_prob_sq_is_a_clear_error():
+  policy, ref, length, weight = pair_inputs(36)
+  with pytest.raises(ValueError, match="prob_sq"):
+    losses.get("wpo")(make_lp(policy, ref, length, weight))
+  assert losses.needs_tokens("wpo").prob_sq and not losses.needs_tokens("wpo")
+
+
+def test_wpo_aligned_gradient_treats_the_weight_as_a_constant():
+  policy, ref, length, weight, prob_sq = aligned_inputs(37)
+  with jax.enable_x64(True):
+    lp = replace(make_lp(policy, ref, length, weight, dtype=jnp.float64),
+                 prob_sq=jnp.asarray(prob_sq))
+    w0 = wpo_weight(lp, align=True)
+    frozen = lambda p: weighted_dpo(replace(lp, policy=p), w0, 0.5, 0.0)[0]
+    got = jax.grad(lambda p: losses.get("wpo")(replace(lp, policy=p), beta=0.5)[0])(lp.policy)
+    np.testing.assert_allclose(got, jax.grad(frozen)(lp.policy), rtol=1e-10, atol=1e-14)
+    check_grads(frozen, (lp.policy,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
 # ---- mcts_dpo --------------------------------------------------------------------------

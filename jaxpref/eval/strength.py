@@ -39,6 +39,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxpref import flags as jflags
+from jaxpref import main as jaxpref_main
 
 flags.DEFINE_integer("ensemble_size", 5, "jaxpref-strength: reward models in the ensemble (M).")
 flags.DEFINE_string("strength_data", "", "jaxpref-strength: the pairs to score (default "
@@ -218,17 +219,6 @@ def strength(cfg, m: int, data_path: str = "", out: str = "", drop_below: float 
           "mean_std": float(stats["strength_std"].mean()), "detection": detection}
 
 
-def parse(argv: list[str]) -> list[str]:
-  args = []
-  try:
-    args = jflags.expand_flagfiles(argv[1:])
-    jflags.import_loss_modules(args)
-    return FLAGS(argv[:1] + args)
-  except flags.Error as e:
-    print(f"FATAL flags parsing error: {e}\nPass --helpfull to see all flags.", file=sys.stderr)
-    sys.exit(1)
-
-
 def main(argv: list[str]) -> None:
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
@@ -247,7 +237,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  app.run(main, flags_parser=parse)
+  app.run(main, flags_parser=jaxpref_main.parse)  # the train CLI's flags and hints
 
 
 if __name__ == "__main__":

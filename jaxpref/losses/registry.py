@@ -29,6 +29,9 @@ class TokenNeeds:
   # Logps.token_mask: "learned" = the policy's mask network (models/token_mask.py) on the
   # reference's per-layer hidden states; "activations" = their feature means (no params).
   token_mask: Optional[str] = None
+  # Logps.prob_sq: per response, the masked sum over its tokens of log sum_v pi(v|t)^2
+  # under the policy (WPO's weight alignment); a sequence-level [B, K] term, not a token one.
+  prob_sq: bool = False
 
   def __bool__(self):
     return self.tokens
@@ -39,7 +42,7 @@ class TokenNeeds:
       raise ValueError(f"losses asking for different token masks ({', '.join(sorted(masks))}) "
                        "cannot be summed")
     return TokenNeeds(self.tokens or other.tokens, self.vocab_kl or other.vocab_kl,
-                      masks.pop() if masks else None)
+                      masks.pop() if masks else None, self.prob_sq or other.prob_sq)
 
 
 _LOSSES: dict[str, LossFn] = {}
@@ -47,14 +50,16 @@ _NEEDS: dict[str, TokenNeeds] = {}
 
 
 def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = False,
-             token_mask: Optional[str] = None) -> Callable[[LossFn], LossFn]:
+             token_mask: Optional[str] = None,
+             needs_prob_sq: bool = False) -> Callable[[LossFn], LossFn]:
   """Decorator adding `fn` to the registry under `name` (a user's file may use it too).
 
   `needs_tokens=True` asks the train step for the per-token log-probs
   (`Logps.policy_tok`, `ref_tok`, `mask`, each [B, K, T]); other losses never hold them.
   `needs_vocab_kl` asks for `Logps.kl_tok`, and `token_mask` (one of TOKEN_MASKS) for
   `Logps.token_mask`: a full-vocabulary pass and per-layer reference states, paid only by
-  the losses that ask (either implies `needs_tokens`).
+  the losses that ask (either implies `needs_tokens`). `needs_prob_sq` asks for
+  `Logps.prob_sq` [B, K], a policy-side full-vocabulary pass without per-token arrays.
   """
   if token_mask is not None and token_mask not in TOKEN_MASKS:
     raise ValueError(f"loss {name!r}: token_mask must be one of {TOKEN_MASKS}, got {token_mask!r}")
@@ -71,8 +76,9 @@ def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = Fa
         raise TypeError(f"loss {name!r}: hyperparameter {p.name!r} must be keyword-only "
                         "with a default (the paper's)")
     _LOSSES[name] = fn
-    if needs_tokens or needs_vocab_kl or token_mask:
-      _NEEDS[name] = TokenNeeds(True, needs_vocab_kl, token_mask)
+    if needs_tokens or needs_vocab_kl or token_mask or needs_prob_sq:
+      _NEEDS[name] = TokenNeeds(bool(needs_tokens or needs_vocab_kl or token_mask),
+                                needs_vocab_kl, token_mask, needs_prob_sq)
     return fn
 
   return add

@@ -16,15 +16,21 @@ from jaxpref.losses.registry import register
 from jaxpref.types import Logps
 
 
-def wpo_weight(lp: Logps) -> jax.Array:
-  """WPO's pair weight min(1, exp(A_pol(y_w) + A_pol(y_l))), [B], without gradient.
+def wpo_weight(lp: Logps, align: bool = False) -> jax.Array:
+  """WPO's pair weight min(1, exp(A(y_w) + A(y_l))), [B], without gradient.
 
-  The product of the two responses' length-normalised probabilities under the current
-  policy: how likely the policy is to have sampled this pair itself. Formed in log space
-  and clamped there (the official code clamps at 1), so it underflows to 0 rather than
-  overflowing.
+  A is the policy's length-normalised log-prob, so the weight is how likely the policy is
+  to have sampled this pair itself. `align` (the paper's weight alignment, always on in
+  the official trainer) first divides each token's probability by sum_v pi(v|t)^2, the
+  probability that the policy's own sample agrees with another, so a pair the policy
+  would sample weighs about 1 however peaked its distributions: A = (S - sum_t log
+  sum_v pi(v|t)^2) / L with `Logps.prob_sq` the sum. Formed in log space and clamped
+  there (the official code clamps at 1), so it underflows to 0 rather than overflowing.
   """
-  a = avg_logps(lp)
+  if align and lp.prob_sq is None:
+    raise ValueError("wpo with align=True reads Logps.prob_sq, which the train step fills "
+                     "for losses registered with needs_prob_sq=True")
+  a = (lp.policy - lp.prob_sq) / jnp.maximum(lp.length, 1.0) if align else avg_logps(lp)
   return jax.lax.stop_gradient(jnp.exp(jnp.minimum(a[:, 0] + a[:, 1], 0.0)))
 
 
@@ -37,21 +43,19 @@ def weighted_dpo(lp: Logps, weight: jax.Array, beta: float, label_smoothing: flo
   return loss, metrics
 
 
-@register("wpo")
-def wpo(lp: Logps, *, beta: float = 0.01, label_smoothing: float = 0.0):
+@register("wpo", needs_prob_sq=True)
+def wpo(lp: Logps, *, beta: float = 0.01, label_smoothing: float = 0.0, align: bool = True):
   """WPO: Enhancing RLHF with Weighted Preference Optimization (Zhou et al. 2024).
 
-  l = w * cDPO(beta h), w = min(1, exp(A_pol(y_w) + A_pol(y_l))) held constant in the
-  gradient (`wpo_weight`): off-policy pairs the policy would rarely produce count less,
-  simulating on-policy data. This is the weight *before* the paper's weight alignment:
-  the official trainer divides every token's probability by sum_v pi(v)^2 (the expected
-  probability of a token the policy samples itself, so that pairs the policy would sample
-  weigh alike) before averaging, which needs the full-vocabulary softmax that `Logps`
-  does not carry. Per-pair eps from the records' `label_smoothing` field overrides the
-  scalar, as in `dpo`.
+  l = w * cDPO(beta h), w = min(1, exp(A(y_w) + A(y_l))) held constant in the gradient
+  (`wpo_weight`): off-policy pairs the policy would rarely produce count less, simulating
+  on-policy data. `align` applies the paper's weight alignment as the official trainer
+  does (each token's probability over sum_v pi(v)^2, from the full-vocabulary softmax the
+  step streams into `Logps.prob_sq`); `align=False` is the weight without it. Per-pair
+  eps from the records' `label_smoothing` field overrides the scalar, as in `dpo`.
   """
   check_pairs(lp)
-  return weighted_dpo(lp, wpo_weight(lp), beta, flip_rate(lp, label_smoothing))
+  return weighted_dpo(lp, wpo_weight(lp, align), beta, flip_rate(lp, label_smoothing))
 
 
 def visit_count_flip_rate(lp: Logps) -> jax.Array:

@@ -32,9 +32,10 @@ class TrainState:
 
 
 def _packed_token_logps(model, batch: SharedPromptBatch | PackedBatch,
-                        opts: LogpsOptions) -> jax.Array:
+                        opts: LogpsOptions, prob_sq: bool = False):
   """float32[B, K, R] log-probs of each response's tokens, read from packed rows: one
-  shared-prompt row per group, or a `PackedBatch` block's K rows per m groups."""
+  shared-prompt row per group, or a `PackedBatch` block's K rows per m groups (and, with
+  `prob_sq`, the [B, K] sums of `vocab_log_prob_sq` over those tokens)."""
   p = batch.tokens.shape[0]
   flat = lambda x: x.reshape(-1, x.shape[-1])  # [P, K, L] blocks -> [P*K, L] rows
   h = model.hidden(flat(batch.tokens), segment_ids=flat(batch.segment_ids),
@@ -49,22 +50,37 @@ def _packed_token_logps(model, batch: SharedPromptBatch | PackedBatch,
                                      softcap=model.config.final_logit_softcap)
   else:
     logp, _ = ops.token_logps(model.logits(rows), batch.targets, batch.loss_mask, impl=opts.impl)
-  return logp.reshape(-1, *logp.shape[-2:])  # a PackedBatch's [P, m, K, R] -> [P*m, K, R]
+  logp = logp.reshape(-1, *logp.shape[-2:])  # a PackedBatch's [P, m, K, R] -> [P*m, K, R]
+  if not prob_sq:
+    return logp
+  sq = vocab_log_prob_sq(rows.reshape(-1, rows.shape[-1]), model.lm_head_weight(),
+                         model.config.final_logit_softcap).reshape(batch.loss_mask.shape)
+  return logp, (sq * batch.loss_mask).sum(-1).reshape(logp.shape[:2])
 
 
 def token_logps(graphdef: nnx.GraphDef, params: Any,
                 batch: GroupBatch | SharedPromptBatch | PackedBatch,
-                opts: LogpsOptions = LogpsOptions()) -> jax.Array:
+                opts: LogpsOptions = LogpsOptions(), prob_sq: bool = False):
   """Masked per-token log-probs float32[B, K, T] of every group member's realised tokens
   ([B, K, R], response tokens only, for a `SharedPromptBatch` or `PackedBatch`)."""
   model = nnx.merge(graphdef, params)
   if isinstance(batch, (SharedPromptBatch, PackedBatch)):
-    return _packed_token_logps(model, batch, opts)
+    return _packed_token_logps(model, batch, opts, prob_sq)
   b, k, t = batch.tokens.shape
   tokens, mask, segment_ids = (x.reshape(b * k, t) for x in
                                (batch.tokens, batch.loss_mask, batch.segment_ids))
   h = model.hidden(tokens, segment_ids=segment_ids)
-  return _head_logps(model, h, tokens, mask, opts).reshape(b, k, t)
+  logp = _head_logps(model, h, tokens, mask, opts).reshape(b, k, t)
+  return (logp, _prob_sq(model, h, mask).reshape(b, k)) if prob_sq else logp
+
+
+def _prob_sq(model, h: jax.Array, mask: jax.Array) -> jax.Array:
+  """[N] masked sums of log sum_v pi(v|t)^2 over each row's tokens; position t-1 predicts
+  token t, as for its log-prob."""
+  d = h.shape[-1]
+  sq = vocab_log_prob_sq(h[:, :-1].reshape(-1, d), model.lm_head_weight(),
+                         model.config.final_logit_softcap).reshape(h.shape[0], -1)
+  return (sq * mask[:, 1:]).sum(-1)
 
 
 def _head_logps(model, h: jax.Array, tokens: jax.Array, mask: jax.Array,
@@ -95,6 +111,42 @@ def _kl_update(carry, a, b):
           new_b, s_b * scale_b + p_b.sum(-1), e * scale_b + (p_b * (a - b)).sum(-1))
 
 
+def _chunk_logits(x, wt, start, width, softcap):
+  y = jnp.dot(x, jax.lax.dynamic_slice_in_dim(wt, start, width, axis=1).astype(x.dtype),
+              preferred_element_type=jnp.float32)
+  return softcap * jnp.tanh(y / softcap) if softcap else y
+
+
+def vocab_log_prob_sq(h: jax.Array, w: jax.Array, softcap: float = 0.0,
+                      chunk: int = 4096) -> jax.Array:
+  """log sum_v p(v)^2 per row of p = softmax(h @ w), float32[N], without gradient.
+
+  WPO's weight alignment divides each token's probability by this expected probability
+  of the policy's own sample. Streamed over vocabulary chunks with running (max, sum of
+  e^(z-m), sum of e^(2(z-m))), so no [N, V] array exists: log s2 - 2 log s1.
+  """
+  h, w = jax.lax.stop_gradient((h, w))
+  v = w.shape[1]
+  chunk = min(chunk, v)
+  n_full, tail = divmod(v, chunk)
+
+  def update(carry, start, width):
+    m, s1, s2 = carry
+    z = _chunk_logits(h, w, start, width, softcap)
+    new = jnp.maximum(m, z.max(-1))
+    e, c = jnp.exp(z - new[:, None]), jnp.exp(m - new)
+    return new, s1 * c + e.sum(-1), s2 * c * c + (e * e).sum(-1)
+
+  n = h.shape[0]
+  carry = (jnp.full((n,), _NEG), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+  carry, _ = jax.lax.scan(lambda c, start: (update(c, start, chunk), None), carry,
+                          jnp.arange(n_full, dtype=jnp.int32) * chunk)
+  if tail:
+    carry = update(carry, n_full * chunk, tail)
+  _, s1, s2 = carry
+  return jnp.log(s2) - 2.0 * jnp.log(s1)
+
+
 def vocab_kl(h: jax.Array, w: jax.Array, h_ref: jax.Array, w_ref: jax.Array,
              softcap: float = 0.0, chunk: int = 4096) -> jax.Array:
   """k = sum_v p_ref(v) (log p_pol(v) - log p_ref(v)) <= 0 per row, float32[N].
@@ -108,13 +160,9 @@ def vocab_kl(h: jax.Array, w: jax.Array, h_ref: jax.Array, w_ref: jax.Array,
   chunk = min(chunk, v)
   n_full, tail = divmod(v, chunk)
 
-  def logits(x, wt, start, width):
-    y = jnp.dot(x, jax.lax.dynamic_slice_in_dim(wt, start, width, axis=1).astype(x.dtype),
-                preferred_element_type=jnp.float32)
-    return softcap * jnp.tanh(y / softcap) if softcap else y
-
   def update(carry, start, width):
-    return _kl_update(carry, logits(h, w, start, width), logits(h_ref, w_ref, start, width))
+    return _kl_update(carry, _chunk_logits(h, w, start, width, softcap),
+                      _chunk_logits(h_ref, w_ref, start, width, softcap))
 
   n = h.shape[0]
   zeros = jnp.zeros((n,), jnp.float32)
@@ -171,16 +219,18 @@ def token_level_logps(graphdef: nnx.GraphDef, params: Any, ref_params: Any, batc
     masks = jnp.moveaxis(states[:, :, :-1].mean(-1), 0, -1)  # [N, T-1, L] feature means
   if needs.token_mask:
     extras["token_mask"] = (shift(masks) * mask[..., None]).reshape(b, k, t, -1)
+  if needs.prob_sq:
+    extras["prob_sq"] = _prob_sq(model, h, mask).reshape(b, k)
   return policy_tok, ref_tok, extras
 
 
 def group_logps(policy_tok: jax.Array, ref_tok: jax.Array | None, batch: GroupBatch,
                 with_tokens: Any = False, kl_tok: jax.Array | None = None,
-                token_mask: jax.Array | None = None) -> Logps:
+                token_mask: jax.Array | None = None, prob_sq: jax.Array | None = None) -> Logps:
   """`ref_tok` None: the reference's sequence log-probs come precomputed in the batch.
 
-  `with_tokens` a losses.TokenNeeds asking for `kl_tok` or `token_mask` that are not given:
-  zeros of their shape stand in (M = 2 masks, or 1 activation layer), for tracing a loss
+  `with_tokens` a losses.TokenNeeds asking for `kl_tok`, `token_mask` or `prob_sq` that are
+  not given: zeros of their shape stand in (M = 2 masks, or 1 activation layer), for tracing a loss
   on the data's shapes (the loop's start-up probe).
   """
   if isinstance(batch, PackedBatch):
@@ -188,6 +238,8 @@ def group_logps(policy_tok: jax.Array, ref_tok: jax.Array | None, batch: GroupBa
   extra = dict(policy_tok=policy_tok, ref_tok=ref_tok, mask=batch.loss_mask) if with_tokens else {}
   if getattr(with_tokens, "vocab_kl", False):
     extra["kl_tok"] = jnp.zeros_like(policy_tok) if kl_tok is None else kl_tok
+  if getattr(with_tokens, "prob_sq", False):
+    extra["prob_sq"] = jnp.zeros(policy_tok.shape[:2]) if prob_sq is None else prob_sq
   kind = getattr(with_tokens, "token_mask", None)
   if kind:
     extra["token_mask"] = (jnp.zeros((*policy_tok.shape, 2 if kind == "learned" else 1))
@@ -249,7 +301,11 @@ def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
       ref_tok = jax.lax.stop_gradient(token_logps(graphdef, ref_params, batch, opts))
     else:  # --reference=precomputed: no reference forward pass at all
       ref_tok = None
-    lp = group_logps(token_logps(graphdef, params, batch, opts), ref_tok, batch, with_tokens)
+    if getattr(with_tokens, "prob_sq", False):  # WPO's alignment: one policy pass serves both
+      policy_tok, prob_sq = token_logps(graphdef, params, batch, opts, prob_sq=True)
+      lp = group_logps(policy_tok, ref_tok, batch, with_tokens, prob_sq=prob_sq)
+    else:
+      lp = group_logps(token_logps(graphdef, params, batch, opts), ref_tok, batch, with_tokens)
     loss, metrics = loss_fn(lp)
     return loss, {"loss": loss, **metrics}
 
