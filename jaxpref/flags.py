@@ -79,6 +79,7 @@ flags.DEFINE_string("model", _R.model_preset, "Model size preset: " + ", ".join(
 flags.DEFINE_string("init_from", _R.init_from, "Start the policy and the reference from a "
                     "Hugging Face folder (Llama, Qwen2, Gemma, Gemma 2) or a jaxpref-convert "
                     "folder; the model's shape comes from it (docs/models.md).")
+flags.DEFINE_alias("init_from_hf", "init_from")  # the name the models issue uses
 flags.DEFINE_string("export_hf", _R.export_hf, "At the end of training write the trained model "
                     "(LoRA merged; a reward model as *ForSequenceClassification) and the "
                     "tokenizer files to this folder as a Hugging Face checkpoint.")

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from cli_util import train  # noqa: E402
+from cli_util import ROOT, train  # noqa: E402
 from hf_util import random_llama  # noqa: E402
 from jaxpref import models  # noqa: E402
 from jaxpref.data import Tokenizer, make_tiny  # noqa: E402
@@ -109,6 +109,30 @@ def test_export_check_refuses_what_it_cannot_write(tmp_path):
   gelu_llama = models.get_config("tiny", mlp_activation="gelu_tanh")
   with pytest.raises(ValueError, match="--export_hf: .*no Hugging Face family"):
     hf_export.check(RunConfig(workdir=str(tmp_path), model=gelu_llama, export_hf="out"))
+
+
+@pytest.mark.slow
+def test_lora_from_hf_flagfile_trains_and_exports_a_model_transformers_generates_with(
+    hf_dir, tmp_path):
+  """experiments/lora_from_hf.flags as documented, on a random Llama folder: the folder's
+  tokenizer is used, step 0 is log 2 (the base is the reference), and the merged export
+  loads in transformers and generates."""
+  proc = train(str(tmp_path / "run"), f"--init_from={hf_dir}",
+               f"--export_hf={tmp_path / 'export'}", "--steps=4", "--eval_every=4",
+               "--checkpoint_every=4", "--log_every=1", "--noplot",
+               flagfile=os.path.join(ROOT, "experiments", "lora_from_hf.flags"))
+  log = proc.stdout + proc.stderr
+  assert "tokenizer: " + os.path.join(hf_dir, "tokenizer.json") in log
+  assert "--export_hf: wrote" in log
+  first = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")
+           if '"eval"' in line][0]
+  assert first["step"] == 0 and abs(first["loss"] - np.log(2)) < 1e-6
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+  tok = Tokenizer.load(str(tmp_path / "export"))
+  ids = torch.tensor([[tok.bos_id] + tok.encode("name a fruit.")], dtype=torch.long)
+  with torch.no_grad():
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_id)
+  assert out.shape == (1, ids.shape[1] + 4)
 
 
 @pytest.mark.slow

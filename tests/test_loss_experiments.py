@@ -5,6 +5,7 @@ import glob
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -17,7 +18,8 @@ from jaxpref import losses, models
 from jaxpref.models import token_mask
 from jaxpref.train.config import OptimConfig
 from jaxpref.train.optimizer import make_optimizer
-from jaxpref.train.policy_step import TrainState, make_steps
+from jaxpref.train import reward_step
+from jaxpref.train.policy_step import TrainState, make_steps, step_logps
 
 FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "experiments", "losses", "*.flags")))
 
@@ -77,37 +79,36 @@ def fixed_batches():
           "pairs_as_unpaired": unpaired.batch(np.arange(16))}
 
 
-def steps_of(path, fixed_batches, optimizer):
-  """(name, hps, params, ref, train_step, eval_step, batch) for a flag file's loss on the
-  tiny model: the reward step for a --role=reward file, the policy step otherwise."""
-  name, hps, fmt = loss_from_flagfile(path)
-  fixed_batch = extra_batch(path, name) if losses.record_fields(name) else fixed_batches[fmt]
-  reward_dim = reward_dim_of(path)
-  if reward_dim:  # --role=reward: a reward head on the decoder, its own step
+def model_of(path, name, seed=0):
+  """(graphdef, params) of the tiny model a flag file's loss trains: decoder + reward head
+  for a --role=reward file, else the policy (with SparsePO's mask network when asked)."""
+  if reward_dim_of(path):
     from jaxpref.models.heads import RewardModel
-    from jaxpref.train import reward_step
     args = dict(a.lstrip("-").partition("=")[::2] for a in jflags.expand_flagfiles([f"--flagfile={path}"]))
     head = dict(head=args.get("reward_head", "linear"), prototypes=int(args.get("pal_prototypes", 2)),
                 users=int(args.get("pal_users", 1)))  # --reward_head=pal/attributes
-    graphdef, params = nnx.split(RewardModel(models.get_config("tiny"), reward_dim,
-                                             rngs=nnx.Rngs(0), **head))
-    train_step, eval_step = reward_step.make_steps(graphdef, losses.bind(name, hps), optimizer,
-                                                   with_tokens=losses.needs_tokens(name))
-  else:
-    decoder = models.Decoder(models.get_config("tiny"), rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(token_mask.attach(decoder, losses.needs_tokens(name)))
-    train_step, eval_step = make_steps(graphdef, losses.bind(name, hps), optimizer,
-                                       with_tokens=losses.needs_tokens(name))
-  ref = jax.tree.map(lambda x: x.copy(), params)
-  return name, hps, params, ref, train_step, eval_step, fixed_batch
+    return nnx.split(RewardModel(models.get_config("tiny"), reward_dim_of(path),
+                                 rngs=nnx.Rngs(seed), **head))
+  decoder = models.Decoder(models.get_config("tiny"), rngs=nnx.Rngs(seed))
+  return nnx.split(token_mask.attach(decoder, losses.needs_tokens(name)))
+
+
+def batch_of(path, name, fmt, fixed_batches):
+  return extra_batch(path, name) if losses.record_fields(name) else fixed_batches[fmt]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
 def test_loss_flagfile_trains(path, fixed_batches):
-  optimizer = make_optimizer(OptimConfig(learning_rate=3e-3, warmup_steps=0), 10)
-  name, hps, params, ref, train_step, _, fixed_batch = steps_of(path, fixed_batches, optimizer)
+  name, hps, fmt = loss_from_flagfile(path)
   assert hps.keys() == losses.hparams(name).keys()  # the file spells out every hyperparameter
+  fixed_batch = batch_of(path, name, fmt, fixed_batches)
+  optimizer = make_optimizer(OptimConfig(learning_rate=3e-3, warmup_steps=0), 10)
+  graphdef, params = model_of(path, name)
+  make = reward_step.make_steps if reward_dim_of(path) else make_steps
+  train_step, _ = make(graphdef, losses.bind(name, hps), optimizer,
+                       with_tokens=losses.needs_tokens(name))
+  ref = jax.tree.map(lambda x: x.copy(), params)
   state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params))
   history = []
   for _ in range(10):
@@ -120,17 +121,22 @@ def test_loss_flagfile_trains(path, fixed_batches):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
 def test_loss_is_the_same_sharded_over_8_devices_and_under_vmap(path, fixed_batches):
-  """Every loss, batch-coupled ones (KTO's reference point) included, through its real
-  step: the batch split over 8 devices, and a vmapped stack of batches, give the loss of
-  the plain jitted step."""
-  optimizer = make_optimizer(OptimConfig(), 10)
-  *_, params, ref, _, eval_step, batch = steps_of(path, fixed_batches, optimizer)
-  loss = lambda b: eval_step(params, ref, b)[0]["loss"]
-  plain = float(jax.jit(loss)(batch))
+  """Every loss, batch-coupled ones (KTO's reference point) included, on the Logps its real
+  step computes for a tiny-data batch: split over 8 devices, and vmapped over a stack,
+  it gives the value of the plain jitted loss."""
+  name, hps, fmt = loss_from_flagfile(path)
+  batch = batch_of(path, name, fmt, fixed_batches)
+  needs = losses.needs_tokens(name)
+  graphdef, params = model_of(path, name)
+  ref = model_of(path, name, seed=1)[1]  # a reference unlike the policy: log-ratios != 0
+  lp = jax.jit(lambda p, r, b: reward_step.model_logps(graphdef, p, b, needs)
+               if reward_dim_of(path) else step_logps(graphdef, p, r, b, needs))(params, ref, batch)
+  fn = losses.bind(name, hps)
+  plain = float(jax.jit(fn)(lp)[0])
   assert np.isfinite(plain)
   mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
-  sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
-  np.testing.assert_allclose(float(jax.jit(loss)(sharded)), plain, rtol=1e-5, atol=1e-6)
-  stacked = jax.tree.map(lambda x: np.stack([x, x]), batch)
-  np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(loss))(stacked)), plain, rtol=1e-5,
-                             atol=1e-6)
+  sharded = jax.device_put(lp, NamedSharding(mesh, P("data")))
+  np.testing.assert_allclose(float(jax.jit(fn)(sharded)[0]), plain, rtol=1e-5, atol=1e-6)
+  stacked = jax.tree.map(lambda x: jnp.stack([x, x]), lp)
+  np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(lambda l: fn(l)[0]))(stacked)), plain,
+                             rtol=1e-5, atol=1e-6)

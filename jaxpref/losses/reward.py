@@ -226,8 +226,10 @@ def _dropout_views(z: jax.Array, rate: float, seed: int) -> tuple[jax.Array, jax
   own values: fixed for a batch, fresh for every new batch or parameter update."""
   if rate <= 0:
     return z, z
-  bits = jax.lax.bitcast_convert_type(jnp.sum(jax.lax.stop_gradient(z)).astype(jnp.float32),
-                                      jnp.uint32)
+  # A wrapping integer sum of the values' bits: unlike a float sum it does not depend on
+  # the reduction order, so a batch sharded over devices draws the same masks.
+  bits = jnp.sum(jax.lax.bitcast_convert_type(jax.lax.stop_gradient(z).astype(jnp.float32),
+                                              jnp.uint32), dtype=jnp.uint32)
   k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(seed), bits))
   keep = lambda k: jax.random.bernoulli(k, 1.0 - rate, z.shape).astype(z.dtype) / (1.0 - rate)
   return z * keep(k1), z * keep(k2)

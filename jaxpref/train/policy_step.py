@@ -261,6 +261,28 @@ def micro_batches(batch: GroupBatch, n: int) -> GroupBatch:
   return jax.tree.map(split, batch)
 
 
+def step_logps(graphdef: nnx.GraphDef, params: Any, ref_params: Any,
+               batch: GroupBatch | SharedPromptBatch | PackedBatch, with_tokens: Any = False,
+               opts: LogpsOptions = LogpsOptions()) -> Logps:
+  """The `Logps` the train step hands its loss: policy and reference passes (none for the
+  reference when the batch carries precomputed `ref_logps`), plus whatever `with_tokens`
+  (a losses.TokenNeeds) asks for."""
+  if getattr(with_tokens, "vocab_kl", False) or getattr(with_tokens, "token_mask", None):
+    if batch.ref_logps is not None:
+      raise ValueError("Logps.kl_tok and token_mask need the reference model: --reference=model")
+    policy_tok, ref_tok, more = token_level_logps(graphdef, params, ref_params, batch,
+                                                  with_tokens, opts)
+    return group_logps(policy_tok, ref_tok, batch, with_tokens, **more)
+  if batch.ref_logps is None:
+    ref_tok = jax.lax.stop_gradient(token_logps(graphdef, ref_params, batch, opts))
+  else:  # --reference=precomputed: no reference forward pass at all
+    ref_tok = None
+  if getattr(with_tokens, "prob_sq", False):  # WPO's alignment: one policy pass serves both
+    policy_tok, prob_sq = token_logps(graphdef, params, batch, opts, prob_sq=True)
+    return group_logps(policy_tok, ref_tok, batch, with_tokens, prob_sq=prob_sq)
+  return group_logps(token_logps(graphdef, params, batch, opts), ref_tok, batch, with_tokens)
+
+
 def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
                optimizer: optax.GradientTransformation, with_tokens: bool = False,
                opts: LogpsOptions = LogpsOptions(), grad_accum: int = 1,
@@ -281,7 +303,6 @@ def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
   float32 copy of the model per device.
   """
 
-  extras = getattr(with_tokens, "vocab_kl", False) or getattr(with_tokens, "token_mask", None)
   if lora_scale is not None and getattr(with_tokens, "token_mask", None) == "learned":
     raise ValueError("a loss with a learned token mask (sparse_po) is not supported with "
                      "--lora_rank: the mask network would sit frozen in the LoRA base")
@@ -290,23 +311,7 @@ def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
     if lora_scale is not None:
       params, ref_params = (lora.merge(ref_params.base, params, lora_scale),
                             ref_params.reference)
-    if extras:
-      if batch.ref_logps is not None:
-        raise ValueError("Logps.kl_tok and token_mask need the reference model: --reference=model")
-      policy_tok, ref_tok, more = token_level_logps(graphdef, params, ref_params, batch,
-                                                    with_tokens, opts)
-      loss, metrics = loss_fn(group_logps(policy_tok, ref_tok, batch, with_tokens, **more))
-      return loss, {"loss": loss, **metrics}
-    if batch.ref_logps is None:
-      ref_tok = jax.lax.stop_gradient(token_logps(graphdef, ref_params, batch, opts))
-    else:  # --reference=precomputed: no reference forward pass at all
-      ref_tok = None
-    if getattr(with_tokens, "prob_sq", False):  # WPO's alignment: one policy pass serves both
-      policy_tok, prob_sq = token_logps(graphdef, params, batch, opts, prob_sq=True)
-      lp = group_logps(policy_tok, ref_tok, batch, with_tokens, prob_sq=prob_sq)
-    else:
-      lp = group_logps(token_logps(graphdef, params, batch, opts), ref_tok, batch, with_tokens)
-    loss, metrics = loss_fn(lp)
+    loss, metrics = loss_fn(step_logps(graphdef, params, ref_params, batch, with_tokens, opts))
     return loss, {"loss": loss, **metrics}
 
   grad_fn = jax.grad(loss_and_metrics, has_aux=True)
