@@ -1,11 +1,14 @@
 """Per-token log-prob ops against the naive baseline: peak memory and time, same run.
 
+  python benchmarks/logps_ops.py ratio [--sizes=4096x32768,4096x131072,...] [--dtype=float32]
   python benchmarks/logps_ops.py token [--sizes=4096x32768,4096x131072,...] [--dtype=float32]
   python benchmarks/logps_ops.py fused [--n=1024] [--d=2048] [--v=131072]
 
-`token`: `token_logratio`-style work, fwd+bwd of per-token log-probs from given logits,
-each implementation vs `impl="naive"` (log_softmax + gather under autodiff), plus the
-achieved bytes/s against a plain device copy of the same logits (the memory-bound limit).
+`ratio`: `ops.token_logratio` on policy and reference logits [N, V] (forward, and the
+backward into the policy logits only), each implementation vs `impl="naive"`
+(log_softmax + gather under autodiff), plus the achieved bytes/s against a plain device
+copy of the same logits (the memory-bound limit). `token`: the same for one model's
+per-token log-probs (`ops.token_logps`).
 `fused`: `fused_linear_logps(hidden, W)` vs materialising `hidden @ W` and the naive op.
 
 Peak memory is read two ways: from the compiled program (`memory_analysis()`: arguments +
@@ -41,7 +44,16 @@ def _case_fn(kind, impl, n, v, d, dtype, block_v):
   import jax.numpy as jnp
   from jaxpref import ops
   dt = jnp.dtype(dtype)
-  if kind == "token":
+  if kind == "ratio":
+    def loss(x, r, t):
+      one = lambda a: a[None, None]  # [B=1, K=1, T=N, ...]
+      out = ops.token_logratio(one(x), one(r), one(t), jnp.ones((1, 1, n), jnp.float32),
+                               impl=impl, block_v=block_v)
+      return out.ratio_tok.sum()
+    fn = jax.jit(jax.value_and_grad(loss))  # the value keeps the reference's pass alive
+    shapes = (jax.ShapeDtypeStruct((n, v), dt), jax.ShapeDtypeStruct((n, v), dt),
+              jax.ShapeDtypeStruct((n,), jnp.int32))
+  elif kind == "token":
     def loss(x, t):
       return ops.token_logps(x, t, impl=impl, block_v=block_v)[0].sum()
     fn = jax.jit(jax.grad(loss))
@@ -105,27 +117,31 @@ def _fmt(x, unit=""):
 
 def bench_token(args):
   import jax
+  kind = args.which
   impls = ["xla"] + (["pallas"] if jax.default_backend() in ("gpu", "tpu") else [])
   itemsize = 2 if args.dtype == "bfloat16" else 4
-  print(f"backend {jax.default_backend()}, logits {args.dtype}, fwd+bwd of per-token "
-        f"log-probs; ratio = naive / impl (higher is better)")
+  # Bytes the op must move: token reads the logits twice (fwd, bwd) and writes their
+  # gradient; ratio also reads the reference's logits once.
+  passes = 4 if kind == "ratio" else 3
+  what = "policy - reference log-ratios" if kind == "ratio" else "per-token log-probs"
+  print(f"backend {jax.default_backend()}, logits {args.dtype}, fwd+bwd of {what}; "
+        f"ratio = naive / impl (higher is better)")
   print("| N | V | impl | compiled peak GiB (naive / impl, ratio) | RSS GiB (naive / impl) "
         "| time s (naive / impl, ratio) | GB/s (impl / copy) |")
   print("|---|---|---|---|---|---|---|")
   for size in args.sizes.split(","):
     n, v = (int(s) for s in size.split("x"))
-    naive_c = compiled_bytes("token", "naive", n, v, 0, args.dtype, args.block_v) / GiB
+    naive_c = compiled_bytes(kind, "naive", n, v, 0, args.dtype, args.block_v) / GiB
     runnable = naive_c < args.max_run_gib
-    common = dict(kind="token", n=n, v=v, d=0, dtype=args.dtype, block_v=args.block_v,
+    common = dict(kind=kind, n=n, v=v, d=0, dtype=args.dtype, block_v=args.block_v,
                   reps=args.reps)
     naive_r = _in_child(dict(common, impl="naive")) if runnable else {}
     copy_r = _in_child(dict(common, kind="copy", impl="copy")) if runnable else {}
     for impl in impls:
-      c = compiled_bytes("token", impl, n, v, 0, args.dtype, args.block_v) / GiB
+      c = compiled_bytes(kind, impl, n, v, 0, args.dtype, args.block_v) / GiB
       r = _in_child(dict(common, impl=impl)) if runnable else {}
       t, tn = r.get("seconds"), naive_r.get("seconds")
-      # fwd reads the logits; bwd reads them again and writes the gradient.
-      gbs = 3 * n * v * itemsize / t / 1e9 if t else None
+      gbs = passes * n * v * itemsize / t / 1e9 if t else None
       copy_gbs = 2 * n * v * itemsize / copy_r["seconds"] / 1e9 if copy_r.get("seconds") else None
       print(f"| {n} | {v} | {impl} | {naive_c:.2f} / {c:.2f} = {naive_c / c:.2f}x "
             f"| {_fmt(naive_r.get('rss_gib'))} / {_fmt(r.get('rss_gib'))} "
@@ -171,7 +187,7 @@ def main():
     print(json.dumps(run_case(**case)))
     return
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("which", choices=["token", "fused"])
+  p.add_argument("which", choices=["ratio", "token", "fused"])
   p.add_argument("--sizes", default="4096x32768,4096x131072,16384x32768,16384x131072")
   p.add_argument("--n", type=int, default=1024)
   p.add_argument("--d", type=int, default=2048)
@@ -187,7 +203,7 @@ def main():
   if args.block_v is None:
     args.block_v = 8192 if args.which == "fused" else 2048
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  (bench_token if args.which == "token" else bench_fused)(args)
+  (bench_fused if args.which == "fused" else bench_token)(args)
 
 
 if __name__ == "__main__":
