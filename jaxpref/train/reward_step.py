@@ -24,7 +24,6 @@ from flax import nnx
 from jaxpref import ops
 from jaxpref.losses.reward import finish_metrics  # noqa: F401  (the loop's one import)
 from jaxpref.models.heads import RewardModel, check_head
-from jaxpref.models import convert
 from jaxpref.parallel import sharding
 from jaxpref.train.policy_step import TrainState, micro_batches
 from jaxpref.types import GroupBatch, Logps
