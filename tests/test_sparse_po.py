@@ -324,3 +324,15 @@ def test_mask_network_trains_and_is_checkpointed(tmp_path):
   again = loop.evaluate(eval_step, restored.params, ref, s.eval_ds, cfg.data.eval_batch_size, put)
   np.testing.assert_allclose(again["loss"], final["loss"], rtol=1e-5)
   np.testing.assert_allclose(again["mask/kl_mean"], final["mask/kl_mean"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sparse_po", "mapo", "wpo"])
+def test_a_needed_token_input_that_was_not_computed_is_an_error(name):
+  # Zeros standing in for kl_tok / token_mask / prob_sq would train on a wrong loss.
+  needs = losses.needs_tokens(name)
+  batch = tiny_batch()
+  tok = np.zeros(batch.loss_mask.shape, np.float32)
+  with pytest.raises(ValueError, match="was not computed"):
+    policy_step.group_logps(tok, tok, batch, needs)
+  probe = policy_step.probe_logps(batch, needs)  # the start-up probe's stand-ins
+  jax.eval_shape(losses.bind(name, {}), probe)

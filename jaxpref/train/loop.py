@@ -28,7 +28,7 @@ from jaxpref.train import ref_cache
 from jaxpref.train.config import DATA_FORMATS, RunConfig
 from jaxpref.train.metrics import MetricWriter, read_metrics
 from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxpref.train.policy_step import group_logps, precompute_reference
+from jaxpref.train.policy_step import precompute_reference, probe_logps
 from jaxpref.train.state import build_steps, check_lora, init_state
 from jaxpref.train import reward_step
 
@@ -194,9 +194,8 @@ def _probe_loss(cfg: RunConfig, ds) -> None:
   """Traces the loss on the data's shapes, so a loss/data mismatch (say, score margins on
   records without scores) is a start-up error instead of a failure inside the first jit."""
   batch = ds.batch(np.arange(min(2, ds.n)))
-  zeros = np.zeros(batch.loss_mask.shape, np.float32)
   lp = (reward_step.probe_logps(batch, cfg) if cfg.role == "reward" else
-        group_logps(zeros, zeros, batch, with_tokens=losses.needs_tokens(cfg.loss)))
+        probe_logps(batch, losses.needs_tokens(cfg.loss)))
   jax.eval_shape(losses.bind(cfg.loss, cfg.loss_hparams), lp)
 
 

@@ -229,25 +229,37 @@ def group_logps(policy_tok: jax.Array, ref_tok: jax.Array | None, batch: GroupBa
                 token_mask: jax.Array | None = None, prob_sq: jax.Array | None = None) -> Logps:
   """`ref_tok` None: the reference's sequence log-probs come precomputed in the batch.
 
-  `with_tokens` a losses.TokenNeeds asking for `kl_tok`, `token_mask` or `prob_sq` that are
-  not given: zeros of their shape stand in (M = 2 masks, or 1 activation layer), for tracing a loss
-  on the data's shapes (the loop's start-up probe).
+  `with_tokens` a losses.TokenNeeds: `kl_tok`, `token_mask` and `prob_sq` must be given when
+  it asks for them (a missing one raises: zeros would train silently on a wrong loss;
+  `probe_logps` is the one place stand-ins are wanted).
   """
   if isinstance(batch, PackedBatch):
     batch = batch.groups()
   extra = dict(policy_tok=policy_tok, ref_tok=ref_tok, mask=batch.loss_mask) if with_tokens else {}
-  if getattr(with_tokens, "vocab_kl", False):
-    extra["kl_tok"] = jnp.zeros_like(policy_tok) if kl_tok is None else kl_tok
-  if getattr(with_tokens, "prob_sq", False):
-    extra["prob_sq"] = jnp.zeros(policy_tok.shape[:2]) if prob_sq is None else prob_sq
-  kind = getattr(with_tokens, "token_mask", None)
-  if kind:
-    extra["token_mask"] = (jnp.zeros((*policy_tok.shape, 2 if kind == "learned" else 1))
-                           if token_mask is None else token_mask)
+  for name, value, wanted in (("kl_tok", kl_tok, getattr(with_tokens, "vocab_kl", False)),
+                              ("prob_sq", prob_sq, getattr(with_tokens, "prob_sq", False)),
+                              ("token_mask", token_mask, getattr(with_tokens, "token_mask", None))):
+    if wanted and value is None:
+      raise ValueError(f"the loss reads Logps.{name}, which was not computed")
+    if wanted:
+      extra[name] = value
   ref = batch.ref_logps if ref_tok is None else ref_tok.sum(-1)
   return Logps(policy=policy_tok.sum(-1), ref=ref, length=batch.loss_mask.sum(-1),
                valid=batch.valid, weight=batch.weight, scores=batch.scores, label=batch.label,
                label_smoothing=batch.label_smoothing, source_logps=batch.source_logps, **extra)
+
+
+def probe_logps(batch: GroupBatch, with_tokens: Any = False) -> Logps:
+  """Zeros of every shape `with_tokens` asks for (M = 2 learned masks, or 1 activation
+  layer): for tracing a loss on the data's shapes (the loop's start-up probe), never for
+  training."""
+  zeros = np.zeros(batch.loss_mask.shape, np.float32)
+  kind = getattr(with_tokens, "token_mask", None)
+  return group_logps(
+      zeros, zeros, batch, with_tokens,
+      kl_tok=zeros if getattr(with_tokens, "vocab_kl", False) else None,
+      prob_sq=np.zeros(zeros.shape[:2], np.float32) if getattr(with_tokens, "prob_sq", False) else None,
+      token_mask=np.zeros((*zeros.shape, 2 if kind == "learned" else 1), np.float32) if kind else None)
 
 
 def micro_batches(batch: GroupBatch, n: int) -> GroupBatch:
