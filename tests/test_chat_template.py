@@ -1,7 +1,8 @@
 """Chat templates (jaxpref/data/chat_template.py, --chat_template): a message-list pair's
 prompt and responses render to exactly the text, and tokenize to exactly the ids, that
-transformers' apply_chat_template gives for the prompt plus each response; plain records are
-untouched; templates that refuse a conversation name the record."""
+transformers' apply_chat_template gives for the prompt plus each response; message lists in
+unpaired and ranked records tokenize as the equivalent pair; plain records are untouched;
+templates that refuse a conversation, and malformed messages, name the record."""
 
 import json
 import os
@@ -13,7 +14,9 @@ tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
 from jaxpref import models  # noqa: E402
-from jaxpref.data import Tokenizer, chat, make_tiny, read_pairs, tokenize_sequence  # noqa: E402
+from jaxpref.data import (PairDataset, RankedDataset, Tokenizer, UnpairedDataset,  # noqa: E402
+                          chat, make_tiny, pairs_from_ratings, read_pairs, read_ranked,
+                          read_unpaired, tokenize_sequence)
 from jaxpref.data import chat_template  # noqa: E402
 from jaxpref.data.records import DataError  # noqa: E402
 from jaxpref.train import loop  # noqa: E402
@@ -163,3 +166,81 @@ def test_setup_renders_chat_records_with_the_tokenizers_template(tmp_path):
   theirs = transformers.PreTrainedTokenizerFast.from_pretrained(path)
   want = hf_ids(theirs.apply_chat_template(rec["chosen"], tokenize=True))
   assert list(tokens[:len(want)]) == want
+
+
+def _write(path, rows):
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  return str(path)
+
+
+@pytest.mark.parametrize("setting", ["auto", "none"])
+def test_unpaired_and_ranked_messages_tokenize_as_the_pair(tmp_path, setting):
+  """Message lists in unpaired and ranked records (and pairs from ratings) give each
+  response exactly the ids the equivalent pair record gives it; strings stay as they are."""
+  path = folder(tmp_path / "llama", "llama3")
+  tok = Tokenizer.load(path)
+  said = lambda text: [{"role": "assistant", "content": text}]
+  pair = {"chosen": PROMPT + said(CHOSEN), "rejected": PROMPT + said(REJECTED)}
+  unpaired = [{"completion": PROMPT + said(CHOSEN), "label": True},  # the list holds the prompt
+              {"prompt": PROMPT, "completion": said(REJECTED), "label": False},
+              {"prompt": PROMPT, "completion": REJECTED, "label": 0},  # a string reply
+              {"prompt": "name a fruit.", "completion": "apple.", "label": 1}]  # plain: untouched
+  ranked = {"prompt": PROMPT, "completions": [{"response": said(REJECTED), "score": 0},
+                                              {"response": PROMPT + said(CHOSEN), "score": 2}]}
+  with chat.using(chat_template.resolve(setting, tok)):
+    pairs = read_pairs(_write(tmp_path / "p.jsonl", [pair]))[0]
+    ups = read_unpaired(_write(tmp_path / "u.jsonl", unpaired))[0]
+    ranks = read_ranked(_write(tmp_path / "r.jsonl", [ranked]))[0]
+  want = PairDataset(pairs, tok, 128).tokens[0]  # [2, T]: chosen, rejected
+  if setting == "auto":  # and that is what transformers renders and tokenizes
+    theirs = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    ids = hf_ids(theirs.apply_chat_template(pair["chosen"], tokenize=True))
+    assert list(want[0, :len(ids)]) == ids
+  got = UnpairedDataset(ups, tok, 128).tokens[:, 0]  # member 0: the record's own completion
+  np.testing.assert_array_equal(got[:3], want[[0, 1, 1]])
+  assert (ups[3].prompt, ups[3].completion) == ("name a fruit.", "apple.")
+  np.testing.assert_array_equal(RankedDataset(ranks, tok, 128, 2).tokens[0], want)  # best first
+  rated, _ = pairs_from_ratings(ranks, "best_vs_worst")
+  np.testing.assert_array_equal(PairDataset(rated, tok, 128).tokens[0], want)
+
+
+def test_unpaired_and_ranked_message_errors_name_the_record(tmp_path):
+  tok = Tokenizer.load(folder(tmp_path / "gemma", "gemma"))
+  good = {"prompt": "hi", "completion": "a", "label": True}
+  cases = [
+      ("unpaired", {"prompt": PROMPT, "completion": [{"role": "assistant"}], "label": True},
+       r"u.jsonl:2: field 'completion' message 0 must be"),
+      ("unpaired", {"completion": [{"role": "user", "content": "hi"}], "label": True},
+       r"u.jsonl:2: field 'completion' must end with the assistant's response"),
+      ("unpaired", {"prompt": [{"role": "user", "content": "other"}],
+                    "completion": PROMPT + [{"role": "assistant", "content": "a"}], "label": True},
+       r"u.jsonl:2: field 'completion' does not start with the conversation in field 'prompt'"),
+      ("unpaired", {"prompt": [{"role": "system", "content": "be brief."}],
+                    "completion": "a", "label": True},
+       r"u.jsonl:2: field 'completion': the chat template .* failed: System role not supported"),
+      ("ranked", {"completions": [
+          {"response": PROMPT + [{"role": "assistant", "content": "a"}], "score": 1},
+          {"response": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "b"}],
+           "score": 0}]},
+       r"u.jsonl:2: completions\[1\]: field 'response' does not start with the conversation "
+       r"in completions\[0\]'s field 'response'"),
+      ("ranked", {"prompt": PROMPT, "completions": [{"response": "a", "score": 1},
+                                                    {"response": [], "score": 0}]},
+       r"u.jsonl:2: completions\[1\]: field 'response' is an empty message list"),
+  ]
+  ranked_good = {"prompt": "hi", "completions": [{"response": "a", "score": 1},
+                                                 {"response": "b", "score": 0}]}
+  with chat.using(chat_template.resolve("auto", tok)):
+    for kind, bad, message in cases:
+      data = _write(tmp_path / "u.jsonl", [good if kind == "unpaired" else ranked_good, bad])
+      read = read_unpaired if kind == "unpaired" else read_ranked
+      with pytest.raises(DataError, match=message):
+        read(data)
+      records, report = read(data, skip_invalid=True)  # or skipped, and counted
+      assert len(records) == 1 and report.n_skipped == 1
+  # --data_fields: the error names the file's own field.
+  data = _write(tmp_path / "f.jsonl", [{"question": PROMPT, "answer": [{"role": "user",
+                                                                        "content": "x"}],
+                                        "label": True}])
+  with pytest.raises(DataError, match=r"f.jsonl:1: field 'answer' must end with the assistant"):
+    read_unpaired(data, fields="prompt:question,completion:answer")

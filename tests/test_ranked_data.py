@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxpref.data import (DataError, RankedDataset, RankedRecord, Tokenizer, make_tiny,
-                          pairs_from_ratings, read_ranked)
+                          pairs_from_ratings, read_pairs, read_ranked)
 
 TOK = Tokenizer.load(os.path.join(make_tiny.OUT, "tokenizer.model"))
 REC = RankedRecord("name a fruit.", ("dog.", "apple.", "i am not sure.", "pear."), (0, 3, 1, 3))
@@ -77,3 +77,21 @@ def test_listwise_training_on_ranked_lists(tmp_path):
                                   tokenizer=f"{tiny}/tokenizer.model", batch_size=16))
   final = loop.run(cfg)
   assert final["step"] == 6 and np.isfinite(final["loss"]) and 0 <= final["rewards/accuracy"] <= 1
+
+
+def test_message_lists_read_as_the_pair_does(tmp_path):
+  """Without a chat template, message-list prompts and responses render in the plain
+  format, as the equivalent pair record's; the rest of each completion is kept."""
+  turns = [{"role": "user", "content": "name a fruit."}]
+  said = lambda text: [{"role": "assistant", "content": text}]
+  (tmp_path / "p.jsonl").write_text(json.dumps({"chosen": turns + said("apple."),
+                                                "rejected": turns + said("dog.")}) + "\n")
+  (tmp_path / "r.jsonl").write_text(json.dumps({"completions": [
+      {"response": turns + said("dog."), "score": 0}, {"response": "apple.", "score": 3}]}) + "\n")
+  pair = read_pairs(str(tmp_path / "p.jsonl"))[0][0]
+  assert read_ranked(str(tmp_path / "r.jsonl"))[0] == [
+      RankedRecord(pair.prompt, (pair.rejected, pair.chosen), (0.0, 3.0))]
+  (tmp_path / "r.jsonl").write_text(json.dumps({"prompt": turns, "completions": [
+      {"response": said("a"), "score": 0}]}) + "\n")
+  with pytest.raises(DataError, match=r"r.jsonl:1: field 'completions' has 1 entries; need >= 2"):
+    read_ranked(str(tmp_path / "r.jsonl"))
