@@ -1,4 +1,5 @@
-"""Training from a prepared folder: per-host shards, seeded epochs, exact resume, a real run."""
+"""Training from a prepared folder: seeded epochs, exact resume, a real run (the other
+batchings, hosts and curricula: tests/test_grain_packing.py)."""
 
 import dataclasses
 import json
@@ -30,29 +31,13 @@ def small(tmp_path_factory):
   return _prepare(str(src), str(tmp / "prepared"))
 
 
-def _indices(batcher, steps):
+def _indices(batcher, steps, start=0):
   out = []
-  for step in range(steps):
+  for step in range(start, start + steps):
     batcher.batch(step, batching.host_rows(batcher.rows, batcher.process_index,
                                            batcher.process_count))
     out.append(batcher.last_indices.copy())
   return np.stack(out)
-
-
-def test_two_hosts_read_disjoint_shards_that_make_the_epoch(small):
-  # Global batch 10 over 2 hosts: 5 rows each, 25 records per shard = one epoch in 5 steps.
-  hosts = [grain_source.GrainBatcher(small, 10, seed=3, process_index=i, process_count=2)
-           for i in range(2)]
-  rows = [_indices(b, 10) for b in hosts]
-  epoch0 = [set(r[:5].ravel()) for r in rows]
-  assert all(len(e) == 25 for e in epoch0)  # each record of the shard once per epoch
-  assert not epoch0[0] & epoch0[1] and epoch0[0] | epoch0[1] == set(range(N_SMALL))
-  for r, e in zip(rows, epoch0):
-    assert set(r[5:].ravel()) == e  # epoch 1: the same shard...
-    assert not np.array_equal(r[5:], r[:5])  # ...in a new order
-  # The second host builds rows 5..9 of the global batch, and only those.
-  with pytest.raises(ValueError, match="each host reads only its shard"):
-    hosts[1].batch(10, slice(0, 5))
 
 
 def test_seeded_order(small):
@@ -80,7 +65,7 @@ def test_iterator_state_resumes_exactly(small):
   state = first.iterator.get_state()
   fresh = grain_source.GrainBatcher(small, 8, seed=5)
   fresh.iterator.set_state(state)
-  np.testing.assert_array_equal(_indices(fresh, 6), full[3:])
+  np.testing.assert_array_equal(_indices(fresh, 6, start=3), full[3:])
 
 
 def _metrics(workdir):
@@ -108,7 +93,7 @@ def test_training_from_prepared_data_resumes_exactly(tmp_path):
   assert np.isfinite(losses).all() and np.isfinite(final["loss"])
   assert losses[-5:].mean() < losses[:5].mean() - 0.5  # it learns
   state = json.load(open(f"{cfg.workdir}/checkpoints/10/data_iter/process_0-of-1.json"))
-  assert state["last_seen_indices"] == {"0": 10 * 16 - 1}  # 10 batches of 16 consumed
+  assert state == {"next_index": 10}  # 10 batches consumed
 
   # Resume from step 10 in a fresh loop: the checkpoints after it are gone.
   resumed = str(tmp_path / "resumed")
@@ -127,7 +112,7 @@ def test_unsupported_options_are_clear_errors(small, tmp_path):
   from jaxpref.train.config import DataConfig, RunConfig
 
   base = dict(train_data=small.path, eval_data="", tokenizer=TOK)
-  for data, message in ((dict(batching="buckets"), "--batching=buckets: not supported"),
+  for data, message in ((dict(shared_prompt=True), "--shared_prompt .*: not supported"),
                         (dict(max_len=64), "prepared with --max_len=32"),
                         (dict(format="unpaired"), "prepared with --format=pairs")):
     cfg = RunConfig(workdir=str(tmp_path / "w"), model=models.get_config("tiny"),

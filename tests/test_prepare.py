@@ -8,7 +8,7 @@ import pytest
 
 from jaxpref.data import (PairDataset, RankedDataset, Tokenizer, UnpairedDataset, read_pairs,
                           read_ranked, read_unpaired)
-from jaxpref.data import cli, grain_source, prepare
+from jaxpref.data import cli, curriculum, grain_source, packing, prepare
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxpref",
                     "data", "tiny")
@@ -32,6 +32,20 @@ def _assert_same(prepared, ds):
     if a is not None:
       assert a.dtype == b.dtype and a.shape == b.shape, name
       np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def _assert_group_values(out, ds, fields):
+  """groups.npz holds the lengths and curriculum values that training plans with."""
+  info = grain_source.read_info(out)
+  file = os.path.join(out, grain_source.GROUPS_FILE)
+  assert info["groups_sha256"] == grain_source.file_sha256(file)
+  assert info["curriculum_fields"] == fields
+  assert info["max_response_length"] == int(ds.loss_mask.sum(-1).max())
+  with np.load(file) as g:
+    assert sorted(g.files) == sorted(["lengths"] + [f"curriculum_{f}" for f in fields])
+    np.testing.assert_array_equal(g["lengths"], packing.member_lengths(ds.segment_ids))
+    for field in fields:
+      np.testing.assert_array_equal(g[f"curriculum_{field}"], curriculum.field_values(ds, field))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +75,12 @@ def test_tiny_pairs_equal_the_in_memory_dataset(tmp_path, tok, capsys):
   # The same stats are in the TFDS dataset info.
   meta = json.load(open(os.path.join(grain_source.dataset_dir(out), "metadata.json")))
   assert meta["stats"]["truncated_groups"] == ds.n_truncated
-  assert f"truncated to --max_len=16: {ds.n_truncated} groups" in capsys.readouterr().out
+  out_text = capsys.readouterr().out
+  assert f"truncated to --max_len=16: {ds.n_truncated} groups" in out_text
+  _assert_group_values(out, ds, ["length", "weight"])
+  assert "needs scores in the records" in info["curriculum_missing"]["score_gap"]
+  assert ("curriculum values stored (groups.npz): length, weight; not score_gap, label_smoothing"
+          in out_text)
 
 
 def test_ranked_and_unpaired_equal_the_in_memory_datasets(tmp_path, tok):
@@ -73,6 +92,7 @@ def test_ranked_and_unpaired_equal_the_in_memory_datasets(tmp_path, tok):
     ds = RankedDataset(records, tok, 24, k)
     _assert_same(grain_source.PreparedDataset(out), ds)
     assert grain_source.read_info(out)["dropped_responses"] == ds.n_dropped_responses
+    _assert_group_values(out, ds, ["length", "score_gap", "weight"])
   assert ds.n_dropped_responses == 0 and not ds.members[:, 3].any()
 
   # Unpaired: 2501 records over 3 chunks, so the KL completion (half the set away) crosses
@@ -90,6 +110,7 @@ def test_ranked_and_unpaired_equal_the_in_memory_datasets(tmp_path, tok):
   ds = UnpairedDataset(records, tok, 16)
   _assert_same(grain_source.PreparedDataset(out), ds)
   assert grain_source.read_info(out)["desirable"] == ds.n_desirable
+  _assert_group_values(out, ds, ["length", "weight"])  # 3 chunks, concatenated
 
 
 def _with_bad_records(tmp_path):
@@ -131,6 +152,7 @@ def test_rerun_replaces_and_foreign_folder_is_refused(tmp_path, capsys):
   info = grain_source.read_info(out)
   assert info["groups"] == 4 and info["max_len"] == 20
   assert grain_source.PreparedDataset(out).n == 4
+  assert grain_source.PreparedDataset(out).stored_lengths()[1].shape == (4, 2)  # groups.npz anew
   (tmp_path / "other").mkdir()
   (tmp_path / "other" / "notes.txt").write_text("mine")
   rc, _ = _prepare(tmp_path, f"{TINY}/eval.jsonl", "--max_len=32", name="other")

@@ -1,16 +1,20 @@
-"""Training from a `jaxpref-data prepare` folder: `tfds` random access + a grain `DataLoader`.
+"""Training from a `jaxpref-data prepare` folder: `tfds` random access + a grain pipeline.
 
 `--train_data=DIR` (or `--eval_data=DIR`) reads a prepared folder (`is_prepared`)
-instead of tokenizing records. Train batches come from a grain `DataLoader` over
-`tfds`'s ArrayRecord data source: an `IndexSampler` shuffles each epoch with a seed from
-`--data_seed` and gives each host (`jax.process_index()` of `process_count()`) only its
-own contiguous shard of records (`ShardOptions`), which it reads, shuffles and batches
-into its own rows of the global batch. The loader's state is saved in every checkpoint
-(`train.checkpoint`, one JSON per process) and restored on resume, so a resumed run sees
-exactly the batches it would have seen.
+instead of tokenizing records. Which groups make global batch `step`, and at what length,
+is decided exactly as for in-memory data: by a `batching.Batcher` (`--batching=pad|
+buckets|pack`, `--curriculum`), which plans from the per-group lengths and curriculum
+values `prepare` stored in `groups.npz`, so no record is read to plan. The records are
+read by a grain pipeline (`grain.MapDataset` over steps, `to_iter_dataset` prefetching in
+threads) in which host `jax.process_index()` of `process_count()` reads only the groups
+of its own rows of each batch (`batching.host_rows`); over an epoch the hosts' groups are
+the whole dataset, each once. The batches therefore equal the in-memory `Batcher`'s for
+the same flags and seed, group for group.
 
-Only `--batching=pad` is built; the order differs from the in-memory `Batcher`'s (grain
-shuffles, per host shard), so the same seed on both paths gives different batches.
+The grain iterator's state (the next step) is saved in every checkpoint
+(`train.checkpoint`, one JSON per process) and restored on resume, so a resumed run sees
+exactly the batches it would have seen. `--shared_prompt` is not built for prepared data
+(`check_config` says so).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import sys
 
 import jax
 import numpy as np
@@ -33,10 +39,12 @@ from jaxpref.types import GroupBatch
 BUILDER_NAME = "jaxpref_prepared"
 VERSION = "1.0.0"
 INFO_FILE = "prepared.json"
+GROUPS_FILE = "groups.npz"  # per-group lengths and curriculum values (`prepare`)
 FORMATS = ("pairs", "ranked", "unpaired")
 # Per-group arrays stored when the records have them, passed to `GroupBatch` as they are.
 OPTIONAL = ("scores", "label", "label_smoothing", "user", "attribute_prefs", "source_logps")
-READ_THREADS = 4  # records read in parallel per host; decoding is cheap, reads may not be
+READ_THREADS = 4  # host batches read in parallel; decoding is cheap, reads may not be
+PREFETCH = 8  # host batches read ahead of the training loop
 
 
 def is_prepared(path: str) -> bool:
@@ -88,9 +96,47 @@ class PreparedDataset:
     self.n, self.max_len, self.k = len(self.source), self.info["max_len"], self.info["k"]
     self.n_truncated = self.info["truncated_groups"]
     self.stored = set(builder.info.features.keys())
+    self._arrays: dict[str, np.ndarray] = {}
     if self.n != self.info["groups"]:
       raise ValueError(f"{path}: holds {self.n} groups, its {INFO_FILE} says "
                        f"{self.info['groups']}; prepare it again")
+
+  def group_array(self, name: str) -> np.ndarray:
+    """A per-group array of `GROUPS_FILE` (read once; small: one row per group)."""
+    if name not in self._arrays:
+      file = os.path.join(self.path, GROUPS_FILE)
+      if "groups_sha256" not in self.info or not os.path.isfile(file):
+        raise ValueError(f"{self.path} has no {GROUPS_FILE} (per-group lengths and curriculum "
+                         "values, which training plans batches with): it was prepared by an "
+                         "older jaxpref; run jaxpref-data prepare again")
+      with np.load(file) as arrays:
+        if name not in arrays:
+          raise KeyError(name)
+        values = arrays[name]
+      if len(values) != self.n:
+        raise ValueError(f"{file}: {name!r} has {len(values)} rows for {self.n} groups; "
+                         "prepare the folder again")
+      self._arrays[name] = values
+    return self._arrays[name]
+
+  def stored_lengths(self) -> tuple[int, np.ndarray, int]:
+    """(max_len, member lengths int[N, K], longest response): what `batching.Batcher`
+    plans with (`batching.dataset_lengths`)."""
+    return self.max_len, self.group_array("lengths"), self.info["max_response_length"]
+
+  def curriculum(self, spec: str, n_stages: int, seed: int):
+    """The `curriculum.Curriculum` of `spec` from the stored values (no record is read)."""
+    from jaxpref.data import curriculum
+    field, descending = curriculum.parse(spec)
+    stored = self.info.get("curriculum_fields", [])
+    missing = self.info.get("curriculum_missing", {})
+    if field not in stored:
+      why = (f": {missing[field]}" if field in missing else
+             f"; it stores {', '.join(stored) or 'none'} (a record field of your own or a "
+             "model-scored field is not stored: train from the record files)")
+      raise ValueError(f"--curriculum={spec}: {self.path} holds no {field!r} values{why}")
+    return curriculum.Curriculum(self.group_array(f"curriculum_{field}"), n_stages, descending,
+                                 seed, f"{field}:{'desc' if descending else 'asc'}")
 
   def decode(self, ex: dict) -> dict:
     """A stored example -> arrays padded to max_len, as `PairDataset` holds them."""
@@ -109,7 +155,8 @@ class PreparedDataset:
 
   def batch(self, indices, weight=None) -> GroupBatch:
     """The groups at `indices`; `weight` 0 marks padding groups, as `PairDataset.batch`."""
-    rows = [self.decode(self.source[int(i)]) for i in np.asarray(indices)]
+    # One batched read (ArrayRecord reads the records of a call in parallel).
+    rows = [self.decode(ex) for ex in self.source.__getitems__([int(i) for i in indices])]
     pad = np.ones(len(rows), np.float32) if weight is None else np.asarray(weight, np.float32)
     return to_group_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]}, pad)
 
@@ -123,64 +170,68 @@ def to_group_batch(arrays: dict, pad: np.ndarray | None = None) -> GroupBatch:
 
 
 class GrainBatcher:
-  """`batching.Batcher`'s interface over a grain `DataLoader` (`--batching=pad` only).
+  """`batching.Batcher`'s interface over a grain pipeline that reads only this host's rows.
 
-  `iterator` is what `train.checkpoint` saves and restores; `batch(step)` must be called
-  for consecutive steps, as the training loop does.
+  `planner` (a `batching.Batcher` over the prepared dataset) decides every batch's groups
+  and length; the pipeline is `grain.MapDataset.range(steps).map(this host's batch of a step)`,
+  read ahead by `to_iter_dataset`'s threads. `iterator` is what `train.checkpoint` saves
+  and restores (its state is the next step); `batch(step)` must be called for consecutive
+  steps from there, as the training loop does.
   """
 
-  mode, curriculum = "pad", None
-
   def __init__(self, ds: PreparedDataset, batch_size: int, seed: int, process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, planner: batching.Batcher | None = None,
+               **options):
+    """`options` are `batching.Batcher`'s (mode, multiple, window, pack_groups, curriculum)
+    when no `planner` is given."""
+    if planner is None:
+      planner = batching.Batcher(ds, batch_size, seed, **options)
+    self.planner = planner
     if batch_size % process_count:
       raise ValueError(f"--batch_size={batch_size} does not split over {process_count} hosts")
-    if ds.n < process_count:
-      raise ValueError(f"{ds.path}: {ds.n} groups cannot be sharded over {process_count} hosts")
     self.ds, self.batch_size, self.seed = ds, batch_size, seed
-    self.rows = batch_size  # leading rows of a global batch, as `Batcher.rows`
+    self.mode, self.curriculum, self.max_len = planner.mode, planner.curriculum, ds.max_len
+    self.rows = self.planner.rows  # leading rows of a global batch: groups, or packed blocks
     self.process_index, self.process_count = process_index, process_count
-    self.max_len = ds.max_len
+    self.mine = batching.host_rows(self.rows, process_index, process_count)
     self.shapes_seen: set[tuple[int, ...]] = set()
-    # drop_remainder=False: shards differ by at most one record, and no record is left out.
     import grain  # 2 s to import: only prepared runs pay for it
+    steps = grain.MapDataset.range(0, sys.maxsize).map(self._host_batch)
+    self.iterator = iter(steps.to_iter_dataset(
+        grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH)))
 
-    class Decode(grain.transforms.Map):
-      def map(self, element):
-        return ds.decode(element)
+  def host_groups(self, step: int) -> np.ndarray:
+    """The stored groups this host reads for batch `step`, in row order."""
+    idx, _ = self.planner.plan(step)
+    if self.mode == "pack":  # rows are blocks of m consecutive planned groups
+      return idx.reshape(-1, self.planner.m)[self.mine].reshape(-1)
+    return idx[self.mine]
 
-    self.shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=False)
-    sampler = grain.samplers.IndexSampler(ds.n, shard_options=self.shard, shuffle=True,
-                                          num_epochs=None, seed=seed)
-    self.loader = grain.DataLoader(
-        data_source=ds.source, sampler=sampler, worker_count=0,
-        operations=[Decode(), grain.transforms.Batch(batch_size // process_count)],
-        read_options=grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=64))
-    self.iterator = iter(self.loader)
+  def _host_batch(self, step: int):
+    """(this host's rows of batch `step`, their groups): runs in grain's reader threads."""
+    return self.planner.batch(step, self.mine), self.host_groups(step)
 
-  def batch(self, step: int, rows: slice = slice(None)) -> GroupBatch:
+  def batch(self, step: int, rows: slice = slice(None)):
     """The next host batch (this host's rows of global batch `step`)."""
-    del step  # the iterator's position; a resumed run restores it from the checkpoint
-    mine = batching.host_rows(self.rows, self.process_index, self.process_count)
-    if rows != mine and not (self.process_count == 1 and rows == slice(None)):
+    if rows != self.mine and not (self.process_count == 1 and rows == slice(None)):
       raise ValueError(f"{self.ds.path}: with prepared data each host reads only its shard, "
-                       f"so it must build rows {mine} of each batch, not {rows} (the mesh's "
+                       f"so it must build rows {self.mine} of each batch, not {rows} (the mesh's "
                        "devices of a host must hold one contiguous block of the batch)")
-    arrays = next(self.iterator)
-    self.last_indices = arrays["index"]  # which stored groups: for logs and tests
-    out = to_group_batch(arrays)
+    at = self.iterator.get_state()["next_index"]
+    if at != step:
+      raise ValueError(f"{self.ds.path}: the data iterator is at batch {at}, the training "
+                       f"loop at step {step}; restore the iterator with the step's checkpoint")
+    out, self.last_indices = next(self.iterator)  # last_indices: for logs and tests
     self.shapes_seen.add(np.shape(out.tokens)[1:])
     return out
 
   def estimate(self, steps: int) -> tuple[float, int]:
-    """(padding efficiency, steps) from the prepared stats: the whole dataset's real tokens
-    over what pad batches compute (every member row padded to max_len)."""
-    info = self.ds.info
-    return info["tokens"] / (info["groups"] * info["k"] * info["max_len"]), steps
+    """(padding efficiency, steps) over the first `steps` batches, from the stored lengths."""
+    return self.planner.estimate(steps)
 
   def describe(self) -> str:
     """Stored with checkpoints: a resume must read the same data over the same hosts."""
-    return (f"batching=pad,prepared={self.ds.info['fingerprint'][:16]},"
+    return (f"{self.planner.describe()},prepared={self.ds.info['fingerprint'][:16]},"
             f"hosts={self.process_count}")
 
 
@@ -204,9 +255,10 @@ def check_config(cfg, ds: PreparedDataset) -> None:
   if "source_logps" in losses.record_fields(cfg.loss) and "source_logps" not in ds.stored:
     raise ValueError(f"--loss={cfg.loss} reads the records' 'source_logps', which {ds.path} "
                      "does not hold; prepare records that have it")
-  unsupported = [(d.batching != "pad", f"--batching={d.batching}"),
-                 (bool(losses.member_fields(cfg.loss)), f"--loss={cfg.loss} (extra members)"),
-                 (bool(d.curriculum), "--curriculum"), (d.shared_prompt, "--shared_prompt"),
+  # --shared_prompt: the train loop wraps the dataset in `SharedPromptView`, which scans
+  # every group for its packed shape and reads the in-memory arrays.
+  unsupported = [(bool(losses.member_fields(cfg.loss)), f"--loss={cfg.loss} (extra members)"),
+                 (d.shared_prompt, "--shared_prompt (use --batching=pack)"),
                  (cfg.reference == "precomputed", "--reference=precomputed")]
   names = [name for bad, name in unsupported if bad]
   if names:
@@ -223,5 +275,12 @@ def load(cfg, path: str):
 
 
 def batcher(cfg, ds: PreparedDataset) -> GrainBatcher:
-  return GrainBatcher(ds, cfg.data.batch_size, cfg.data.seed, jax.process_index(),
-                      jax.process_count())
+  """The run's `GrainBatcher`: --batching and --curriculum as for in-memory data."""
+  from jaxpref.parallel import mesh as mesh_lib
+  d = cfg.data
+  sizes = mesh_lib.parse_mesh(cfg.mesh, jax.device_count())
+  row_multiple = cfg.grad_accum * math.prod(sizes[a] for a in mesh_lib.BATCH_AXES)
+  order = ds.curriculum(d.curriculum, d.curriculum_stages, d.seed) if d.curriculum else None
+  planner = batching.from_config(d, ds, row_multiple, order)
+  return GrainBatcher(ds, d.batch_size, d.seed, jax.process_index(), jax.process_count(),
+                      planner)

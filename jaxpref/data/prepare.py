@@ -12,6 +12,12 @@ interrupted prepare is never mistaken for a finished one.
 Arrays are stored cut to the group's longest real sequence (the padding is restored on
 read from `pad_id`), with `loss_mask` and `segment_ids` as uint8 (both are 0/1).
 Re-running into the same OUT deletes the previous prepared dataset and writes it anew.
+
+Beside them, `OUT/groups.npz` holds small per-group arrays, so that training plans its
+batches and curricula without reading the records: `lengths` (int32[N, K], each member's
+real tokens: what `--batching=buckets|pack` cut and pack by) and `curriculum_FIELD`
+(float64[N], `curriculum.field_values` of every record-derived `curriculum.FIELDS` entry
+the records have; why a field is absent is in prepared.json's `curriculum_missing`).
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxpref.data import curriculum, packing
 from jaxpref.data import records as records_lib
-from jaxpref.data.grain_source import (BUILDER_NAME, FORMATS, INFO_FILE, OPTIONAL, VERSION,
-                                       file_sha256)
+from jaxpref.data.grain_source import (BUILDER_NAME, FORMATS, GROUPS_FILE, INFO_FILE, OPTIONAL,
+                                       VERSION, file_sha256)
 from jaxpref.data.pairs import PairDataset
 from jaxpref.data.ranked import RankedDataset
 from jaxpref.data.sources import DataError
@@ -62,6 +69,8 @@ class Job:
   say: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
   report: records_lib.ReadReport | None = None
   stats: dict = dataclasses.field(default_factory=dict)
+  arrays: dict = dataclasses.field(default_factory=dict)  # name -> per-chunk parts (GROUPS_FILE)
+  missing: dict = dataclasses.field(default_factory=dict)  # curriculum field -> why not stored
 
   @property
   def k(self) -> int:
@@ -132,9 +141,11 @@ class Job:
     """(index, example) per group, filling `stats` once every record is written."""
     edges = length_edges(self.max_len)
     hist = np.zeros(len(edges) - 1, np.int64)
-    index = truncated = n_tokens = n_unk = dropped = desirable = longest = 0
+    index = truncated = n_tokens = n_unk = dropped = desirable = longest = response = 0
     for ds in self._chunks():
       lengths = ds.segment_ids.sum(-1)  # [n, K]; 0 for a missing member
+      self._group_values(ds, index)
+      response = max(response, int(ds.loss_mask.sum(-1).max()))
       hist += np.histogram(lengths[ds.members], edges)[0]
       longest = max(longest, int(lengths.max()))
       truncated, n_tokens, n_unk = truncated + ds.n_truncated, n_tokens + ds.n_tokens, n_unk + ds.n_unk
@@ -152,11 +163,32 @@ class Job:
         records_read=report.n_read, records_skipped=report.n_skipped,
         skipped_by_reason=dict(report.reasons), first_errors=report.first_errors,
         groups=index, truncated_groups=truncated, tokens=n_tokens, unk_tokens=n_unk,
-        max_length=longest, length_histogram={"edges": edges, "counts": hist.tolist()})
+        max_length=longest, length_histogram={"edges": edges, "counts": hist.tolist()},
+        max_response_length=max(1, response),
+        curriculum_fields=sorted(n[len("curriculum_"):] for n in self.arrays
+                                 if n.startswith("curriculum_")),
+        curriculum_missing=dict(self.missing))
     if self.fmt == "ranked":
       self.stats.update(group_size=self.group_size, dropped_responses=dropped)
     if self.fmt == "unpaired":
       self.stats.update(desirable=desirable)
+
+
+  def _group_values(self, ds, first: int) -> None:
+    """Appends chunk `ds`'s (groups `first`...) per-group arrays to `arrays`."""
+    self.arrays.setdefault("lengths", []).append(
+        packing.member_lengths(ds.segment_ids).astype(np.int32))
+    model_fields = getattr(curriculum, "MODEL_FIELDS", ())  # scored by the model, not stored
+    for field in curriculum.FIELDS:
+      if field in model_fields or field in self.missing:
+        continue
+      try:
+        values = curriculum.field_values(ds, field)
+      except ValueError as e:  # e.g. no scores: score_gap cannot be a curriculum of this data
+        self.missing[field] = str(e) + (f" (group numbers counted from {first})" if first else "")
+        self.arrays.pop(f"curriculum_{field}", None)
+        continue
+      self.arrays.setdefault(f"curriculum_{field}", []).append(values)
 
 
 def _unpaired_chunk(recs, idx: range, shift: int, tok: Tokenizer, max_len: int):
@@ -237,7 +269,7 @@ def _clear(out: str) -> None:
     return
   if not os.path.isdir(out):
     raise ValueError(f"--out={out!r} is a file, not a folder")
-  ours = {INFO_FILE, BUILDER_NAME}
+  ours = {INFO_FILE, BUILDER_NAME, GROUPS_FILE}
   others = sorted(set(os.listdir(out)) - ours)
   if others:
     raise ValueError(f"--out={out!r} holds files that are not a prepared dataset "
@@ -245,6 +277,8 @@ def _clear(out: str) -> None:
   if os.path.exists(os.path.join(out, INFO_FILE)):
     os.remove(os.path.join(out, INFO_FILE))  # first: a half-cleared folder is not "prepared"
   shutil.rmtree(os.path.join(out, BUILDER_NAME), ignore_errors=True)
+  if os.path.exists(os.path.join(out, GROUPS_FILE)):
+    os.remove(os.path.join(out, GROUPS_FILE))
 
 
 def prepare(job: Job, out: str) -> dict:
@@ -264,7 +298,9 @@ def prepare(job: Job, out: str) -> dict:
     builder.download_and_prepare(download_dir=downloads)
   finally:
     shutil.rmtree(downloads, ignore_errors=True)
-  stats = dict(job.stats)
+  groups = os.path.join(out, GROUPS_FILE)
+  np.savez(groups, **{name: np.concatenate(parts) for name, parts in job.arrays.items()})
+  stats = dict(job.stats, groups_sha256=file_sha256(groups))
   stats["fingerprint"] = hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()
   with open(os.path.join(out, INFO_FILE), "w") as f:
     json.dump(stats, f, indent=1)
@@ -281,4 +317,8 @@ def summary(stats: dict, out: str) -> str:
   edges, counts = s["length_histogram"]["edges"], s["length_histogram"]["counts"]
   lines.append("  lengths: " + ", ".join(f"[{a}, {b}): {c}" for a, b, c in
                                          zip(edges, edges[1:], counts) if c))
+  lines.append(f"  curriculum values stored ({GROUPS_FILE}): "
+               + (", ".join(s["curriculum_fields"]) or "none")
+               + (f"; not {', '.join(s['curriculum_missing'])} (why: prepared.json, "
+                  "curriculum_missing)" if s["curriculum_missing"] else ""))
   return "\n".join(lines)

@@ -20,7 +20,7 @@ from absl import logging
 
 class Checkpointer:
 
-  data_iterator = None  # a grain DataLoader iterator saved and restored with the state
+  data_iterator = None  # a grain iterator (`grain_source.GrainBatcher`'s) saved with the state
 
   def __init__(self, directory: str, every: int, keep: int):
     self.every = max(every, 1)
