@@ -47,6 +47,16 @@ def host_rows(n_rows: int, process_index: int, process_count: int) -> slice:
   return slice(process_index * per, (process_index + 1) * per)
 
 
+def dataset_lengths(ds) -> tuple[int, np.ndarray, int]:
+  """(padded length T, member lengths int[N, K], longest response) of a dataset, which is
+  all a `Batcher` plans with. Prepared data (`data.grain_source.PreparedDataset`) has them
+  stored (`stored_lengths`), so planning reads no record."""
+  if hasattr(ds, "stored_lengths"):
+    return ds.stored_lengths()
+  return (int(ds.segment_ids.shape[-1]), packing.member_lengths(ds.segment_ids),
+          max(1, int(np.asarray(ds.loss_mask).sum(-1).max())))
+
+
 class Batcher:
   """Train batches of a tokenized dataset (`ds.batch`, `ds.segment_ids`, `ds.loss_mask`)."""
 
@@ -63,9 +73,7 @@ class Batcher:
     self.ds, self.batch_size, self.seed, self.mode = ds, batch_size, seed, mode
     self.multiple, self.window, self.m = multiple, window, pack_groups
     self.curriculum = curriculum
-    self.max_len = int(ds.segment_ids.shape[-1])
-    self.lengths = packing.member_lengths(ds.segment_ids)  # int[N, K]
-    self.response_len = max(1, int(np.asarray(ds.loss_mask).sum(-1).max()))
+    self.max_len, self.lengths, self.response_len = dataset_lengths(ds)
     self.shapes_seen: set[tuple[int, ...]] = set()
 
   @property
@@ -144,9 +152,11 @@ class Batcher:
     return ",".join(parts)
 
 
-def from_config(data, ds, row_multiple: int) -> Batcher:
+def from_config(data, ds, row_multiple: int,
+                order: curriculum.Curriculum | None = None) -> Batcher:
   """The `Batcher` of a `DataConfig`; `row_multiple` (grad_accum x batch shards) must
-  divide a batch's leading rows. Combinations that cannot work raise."""
+  divide a batch's leading rows. Combinations that cannot work raise. `order` is the
+  curriculum when the caller built it (prepared data: from its stored values)."""
   if data.batching != "pad" and data.shared_prompt:
     raise ValueError(f"--batching={data.batching} with --shared_prompt: shared-prompt rows "
                      "have one packed shape already; use one or the other")
@@ -155,7 +165,8 @@ def from_config(data, ds, row_multiple: int) -> Batcher:
     raise ValueError(f"--batching=pack: --batch_size={data.batch_size} must be --pack_groups="
                      f"{data.pack_groups} times a multiple of {row_multiple} (--grad_accum times "
                      "the mesh's data*fsdp size): packed blocks are what is sharded")
-  order = curriculum.from_spec(ds, data.curriculum, data.curriculum_stages, data.seed)
+  if order is None:
+    order = curriculum.from_spec(ds, data.curriculum, data.curriculum_stages, data.seed)
   return Batcher(ds, data.batch_size, data.seed, data.batching, data.bucket_multiple,
                  data.bucket_window, data.pack_groups, order)
 

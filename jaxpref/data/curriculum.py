@@ -7,6 +7,12 @@ then stage 2, ..., each stage shuffled by (seed, epoch, stage). Curry-DPO (Pattn
 pairs first, easy meaning a large gap between the chosen and rejected scores: `score_gap`
 therefore sorts descending unless told otherwise.
 
+FIELD is one of `FIELDS`, or any other top-level numeric field of the records (say
+`difficulty`): the readers then keep that one field (`record_value`) and every group
+carries its record's value (a pair made from a rated record inherits the record's).
+`policy_margin` is the model's own implicit reward margin, re-scored between `--rounds`
+(`jaxpref/train/rounds.py`).
+
 The order is a pure function of (values, stages, seed, epoch), so a resumed run sees the
 batches it would have seen. Each epoch repeats the curriculum (easy to hard again).
 """
@@ -14,6 +20,8 @@ batches it would have seen. Each epoch repeats the curriculum (easy to hard agai
 from __future__ import annotations
 
 import functools
+import math
+import re
 
 import numpy as np
 
@@ -24,19 +32,50 @@ FIELDS = {
     "weight": ("desc", "the record's weight"),
     "label_smoothing": ("asc", "the record's label_smoothing (flip rate)"),
     "length": ("asc", "real tokens of the whole group"),
+    "policy_margin": ("desc", "the policy's implicit reward margin, re-scored every --rounds"),
 }
+MODEL_FIELDS = ("policy_margin",)  # from the model, not the records
+OTHER_DIRECTION = "asc"  # a record field of the data's own: smallest first
 
 
 def parse(spec: str) -> tuple[str, bool]:
   """'FIELD[:asc|desc]' -> (field, descending)."""
   field, _, direction = spec.partition(":")
-  if field not in FIELDS:
-    raise ValueError(f"--curriculum={spec!r}: unknown field {field!r}; one of "
-                     + ", ".join(f"{k} ({v[1]})" for k, v in FIELDS.items()))
-  direction = direction or FIELDS[field][0]
+  if not re.fullmatch(r"[A-Za-z_][\w.-]*", field):
+    raise ValueError(f"--curriculum={spec!r}: {field!r} is not a field name; one of "
+                     + ", ".join(f"{k} ({v[1]})" for k, v in FIELDS.items())
+                     + ", or a numeric field of the records (e.g. difficulty)")
+  direction = direction or FIELDS.get(field, (OTHER_DIRECTION,))[0]
   if direction not in ("asc", "desc"):
     raise ValueError(f"--curriculum={spec!r}: the direction after ':' must be asc or desc")
   return field, direction == "desc"
+
+
+def record_field(spec: str) -> str:
+  """The record field the readers must keep for `spec` ('' when none: ours or the model's)."""
+  if not spec:
+    return ""
+  field = parse(spec)[0]
+  return "" if field in FIELDS else field
+
+
+def record_value(obj, field: str) -> tuple[float | None, tuple[str, str] | None]:
+  """(value, None) or (None, (reason, message)): `field` of a decoded record, a finite number."""
+  if field not in obj:
+    return None, (f"missing field '{field}'",
+                  f"field '{field}' is missing (--curriculum={field} needs it in every record)")
+  v = obj[field]
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    return None, (f"field '{field}' is not a finite number",
+                  f"field '{field}' must be a finite number (--curriculum={field}), got {v!r}")
+  return float(v), None
+
+
+def kept_values(records) -> np.ndarray | None:
+  """float64[N]: the kept curriculum field of each record, or None when none was kept."""
+  if not records or getattr(records[0], "curriculum_value", None) is None:
+    return None
+  return np.array([r.curriculum_value for r in records], np.float64)
 
 
 def field_values(ds, field: str) -> np.ndarray:
@@ -53,8 +92,16 @@ def field_values(ds, field: str) -> np.ndarray:
     if ds.label_smoothing is None:
       raise ValueError("--curriculum=label_smoothing needs a label_smoothing field in every record")
     values = ds.label_smoothing
-  else:
+  elif field == "length":
     values = (ds.segment_ids > 0).sum((1, 2))
+  elif field == "policy_margin":  # round 1: policy == reference, every margin is 0
+    values = np.zeros(ds.n)
+  else:
+    values = getattr(ds, "curriculum_values", None)
+    if values is None:
+      raise ValueError(f"--curriculum={field}: not one of {', '.join(FIELDS)}, and the dataset "
+                       f"holds no {field!r} values of its records (read with keep={field!r}, "
+                       "as the train loop does)")
   values = np.asarray(values, np.float64)
   bad = ~np.isfinite(values)
   if bad.any():

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxpref.data import extra_members
+from jaxpref.data import curriculum, extra_members
 from jaxpref.data.records import PairRecord
 from jaxpref.data.tokenizer import Tokenizer
 from jaxpref.types import GroupBatch
@@ -81,6 +81,7 @@ class PairDataset:
   user: np.ndarray | None = None  # int32[N], the records' `user` ids
   attribute_prefs: np.ndarray | None = None  # float32[N, A], the records' `attribute_prefs`
   source_logps: np.ndarray | None = None  # float32[N, S, 2], the records' `source_logps`
+  curriculum_values: np.ndarray | None = None  # float64[N], the kept --curriculum field
 
   def __init__(self, records: Sequence[PairRecord], tok: Tokenizer, max_len: int,
                extra: Sequence[str] = ()):
@@ -92,6 +93,7 @@ class PairDataset:
               for i, r in enumerate(records))
     self._fill(tok, max_len, groups, len(records), counted=tuple(range(k)), k=k)
     self.weight = np.array([r.weight for r in records], np.float32)  # [N]
+    self.curriculum_values = curriculum.kept_values(records)
     has_scores = bool(records) and records[0].scores is not None  # all or none (read_pairs)
     self.scores = np.array([r.scores for r in records], np.float32) if has_scores else None
     if records and records[0].label_smoothing is not None:  # all or none (read_pairs)

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxpref.data import curriculum
 from jaxpref.data.pairs import PairDataset
 from jaxpref.data.records import RankedRecord
 from jaxpref.data.tokenizer import Tokenizer
@@ -31,6 +32,7 @@ class RankedDataset(PairDataset):
                               for r, o in zip(records, orders)), len(records),
                counted=tuple(range(group_size)), k=group_size)
     self.weight = np.array([r.weight for r in records], np.float32)
+    self.curriculum_values = curriculum.kept_values(records)  # each group its record's
     self.scores = np.zeros((len(records), group_size), np.float32)
     for i, (r, o) in enumerate(zip(records, orders)):
       self.scores[i, :len(o)] = [r.scores[j] for j in o]

@@ -13,7 +13,8 @@ strength-aware losses and score margins read as `Logps.scores`) and `label_smoot
 instead of its scalar `--loss.label_smoothing`), `user` (an int >= 0) and `attribute_prefs`
 (a list of 1/-1/0), both in every record or in none (docs/reward_models.md); `rationale`,
 `rejected_prompt` and `source_logps` for the losses that read extra group members
-(`extra_members.py`); other fields are ignored. Chat layouts
+(`extra_members.py`); other fields are ignored, but for the one a
+`--curriculum` names (`keep`). Chat layouts
 (message lists, HH-RLHF transcripts) are turned into these three strings first
 (`chat.py`). All three must hold some non-whitespace text: an empty response has no
 tokens to score but the EOS, and an empty prompt almost always means a field was
@@ -36,6 +37,7 @@ import dataclasses
 from typing import Iterator, Mapping
 
 from jaxpref.data import chat
+from jaxpref.data import curriculum
 from jaxpref.data import extra_members
 from jaxpref.data import sources
 from jaxpref.data.fields import FIELD_NAMES, parse_fields, rename  # noqa: F401 (re-exported)
@@ -61,6 +63,7 @@ class PairRecord:
   rationale: str | None = None  # these three: extra_members.py (read, unused, by other losses)
   rejected_prompt: str | None = None
   source_logps: tuple[tuple[float, float], ...] | None = None  # S x (chosen, rejected)
+  curriculum_value: float | None = None  # the --curriculum field kept (data/curriculum.py)
 
 
 @dataclasses.dataclass
@@ -169,26 +172,32 @@ def _parse_pair(obj):
                     **extra_members.parse(obj)), None
 
 
-def scan(path: str, kind: str, fields: str | Mapping[str, str] = "") -> Iterator[tuple]:
+def scan(path: str, kind: str, fields: str | Mapping[str, str] = "", keep: str = ""
+         ) -> Iterator[tuple]:
   """`(file, line, record, None)` or `(file, line, None, (reason, message))` for every record
   of `path` parsed as `kind` (a key of `KINDS`): the one pass that training (`_read`) and
-  `jaxpref-data validate` share."""
+  `jaxpref-data validate` share. `keep`: a numeric field every record must have, kept as its
+  `curriculum_value` (`--curriculum=FIELD`)."""
   mapping, parse = parse_fields(fields), KINDS[kind]
   for file, line, obj, problem in sources.rows(path):
     record = None
     if problem is None:
       record, problem = parse(_remap(obj, mapping))
+      if problem is None and keep:
+        value, problem = curriculum.record_value(_remap(obj, mapping), keep)
+        record = None if problem else dataclasses.replace(record, curriculum_value=value)
     if problem is not None:
       problem = rename(problem[0], mapping), rename(problem[1], mapping)
     yield file, line, record, problem
 
 
-def _read(path: str, kind: str, skip_invalid: bool, fields) -> tuple[list, ReadReport, list]:
+def _read(path: str, kind: str, skip_invalid: bool, fields, keep: str = ""
+          ) -> tuple[list, ReadReport, list]:
   """The shared read loop; returns the records, the report and each record's (file, line)."""
   files, ignored = sources.resolve(path)
   report = ReadReport(path, files=files, ignored=ignored)
   records, where = [], []
-  for file, line, record, problem in scan(path, kind, fields):
+  for file, line, record, problem in scan(path, kind, fields, keep):
     if problem is None:
       records.append(record)
       where.append((file, line))
@@ -240,10 +249,11 @@ def consistency_error(kind: str, records: list, where: list, fields="", require=
 
 
 def read_pairs(path: str, *, skip_invalid: bool = False, fields: str | Mapping[str, str] = "",
-               require: tuple[str, ...] = ()) -> tuple[list[PairRecord], ReadReport]:
+               require: tuple[str, ...] = (), keep: str = ""
+               ) -> tuple[list[PairRecord], ReadReport]:
   """Reads `{prompt, chosen, rejected}` records (blank lines are ignored, not counted);
   every record must hold the extra fields in `require` (`jaxpref.losses.record_fields`)."""
-  records, report, where = _read(path, "pairs", skip_invalid, fields)
+  records, report, where = _read(path, "pairs", skip_invalid, fields, keep)
   error = consistency_error("pairs", records, where, fields, require)
   if error:
     raise DataError(error)
@@ -261,6 +271,7 @@ class UnpairedRecord:
   completion: str
   label: bool
   weight: float = 1.0
+  curriculum_value: float | None = None
 
 
 def _check_unpaired(obj) -> tuple[str, str] | None:
@@ -275,17 +286,18 @@ def _check_unpaired(obj) -> tuple[str, str] | None:
 
 
 def _parse_unpaired(obj):
-  problem = _check_unpaired(obj)
+  obj, problem = chat.to_unpaired(obj)  # message lists -> strings, as `_parse_pair` does
+  problem = problem or _check_unpaired(obj)
   if problem is not None:
     return None, problem
   return UnpairedRecord(obj["prompt"], obj["completion"], bool(obj["label"]),
                         float(obj.get("weight", 1.0))), None
 
 
-def read_unpaired(path: str, *, skip_invalid: bool = False, fields: str | Mapping[str, str] = ""
-                  ) -> tuple[list[UnpairedRecord], ReadReport]:
+def read_unpaired(path: str, *, skip_invalid: bool = False, fields: str | Mapping[str, str] = "",
+                  keep: str = "") -> tuple[list[UnpairedRecord], ReadReport]:
   """Reads `{prompt, completion, label}` records; `label` true marks a desirable completion."""
-  records, report, _ = _read(path, "unpaired", skip_invalid, fields)
+  records, report, _ = _read(path, "unpaired", skip_invalid, fields, keep)
   return records, report
 
 
@@ -293,8 +305,8 @@ def unpair(records: list[PairRecord]) -> list[UnpairedRecord]:
   """Each pair becomes two unpaired records: chosen desirable, rejected undesirable."""
   out = []
   for r in records:
-    out += [UnpairedRecord(r.prompt, r.chosen, True, r.weight),
-            UnpairedRecord(r.prompt, r.rejected, False, r.weight)]
+    out += [UnpairedRecord(r.prompt, r.chosen, True, r.weight, r.curriculum_value),
+            UnpairedRecord(r.prompt, r.rejected, False, r.weight, r.curriculum_value)]
   return out
 
 
@@ -306,6 +318,7 @@ class RankedRecord:
   responses: tuple[str, ...]
   scores: tuple[float, ...]  # higher is better
   weight: float = 1.0
+  curriculum_value: float | None = None
 
 
 def _check_ranked(obj) -> tuple[str, str] | None:
@@ -329,7 +342,8 @@ def _check_ranked(obj) -> tuple[str, str] | None:
 
 
 def _parse_ranked(obj):
-  problem = _check_ranked(obj)
+  obj, problem = chat.to_ranked(obj)  # message lists -> strings, as `_parse_pair` does
+  problem = problem or _check_ranked(obj)
   if problem is not None:
     return None, problem
   return RankedRecord(obj["prompt"], tuple(c["response"] for c in obj["completions"]),
@@ -337,10 +351,10 @@ def _parse_ranked(obj):
                       float(obj.get("weight", 1.0))), None
 
 
-def read_ranked(path: str, *, skip_invalid: bool = False, fields: str | Mapping[str, str] = ""
-                ) -> tuple[list[RankedRecord], ReadReport]:
+def read_ranked(path: str, *, skip_invalid: bool = False, fields: str | Mapping[str, str] = "",
+                keep: str = "") -> tuple[list[RankedRecord], ReadReport]:
   """Reads `{prompt, completions: [{response, score}, ...]}` records."""
-  records, report, _ = _read(path, "ranked", skip_invalid, fields)
+  records, report, _ = _read(path, "ranked", skip_invalid, fields, keep)
   return records, report
 
 
@@ -369,5 +383,5 @@ def pairs_from_ratings(records: list[RankedRecord], mode: str) -> tuple[list[Pai
         ties += 1
         continue
       pairs.append(PairRecord(r.prompt, r.responses[w], r.responses[l], r.weight,
-                              (r.scores[w], r.scores[l])))
+                              (r.scores[w], r.scores[l]), curriculum_value=r.curriculum_value))
   return pairs, ties

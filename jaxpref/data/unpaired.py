@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxpref.data import curriculum
 from jaxpref.data.pairs import PairDataset
 from jaxpref.data.records import UnpairedRecord
 from jaxpref.data.tokenizer import Tokenizer
@@ -37,6 +38,7 @@ class UnpairedDataset(PairDataset):
     self._fill(tok, max_len, ((prompts[i], (completions[i], completions[(i + shift) % n]))
                               for i in range(n)), n, counted=(0,))
     self.weight = np.array([r.weight for r in records], np.float32)
+    self.curriculum_values = curriculum.kept_values(records)
     self.scores = None
     self.label = np.stack([np.array([int(r.label) for r in records], np.int32),
                            np.full(n, KL_LABEL, np.int32)], axis=1)

@@ -67,6 +67,7 @@ class RunConfig:
   reward_head: str = "linear"  # linear | attributes | pal (docs/reward_models.md)
   pal_prototypes: int = 2  # --reward_head=pal: K' prototypes (ideal points) per prompt
   pal_users: int = 1  # --reward_head=pal: user ids 0 .. pal_users-1 get mixture weights
+  reward_pool: str = "last"  # last | mean: the hidden state the reward head reads (Themis's two)
   loss: str = "dpo"
   loss_hparams: dict = dataclasses.field(default_factory=dict)
   mesh: str = "data:-1"
@@ -74,6 +75,7 @@ class RunConfig:
   lora: Any = None  # jaxpref.models.lora.LoraConfig; None = full fine-tuning
   ref_sync_every: int = 0  # TR-DPO: every N steps ref <- alpha*policy + (1-alpha)*ref; 0 = never
   ref_sync_alpha: float = 1.0  # 1 = hard update (copy the policy)
+  rounds: int = 1  # --steps in equal rounds, each with a fresh reference (train/rounds.py)
   reference_cache: str = ""  # folder of precomputed reference log-probs; "" = no cache
   logps: LogpsOptions = LogpsOptions()
   grad_accum: int = 1  # micro-batches per step; batch_size must divide by it

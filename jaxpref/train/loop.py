@@ -20,11 +20,11 @@ from jaxpref import losses
 from jaxpref.models import hf_export
 from jaxpref.eval import plots
 from jaxpref.parallel import mesh as mesh_lib
-from jaxpref.data import batching, chat, chat_template, grain_source
+from jaxpref.data import batching, chat, chat_template, curriculum, grain_source
 from jaxpref.data.shared_prompt import SharedPromptView
 from jaxpref.parallel import distributed
 from jaxpref.train import checkpoint as ckpt_lib
-from jaxpref.train import ref_cache
+from jaxpref.train import ref_cache, rounds as rounds_lib
 from jaxpref.train.config import DATA_FORMATS, RunConfig
 from jaxpref.train.metrics import MetricWriter, read_metrics
 from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
@@ -58,11 +58,11 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def _read(cfg: RunConfig, path: str, tok):
+def _read(cfg: RunConfig, path: str, tok, keep: str = ""):
   if grain_source.is_prepared(path):  # a `jaxpref-data prepare` folder: read with grain
     return grain_source.load(cfg, path)
   fmt = cfg.data.format
-  opts = dict(skip_invalid=cfg.data.skip_invalid, fields=cfg.data.fields)
+  opts = dict(skip_invalid=cfg.data.skip_invalid, fields=cfg.data.fields, keep=keep)
   if fmt == "pairs":  # a loss may need extra record fields and group members (K = 3)
     records, report = data_lib.read_pairs(path, **opts, require=losses.record_fields(cfg.loss))
     return (data_lib.PairDataset(records, tok, cfg.data.max_len, losses.member_fields(cfg.loss)),
@@ -97,7 +97,8 @@ def load_data(cfg: RunConfig, tok):
     if not path:
       out.append(None)
       continue
-    ds, report, extra = _read(cfg, path, tok)
+    ds, report, extra = _read(cfg, path, tok, curriculum.record_field(cfg.data.curriculum)
+                              if split == "train" else "")
     _say(f"{split} data: {report.summary()}{extra}; {ds.n_truncated} of {ds.n} groups truncated "
          f"to --max_len={cfg.data.max_len}")
     if cfg.data.shared_prompt:
@@ -178,6 +179,7 @@ def setup(cfg: RunConfig) -> Setup:
     raise ValueError(f"--reference=precomputed stores sequence log-probs, but --loss={cfg.loss} "
                      "reads per-token reference log-probs; use --reference=model")
   _probe_loss(cfg, train_ds)
+  rounds_lib.check(cfg, train_ds)
   return Setup(cfg, train_ds, eval_ds, mesh, _batcher(cfg, train_ds, n_batch_shards))
 
 
@@ -187,7 +189,7 @@ def _batcher(cfg: RunConfig, ds, n_batch_shards: int) -> batching.Batcher:
     raise ValueError("--batching=pack is built for the policy role's log-probs")
   if isinstance(ds, grain_source.PreparedDataset):
     return grain_source.batcher(cfg, ds)
-  return batching.from_config(cfg.data, ds, cfg.grad_accum * n_batch_shards)
+  return rounds_lib.wrap(cfg, batching.from_config(cfg.data, ds, cfg.grad_accum * n_batch_shards))
 
 
 def _probe_loss(cfg: RunConfig, ds) -> None:
@@ -233,11 +235,11 @@ def train(s: Setup) -> dict:
   ckpt = ckpt_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"),
                                cfg.checkpoint_every, cfg.keep_checkpoints)
   ckpt.data_iterator = getattr(batcher, "iterator", None)  # grain's state, saved with the step
-  # With reference syncing the reference is training state too, so it is checkpointed.
-  syncing = cfg.ref_sync_every > 0
+  # With reference syncing (or --rounds) the reference is training state too: checkpointed.
+  syncing = cfg.ref_sync_every > 0 or cfg.rounds > 1
   saved = lambda: {"train": state, "ref": ref_params} if syncing else state
-  sync_ref = jax.jit(lambda p, r: jax.tree.map(
-      lambda a, b: (cfg.ref_sync_alpha * a + (1 - cfg.ref_sync_alpha) * b).astype(b.dtype), p, r))
+  sync_ref = jax.jit(lambda p, r, alpha: jax.tree.map(
+      lambda a, b: (alpha * a + (1 - alpha) * b).astype(b.dtype), p, r))
   start = 0
   if ckpt.latest_step is not None:
     restored, position, start = ckpt.restore(saved())
@@ -256,6 +258,7 @@ def train(s: Setup) -> dict:
     evals = [r for r in rows if r["split"] == "eval"]
     return evals[-1] if evals else rows[-1] if rows else {}
   writer = MetricWriter(cfg.workdir, resume_step=start, enabled=jax.process_index() == 0)
+  rounds = rounds_lib.Rounds(cfg, batcher, graphdef, train_ds, put, mesh, _say, start)
 
   def run_eval(step):
     if eval_ds is None:
@@ -274,12 +277,13 @@ def train(s: Setup) -> dict:
   tokens = np.zeros(2, np.int64)  # real, computed since the last log (host-side, no device cost)
   try:
     for step in range(start, cfg.steps):
+      ref_params = rounds.begin(step, state.params, ref_params, sync_ref)  # --rounds
       host_batch = batcher.batch(step, rows)
       tokens += batching.padding_efficiency(host_batch)
       state, metrics = train_step(state, ref_params, put_train(host_batch))
       done = step + 1
-      if syncing and done % cfg.ref_sync_every == 0:  # TR-DPO: ref <- a*policy + (1-a)*ref
-        ref_params = sync_ref(state.params, ref_params)
+      if cfg.ref_sync_every and done % cfg.ref_sync_every == 0:  # TR-DPO: a*policy + (1-a)*ref
+        ref_params = sync_ref(state.params, ref_params, cfg.ref_sync_alpha)
       steps_done += 1
       if bar is not None:
         bar.update(1)
