@@ -79,3 +79,6 @@ class Logps:
   # user's softmax mixture weights over them; `embed` then holds the item points f(y).
   prototypes: Optional[Array] = None  # float32[B, K', E]
   mixture: Optional[Array] = None  # float32[B, K']
+  # A gated GPM head (--reward_head=gpm_gated) adds one eigenvalue lambda_b(x) >= 0 per
+  # rotation block of `embed`, read from the prompt (LOSSES.md §5.3); None: all 1.
+  gate: Optional[Array] = None  # float32[B, k]

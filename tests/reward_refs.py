@@ -54,16 +54,30 @@ def rotation(k):
   return R
 
 
-def gpm_score(vw, vl):
-  """<R v_w, v_l> as a matrix product, [B]."""
-  R = rotation(vw.shape[-1] // 2)
-  return np.einsum("bi,bi->b", vw @ R.T, vl)
+def gpm_score(vw, vl, gate=None):
+  """<R v_w, v_l> as a matrix product, [B]; with `gate` [B, k] each pair's own
+  R(x) = blockdiag(lambda_b [[0, -1], [1, 0]]) (GPM's prompt-gated eigenvalues)."""
+  k = vw.shape[-1] // 2
+  if gate is None:
+    return np.einsum("bi,bi->b", vw @ rotation(k).T, vl)
+  out = np.zeros(len(vw))
+  for i in range(len(vw)):
+    Rx = rotation(k) * np.repeat(gate[i], 2)[:, None]  # row 2b and 2b+1 scaled by lambda_b
+    out[i] = vw[i] @ Rx.T @ vl[i]
+  return out
 
 
-def gpm(v, w, tau=0.1, margin=0.0, normalize=False):
+def gpm_gate(h, W):
+  """lambda(x) = k softmax(W h / sqrt(D)) (LOSSES.md §5.3), h [B, D], W [D, k]."""
+  z = h @ W / np.sqrt(h.shape[-1])
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return W.shape[1] * e / e.sum(-1, keepdims=True)
+
+
+def gpm(v, w, tau=0.1, margin=0.0, normalize=False, gate=None):
   if normalize:
     v = v / np.linalg.norm(v, axis=-1, keepdims=True)
-  s = gpm_score(v[:, 0], v[:, 1])
+  s = gpm_score(v[:, 0], v[:, 1], gate)
   return wmean(-logsig((s - margin) / tau), w)
 
 

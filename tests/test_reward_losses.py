@@ -20,7 +20,7 @@ SCORED = [("bt_adaptive_margin", {}), ("bt_adaptive_margin", {"margin_scale": 0.
 EMBED = [("gpm", {}), ("gpm", {"tau": 1.0, "margin": 0.2}), ("gpm", {"normalize": True})]
 
 
-def make_lp(r=None, w=None, scores=None, embed=None, eps=None, dtype=jnp.float32):
+def make_lp(r=None, w=None, scores=None, embed=None, eps=None, dtype=jnp.float32, gate=None):
   w = jnp.asarray(w, dtype)
   b = w.shape[0]
   zeros = jnp.zeros((b, 2), dtype)
@@ -28,7 +28,8 @@ def make_lp(r=None, w=None, scores=None, embed=None, eps=None, dtype=jnp.float32
                length=jnp.ones((b, 2), dtype), valid=jnp.ones((b, 2), bool), weight=w,
                scores=None if scores is None else jnp.asarray(scores, dtype),
                label_smoothing=None if eps is None else jnp.asarray(eps, dtype),
-               embed=None if embed is None else jnp.asarray(embed, dtype))
+               embed=None if embed is None else jnp.asarray(embed, dtype),
+               gate=None if gate is None else jnp.asarray(gate, dtype))
 
 
 def inputs(seed, b=16, spread=3.0, e=4):
@@ -201,3 +202,130 @@ def test_strength_losses_without_scores_are_bt():
   for name in ("bt_flip", "bt_adaptive_margin", "bt_soft"):
     assert float(losses.get(name)(make_lp(r, w))[0]) == pytest.approx(bt, rel=1e-6), name
   assert float(losses.get("bt_flip")(make_lp(r, w), flip_below=5.0)[0]) == pytest.approx(bt, rel=1e-6)
+
+
+# ---- GPM with prompt-gated eigenvalues (--reward_head=gpm_gated, LOSSES.md §5.3) ----
+
+def gates(seed, b, k, scale=1.5):
+  """k softmax(z): what the gated head emits, non-negative and summing to k."""
+  z = np.random.default_rng(seed).normal(0, scale, (b, k))
+  return k * np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("name,hp", EMBED, ids=str)
+@pytest.mark.parametrize("e", [2, 6])
+def test_gated_gpm_matches_numpy(name, hp, e):
+  _, w, _, v = inputs(11, e=e)
+  lam = gates(11, len(w), e // 2)
+  loss, metrics = jax.jit(losses.bind(name, hp))(make_lp(w=w, embed=v, gate=lam))
+  np.testing.assert_allclose(float(loss), R.gpm(v, w, gate=lam, **hp), rtol=2e-5, atol=2e-5)
+  want_max = R.wmean(lam.max(-1), w)
+  np.testing.assert_allclose(float(metrics["gpm/gate_max"]), want_max, rtol=1e-5)
+  if not hp.get("normalize"):  # the margin is the gated score of the raw embeddings
+    s = R.gpm_score(v[:, 0], v[:, 1], lam)
+    np.testing.assert_allclose(float(metrics["rewards/margin"]), R.wmean(s, w), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_gated_score_is_skew_symmetric_for_every_gate():
+  _, w, _, v = inputs(12, e=8)
+  rng = np.random.default_rng(12)
+  for lam in (gates(12, len(w), 4), rng.uniform(0, 3, (len(w), 4)), np.zeros((len(w), 4))):
+    a, b, g = jnp.asarray(v[:, 0]), jnp.asarray(v[:, 1]), jnp.asarray(lam)
+    s_ab = np.asarray(gpm_score(a, b, g))
+    np.testing.assert_allclose(s_ab, R.gpm_score(v[:, 0], v[:, 1], lam), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gpm_score(b, a, g)), -s_ab, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gpm_score(a, a, g)), 0.0, atol=1e-6)
+  # A gate that switches a block off leaves the score to the other blocks.
+  one_block = np.tile([[2.0, 0.0, 0.0, 0.0]], (len(w), 1))
+  np.testing.assert_allclose(np.asarray(gpm_score(a, b, jnp.asarray(one_block))),
+                             2.0 * R.gpm_score(v[:, 0, :2], v[:, 1, :2]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hp", [{}, {"normalize": True, "margin": 0.1}], ids=str)
+def test_gates_all_one_are_plain_gpm_exactly(hp):
+  _, w, _, v = inputs(13, e=6)
+  fn = losses.bind("gpm", hp)
+  gated_loss, gated = fn(make_lp(w=w, embed=v, gate=np.ones((len(w), 3))))
+  plain_loss, plain = fn(make_lp(w=w, embed=v))
+  assert float(gated_loss) == float(plain_loss)
+  assert float(gated.pop("gpm/gate_max")) == 1.0
+  assert gated.keys() == plain.keys()
+  for k in plain:
+    assert float(gated[k]) == float(plain[k]), k
+
+
+def test_gated_gpm_gradients_match_finite_differences():
+  _, w, _, v = inputs(14, b=6, e=4)
+  lam = gates(14, 6, 2)
+  with jax.enable_x64(True):
+    fn = losses.bind("gpm", {"tau": 0.5})
+    f = lambda x, g: fn(make_lp(w=w, embed=x, gate=g, dtype=jnp.float64))[0]
+    x, g = jnp.asarray(v, jnp.float64), jnp.asarray(lam, jnp.float64)
+    check_grads(f, (x, g), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+    gx, gg = jax.grad(f, argnums=(0, 1))(x, g)
+    assert np.all(np.asarray(gx)[:2] == 0.0) and np.all(np.asarray(gg)[:2] == 0.0)  # padded
+    assert np.abs(np.asarray(gg)[2:]).min() > 0  # every block's gate is trained
+
+
+def test_gated_gpm_rejects_a_gate_of_the_wrong_width():
+  _, w, _, v = inputs(15, e=4)
+  with pytest.raises(ValueError, match=r"one eigenvalue per rotation block \[B, k\]"):
+    losses.get("gpm")(make_lp(w=w, embed=v, gate=np.ones((len(w), 4))))
+
+
+@pytest.mark.slow
+def test_gated_head_reads_the_prompt_and_trains(tmp_path):
+  import dataclasses
+
+  from flax import nnx
+
+  from loop_util import train_steps
+  from jaxpref import data as data_lib
+  from jaxpref import models
+  from jaxpref.data import make_tiny
+  from jaxpref.models.heads import RewardModel, prompt_state
+  from jaxpref.parallel import mesh as mesh_lib
+  from jaxpref.train import loop, reward_step
+  from jaxpref.train.config import DataConfig, RunConfig
+
+  tok = data_lib.Tokenizer.load(f"{make_tiny.OUT}/tokenizer.model")
+  recs = [data_lib.PairRecord("which do you prefer?", "i pick apple.", "i pick red."),
+          data_lib.PairRecord("name a colour.", "red.", "a cat.")]
+  batch = data_lib.PairDataset(recs, tok, 24).batch(np.arange(2))
+  graphdef, params = nnx.split(RewardModel(models.get_config("tiny"), 6, head="gpm_gated",
+                                           rngs=nnx.Rngs(0)))
+  lp = reward_step.model_logps(graphdef, params, batch)
+  assert lp.embed.shape == (2, 2, 6) and lp.gate.shape == (2, 3)
+  # lambda(x) = k softmax(W_p h_x / sqrt(D)), h_x the prompt's last token (float64 reference).
+  model = nnx.merge(graphdef, params)
+  h = model.decoder.hidden(batch.tokens[:, 0], segment_ids=batch.segment_ids[:, 0])
+  h_x = np.asarray(prompt_state(h, batch.loss_mask[:, 0]), np.float64)
+  want = R.gpm_gate(h_x, np.asarray(params["gate_proj"][...], np.float64))
+  np.testing.assert_allclose(np.asarray(lp.gate), want, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(lp.gate).sum(-1), 3.0, rtol=1e-6)
+  # Causal attention: another response leaves the gate alone, not the embeddings.
+  other = dataclasses.replace(batch, tokens=batch.tokens.copy())
+  idx = int(np.argmax(batch.loss_mask[0, 0] > 0))
+  other.tokens[:, :, idx + 1] = batch.tokens[1, 0, idx]
+  lp2 = reward_step.model_logps(graphdef, params, other)
+  np.testing.assert_allclose(np.asarray(lp2.gate), np.asarray(lp.gate), rtol=1e-6)
+  assert not np.allclose(np.asarray(lp2.embed), np.asarray(lp.embed))
+
+  # A short tiny-model run through the loop's own steps: the loss falls, the gates move.
+  cfg = RunConfig(workdir=str(tmp_path), model=models.get_config("tiny"), steps=30,
+                  mesh="data:8", progress=False, plot=False, role="reward", reward_dim=4,
+                  reward_head="gpm_gated", loss="gpm", loss_hparams={"tau": 0.1},
+                  data=DataConfig(train_data=f"{make_tiny.OUT}/train.jsonl", eval_data="",
+                                  tokenizer=f"{make_tiny.OUT}/tokenizer.model"))
+  mesh = mesh_lib.make_mesh("data:8")
+  ds = loop.setup(cfg).train_ds
+  run = train_steps(cfg, mesh, ds, 30)
+  assert np.all(np.isfinite(run.losses))
+  assert np.mean(run.losses[-5:]) < np.mean(run.losses[:5]) - 0.05, run.losses
+  assert all("gpm/gate_max" in m for m in run.metrics)
+  init = reward_step.init_params(cfg, mesh)[1]
+  assert not np.allclose(np.asarray(run.state.params["gate_proj"][...]),
+                         np.asarray(init["gate_proj"][...]))
+  with pytest.raises(ValueError, match="only --loss=gpm reads"):
+    reward_step.check_config(dataclasses.replace(cfg, loss="bt"))

@@ -6,7 +6,9 @@
 Reads the run's `flags.txt` (model, head, tokenizer, max_len; later flags override it) and
 its latest checkpoint, scores every `{prompt, chosen, rejected, subset}` record (the chosen
 response wins when r_w > r_l, or the GPM score s(y_w, y_l) > 0; a tie counts half), prints
-a table and writes WORKDIR/eval_results.json (or --results).
+a table and writes WORKDIR/eval_results.json (or --results). PAL, attribute and gated GPM
+heads are scored as `head_eval.py` says (per user, per attribute); for PAL and attribute
+runs the `subset` field is optional (in every record or in none).
 
 Categories (RewardBench v1 sections): a category's accuracy pools its subsets, each
 weighted by its number of pairs in the file, except that `math-prm` weighs as much as all
@@ -25,6 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxpref import flags as jflags
+from jaxpref.eval import head_eval
 
 CATEGORIES = {
     "chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy",
@@ -42,6 +45,10 @@ flags.DEFINE_string("data", None, "jaxpref-eval: RewardBench-layout JSONL of {pr
                     "rejected, subset} records.")
 flags.DEFINE_string("results", "", "jaxpref-eval: where to write the results JSON "
                     "(default WORKDIR/eval_results.json).")
+flags.DEFINE_enum("pal_unseen_user", "error", ["error", "uniform", "mean"],
+                  "jaxpref-eval, --reward_head=pal: how to score a record whose `user` the model "
+                  "was not trained on (>= --pal_users): error; uniform (mixture 1/K', a new "
+                  "user before any of its pairs); mean (the trained users' mean mixture).")
 flags.DEFINE_string("best_of_n", "", "jaxpref-eval: instead of --data, rerank a JSONL of "
                     "{prompt, candidates, [scores], [best]} records (eval/best_of_n.py).")
 flags.DEFINE_string("best_of_n_out", "", "jaxpref-eval: the picks' JSONL (default "
@@ -53,23 +60,30 @@ def category_of(subset: str) -> str:
   return _CATEGORY_OF.get(subset, subset)
 
 
-def read_subsets(path: str) -> list[str]:
-  """The `subset` field of every non-blank line, in order; errors name file, line, field."""
-  out = []
+_MALFORMED = object()
+
+
+def read_subsets(path: str, required: bool = True) -> tuple[list[str] | None, list[int]]:
+  """(the `subset` field of every non-blank line, in order, and those lines' numbers).
+  With `required=False` a file without any `subset` gives None; errors name file, line, field."""
+  out, lines = [], []
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, start=1):
       if not raw.strip():
         continue
+      lines.append(lineno)
       try:
         obj = json.loads(raw)
       except ValueError:
-        continue  # read_pairs reports malformed lines with their reason
-      subset = obj.get("subset") if isinstance(obj, dict) else None
-      if not isinstance(subset, str) or not subset.strip():
-        raise ValueError(f"{path}:{lineno}: field 'subset' is missing or not a non-empty "
-                         f"string (got {subset!r}); every record needs one")
-      out.append(subset)
-  return out
+        obj = _MALFORMED  # read_pairs reports malformed lines with their reason
+      out.append(obj.get("subset") if isinstance(obj, dict) else obj)
+  if not required and all(s is None or s is _MALFORMED for s in out):
+    return None, lines
+  for lineno, subset in zip(lines, out):
+    if subset is not _MALFORMED and (not isinstance(subset, str) or not subset.strip()):
+      raise ValueError(f"{path}:{lineno}: field 'subset' is missing or not a non-empty "
+                       f"string (got {subset!r}); every record needs one")
+  return out, lines
 
 
 def summarize(subsets: list[str], correct: np.ndarray) -> dict:
@@ -105,6 +119,18 @@ def format_table(res: dict) -> str:
   lines += ["", f"average over {len(res['categories'])} categories: {res['average']:.4f} "
             f"({res['n_pairs']} pairs)"]
   return "\n".join(lines)
+
+
+def format_results(res: dict) -> str:
+  """The printed tables of `evaluate`'s results, for every head."""
+  if res["reward_head"] == "attributes":
+    return head_eval.format_attributes(res, format_table)
+  parts = [format_table(res)] if "subsets" in res else []
+  if res["reward_head"] == "pal":
+    parts.append(head_eval.format_users(res))
+  elif "subsets" not in res:
+    parts.append(f"accuracy: {res['accuracy']:.4f} ({res['n_pairs']} pairs)")
+  return "\n\n".join(parts)
 
 
 def restore(cfg, mesh):
@@ -161,30 +187,63 @@ def margins(graphdef, params, ds, batch_size: int, mesh, first_channel: bool = F
   return out
 
 
-def evaluate(cfg, path: str) -> dict:
-  """Scores `path` with the run's latest checkpoint; returns the results dict."""
+def evaluate(cfg, path: str, unseen_user: str = "error") -> dict:
+  """Scores `path` with the run's latest checkpoint; returns the results dict. `unseen_user`:
+  how a PAL run scores a user id it was not trained on (`head_eval.pal_users`)."""
   from jaxpref import data as data_lib
   from jaxpref.parallel import mesh as mesh_lib
 
   if cfg.role != "reward":
     raise ValueError(f"{cfg.workdir} was trained with --role={cfg.role}; jaxpref-eval scores "
                      "reward models (--role=reward)")
-  subsets = read_subsets(path)
-  records, report = data_lib.read_pairs(path)
-  if len(records) != len(subsets):
-    raise ValueError(f"{path}: {len(records)} pair records but {len(subsets)} subsets")
+  head = cfg.reward_head
+  subsets, lines = read_subsets(path, required=head not in ("pal", "attributes"))
+  # PAL and attribute runs read `user`/`attribute_prefs` under the run's --data_fields names.
+  fields = cfg.data.fields if head in ("pal", "attributes") else ""
+  records, report = data_lib.read_pairs(path, fields=fields)
+  if len(records) != len(lines):
+    raise ValueError(f"{path}: {len(records)} pair records but {len(lines)} non-blank lines")
   tok = data_lib.Tokenizer.load(cfg.data.tokenizer)
   ds = data_lib.PairDataset(records, tok, cfg.data.max_len)
   mesh = mesh_lib.make_mesh("data:-1")
   batch_size = -(-cfg.data.eval_batch_size // mesh.size) * mesh.size
+  if head == "pal":  # before the restore: a bad user id fails fast
+    users, known = head_eval.pal_users(cfg, ds, path, lines, unseen_user)
+  prefs = ds.attribute_prefs
+  if head == "attributes" and prefs is not None and prefs.shape[1] != cfg.reward_dim:
+    raise ValueError(f"{path}:{lines[0]}: field 'attribute_prefs' has {prefs.shape[1]} entries, "
+                     f"but the model scores --reward_dim={cfg.reward_dim} attributes")
   graphdef, params, step = restore(cfg, mesh)
-  from jaxpref.losses.reward import FIRST_CHANNEL_REWARD
-  m = margins(graphdef, params, ds, batch_size, mesh, cfg.loss in FIRST_CHANNEL_REWARD)
-  correct = np.where(m > 0, 1.0, np.where(m == 0, 0.5, 0.0))
-  res = summarize(subsets, correct)
+  res = {}
+  if head == "attributes":
+    m = head_eval.attribute_margins(graphdef, params, ds, batch_size, mesh)
+    res["attributes"] = head_eval.attribute_summary(m, prefs, subsets, summarize)
+    cared = sum(e["n"] for e in res["attributes"])
+    hits = sum(e["accuracy"] * e["n"] for e in res["attributes"] if e["n"])
+    res["accuracy"] = hits / max(cared, 1)
+    res.update(n_pairs=ds.n, attribute_prefs="records" if prefs is not None else
+               "none: every attribute scored against the overall label")
+  else:
+    if head == "pal":
+      m = head_eval.pal_margins(graphdef, params, ds, batch_size, mesh, cfg.loss_hparams,
+                                unseen_user)
+    elif head == "gpm_gated":
+      m = head_eval.gated_gpm_margins(graphdef, params, ds, batch_size, mesh)
+    else:
+      from jaxpref.losses.reward import FIRST_CHANNEL_REWARD
+      m = margins(graphdef, params, ds, batch_size, mesh, cfg.loss in FIRST_CHANNEL_REWARD)
+    correct = head_eval.outcome(m)
+    if subsets is not None:
+      res.update(summarize(subsets, correct))
+    res.update(n_pairs=ds.n, accuracy=float(correct.mean()))
+    if head == "pal":
+      res.update(users=head_eval.per_user(users, known, correct),
+                 n_unseen_user=int((~known).sum()), pal_unseen_user=unseen_user,
+                 unseen_accuracy=float(correct[~known].mean()) if (~known).any() else None)
   res.update({"workdir": cfg.workdir, "data": path, "step": int(step), "loss": cfg.loss,
-              "reward_dim": cfg.reward_dim, "n_truncated": int(ds.n_truncated),
-              "n_unknown_tokens": int(ds.n_unk), "read": report.summary()})
+              "reward_head": head, "reward_dim": cfg.reward_dim,
+              "n_truncated": int(ds.n_truncated), "n_unknown_tokens": int(ds.n_unk),
+              "read": report.summary()})
   return res
 
 
@@ -222,13 +281,13 @@ def main(argv: list[str]) -> None:
     if not FLAGS.data:
       raise ValueError("--data=FILE.jsonl is required ({prompt, chosen, rejected, subset} records)")
     cfg = jflags.to_config()
-    res = evaluate(cfg, FLAGS.data)
+    res = evaluate(cfg, FLAGS.data, FLAGS.pal_unseen_user)
   except (ValueError, OSError) as e:
     print(f"FATAL: {e}", file=sys.stderr)
     sys.exit(1)
   print(f"{cfg.workdir} (step {res['step']}, --loss={cfg.loss}) on {FLAGS.data}: "
         f"{res['n_truncated']} of {res['n_pairs']} pairs truncated to --max_len={cfg.data.max_len}")
-  print(format_table(res))
+  print(format_results(res))
   path = FLAGS.results or os.path.join(cfg.workdir, "eval_results.json")
   with open(path, "w") as f:
     json.dump(res, f, indent=1)

@@ -168,20 +168,25 @@ def bt_soft(lp: Logps, *, tau: float = 1.0, score_temperature: float = 1.0):
   return _bt_result(lp, per, r, tau)
 
 
-def gpm_score(v_w: jax.Array, v_l: jax.Array) -> jax.Array:
-  """<R v_w, v_l> with R = blockdiag([[0, -1], [1, 0]]): sum_b v_w[2b] v_l[2b+1] - v_w[2b+1] v_l[2b].
+def gpm_score(v_w: jax.Array, v_l: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+  """<R(x) v_w, v_l> with R(x) = blockdiag(lambda_b(x) [[0, -1], [1, 0]]):
+  sum_b lambda_b (v_w[2b] v_l[2b+1] - v_w[2b+1] v_l[2b]).
 
-  [..., 2k] x [..., 2k] -> [...]; skew-symmetric, so s(a, b) = -s(b, a) and s(a, a) = 0.
+  [..., 2k] x [..., 2k] (x gate [..., k], the eigenvalues lambda >= 0; None: all 1) -> [...];
+  skew-symmetric for every gate, so s(a, b) = -s(b, a) and s(a, a) = 0.
   """
-  return jnp.sum(v_w[..., 0::2] * v_l[..., 1::2] - v_w[..., 1::2] * v_l[..., 0::2], axis=-1)
+  per_block = v_w[..., 0::2] * v_l[..., 1::2] - v_w[..., 1::2] * v_l[..., 0::2]
+  return jnp.sum(per_block if gate is None else gate * per_block, axis=-1)
 
 
 @register("gpm")
 def gpm(lp: Logps, *, tau: float = 0.1, margin: float = 0.0, normalize: bool = False):
   """Beyond Bradley-Terry Models: A General Preference Model for Language Model Alignment
-  (GPM, LOSSES.md §5.3; plain model, all eigenvalues 1).
+  (GPM, LOSSES.md §5.3).
 
-  l = -logsig((s - margin)/tau),  s = <R v_w, v_l>, v the 2k-dim preference embeddings;
+  l = -logsig((s - margin)/tau),  s = <R(x) v_w, v_l>, v the 2k-dim preference embeddings;
+  the eigenvalues are all 1 (plain model), or the prompt-gated lambda(x) [B, k] in
+  `Logps.gate` of a `--reward_head=gpm_gated` head (the paper's "MoE" variant);
   `normalize` puts v on the unit sphere first (the paper's description; off in the code).
   """
   if lp.embed is None:
@@ -191,13 +196,18 @@ def gpm(lp: Logps, *, tau: float = 0.1, margin: float = 0.0, normalize: bool = F
   if lp.embed.shape[1] != 2 or lp.embed.shape[2] % 2:
     raise ValueError(f"gpm needs pairs of even-dimensional embeddings [B, 2, 2k], got "
                      f"{lp.embed.shape}")
+  if lp.gate is not None and lp.gate.shape != (lp.embed.shape[0], lp.embed.shape[2] // 2):
+    raise ValueError(f"gpm: the gate must hold one eigenvalue per rotation block [B, k] = "
+                     f"{[lp.embed.shape[0], lp.embed.shape[2] // 2]}, got {list(lp.gate.shape)}")
   v = lp.embed
   if normalize:
     v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-6)
-  s = gpm_score(v[:, 0], v[:, 1])
+  s = gpm_score(v[:, 0], v[:, 1], lp.gate)
   per = -logsig((s - margin) / tau)
   metrics = reward_metrics(lp, s, jax.nn.sigmoid(s / tau))
   metrics["embed/norm"] = weighted_mean(jnp.linalg.norm(lp.embed, axis=-1).mean(1), lp.weight)
+  if lp.gate is not None:  # k: every prompt on one block; 1: the plain model's uniform gate
+    metrics["gpm/gate_max"] = weighted_mean(jax.lax.stop_gradient(lp.gate).max(-1), lp.weight)
   return weighted_mean(per, lp.weight), metrics
 
 

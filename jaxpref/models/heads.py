@@ -11,6 +11,9 @@ The head kind (`--reward_head`) says what the E outputs mean:
   also holds K' prototype maps g_k(x) = p_k + W_k h_x, read from the hidden state h_x of
   the prompt's last token (causal: it sees the prompt only), and one row of mixture
   logits per user (`prototypes_of`, `mixture_of`); the `pal` loss mixes them.
+* `gpm_gated`: E = 2k GPM embeddings, plus the prompt-gated eigenvalues of GPM's "MoE"
+  variant (LOSSES.md §5.3): lambda(x) = k softmax(W_p h_x / sqrt(D)) [k], h_x the prompt's
+  last-token state (`gate_of`), one non-negative weight per rotation block.
 
 The LM head, if the decoder has one, is unused except by losses that read per-token
 log-probs (`themis`, through `reward_step`).
@@ -24,7 +27,7 @@ from flax import nnx
 
 from jaxpref.models.decoder import Decoder, ModelConfig
 
-HEADS = ("linear", "attributes", "pal")
+HEADS = ("linear", "attributes", "pal", "gpm_gated")
 
 
 def last_token_index(segment_ids: jax.Array) -> jax.Array:
@@ -41,12 +44,22 @@ def prompt_end_index(loss_mask: jax.Array) -> jax.Array:
   return jnp.maximum(first - 1, 0)
 
 
+def prompt_state(h: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  """h_x [N, D]: the hidden state of each row's last prompt token (causal: it sees the
+  prompt only), from h [N, T, D] and the rows' response mask [N, T]."""
+  idx = prompt_end_index(loss_mask)
+  return jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+
+
 def check_head(head: str, out_dim: int, prototypes: int = 1, users: int = 1) -> None:
   if head not in HEADS:
     raise ValueError(f"--reward_head must be one of {', '.join(HEADS)}, got {head!r}")
   if head == "linear" and (out_dim < 1 or (out_dim > 1 and out_dim % 2)):
     raise ValueError(f"--reward_dim must be 1 (a scalar reward) or even (2k, a preference "
                      f"embedding of k rotation blocks), got {out_dim}")
+  if head == "gpm_gated" and (out_dim < 2 or out_dim % 2):
+    raise ValueError(f"--reward_head=gpm_gated needs an even --reward_dim=2k >= 2 (k rotation "
+                     f"blocks, one gated eigenvalue each), got {out_dim}")
   if out_dim < 1:
     raise ValueError(f"--reward_dim must be >= 1 (--reward_head={head}), got {out_dim}")
   if head == "pal" and (prototypes < 1 or users < 1):
@@ -72,6 +85,11 @@ class RewardModel(nnx.Module):
                                   / jnp.sqrt(d))
       # N(0, 1) logits as in PAL-B: users start from different, non-uniform mixtures.
       self.user_logits = nnx.Param(jax.random.normal(rngs.params(), (users, prototypes)))
+    if head == "gpm_gated":
+      # GPM's prompt head: no bias, N(0, (1/(D+1))^2), so the gate starts near uniform (all
+      # eigenvalues ~1: the plain model) and the prompt learns to move it.
+      self.gate_proj = nnx.Param(jax.random.normal(rngs.params(), (d, out_dim // 2))
+                                 / (d + 1))
 
   def read_out(self, h: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """The head on each row's last real token: h [N, T, D] -> [N, E]."""
@@ -83,9 +101,14 @@ class RewardModel(nnx.Module):
 
   def prototypes_of(self, h: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """g_k(x) = p_k + W_k h_x, h_x the prompt's last-token state: h [N, T, D] -> [N, K', E]."""
-    idx = prompt_end_index(loss_mask)
-    h_x = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+    h_x = prompt_state(h, loss_mask)
     return self.proto_bias[...] + jnp.einsum("nd,kde->nke", h_x, self.proto_proj[...])
+
+  def gate_of(self, h: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """lambda(x) = k softmax(W_p h_x / sqrt(D)): h [N, T, D] -> [N, k], >= 0, summing to k."""
+    h_x = prompt_state(h, loss_mask)
+    logits = h_x @ self.gate_proj[...] / jnp.sqrt(jnp.float32(h.shape[-1]))
+    return logits.shape[-1] * jax.nn.softmax(logits, axis=-1)
 
   def mixture_of(self, user: jax.Array) -> jax.Array:
     """softmax(W_u): int32[N] -> [N, K']."""

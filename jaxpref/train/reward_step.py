@@ -6,8 +6,10 @@ and ignore it. A scalar head (`--reward_dim=1`) fills `Logps.policy` with reward
 `ref` with zeros; a preference-embedding head (`--reward_dim=2k`) or an attribute head
 (`--reward_head=attributes`) fills `Logps.embed`; a PAL head (`--reward_head=pal`) fills
 `embed` with item points and `prototypes`/`mixture` with the prompt's prototypes and the
-record's user's mixture weights. A loss that reads per-token log-probs (`themis`) gets the
-decoder's LM log-probs of every response in `policy_tok`/`mask` from the same forward pass.
+record's user's mixture weights; a gated GPM head (`--reward_head=gpm_gated`) fills `embed`
+and `gate` with the prompt's eigenvalues lambda(x) [B, k]. A loss that reads per-token
+log-probs (`themis`) gets the decoder's LM log-probs of every response in
+`policy_tok`/`mask` from the same forward pass.
 `--init_from` puts a pretrained decoder under a freshly drawn head.
 """
 
@@ -57,6 +59,9 @@ def check_config(cfg, *datasets) -> None:
     if cfg.reward_head == "attributes" and prefs is not None and prefs.shape[1] != cfg.reward_dim:
       raise ValueError(f"the records' field 'attribute_prefs' has {prefs.shape[1]} entries, "
                        f"but --reward_dim={cfg.reward_dim} attribute scores")
+  if cfg.reward_head == "gpm_gated" and cfg.loss != "gpm":
+    raise ValueError(f"--reward_head=gpm_gated gates GPM's eigenvalues, which only --loss=gpm "
+                     f"reads; got --loss={cfg.loss} (use --reward_head=linear)")
 
 
 def make_model(cfg) -> RewardModel:
@@ -89,10 +94,11 @@ def score(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch) -> jax.Array:
 
 
 def reward_logps(out: jax.Array, batch: GroupBatch, head: str = "linear",
-                 pal: tuple | None = None, tokens: jax.Array | None = None) -> Logps:
+                 pal: tuple | None = None, tokens: jax.Array | None = None,
+                 gate: jax.Array | None = None) -> Logps:
   """The head's output [B, K, E] in the Logps slots (a linear head with E = 1: rewards in
   `policy`; else `embed`); `pal` = (prototypes [B, K', E], mixture [B, K']); `tokens`:
-  per-token LM log-probs [B, K, T] for `policy_tok`."""
+  per-token LM log-probs [B, K, T] for `policy_tok`; `gate`: GPM eigenvalues [B, k]."""
   scalar = head == "linear" and out.shape[-1] == 1
   zeros = jnp.zeros(out.shape[:2], jnp.float32)
   extra = {} if tokens is None else dict(policy_tok=tokens, mask=batch.loss_mask)
@@ -101,7 +107,7 @@ def reward_logps(out: jax.Array, batch: GroupBatch, head: str = "linear",
                scores=batch.scores, label=batch.label, label_smoothing=batch.label_smoothing,
                embed=None if scalar else out, user=batch.user,
                attribute_prefs=batch.attribute_prefs, prototypes=None if pal is None else pal[0],
-               mixture=None if pal is None else pal[1], **extra)
+               mixture=None if pal is None else pal[1], gate=gate, **extra)
 
 
 def model_logps(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch,
@@ -113,16 +119,18 @@ def model_logps(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch,
   tokens, seg, mask = flat(batch.tokens), flat(batch.segment_ids), flat(batch.loss_mask)
   h = model.decoder.hidden(tokens, segment_ids=seg)
   out = model.read_out(h, seg).reshape(b, k, -1)
-  pal = None
+  pal, gate = None, None
+  # Every member of a group shares the prompt: what the prompt gives comes from member 0's row.
+  h0, mask0 = h.reshape(b, k, t, -1)[:, 0], batch.loss_mask[:, 0]
   if model.kind == "pal":
-    # Every member of a group shares the prompt: its prototypes come from member 0's row.
     user = jnp.zeros(b, jnp.int32) if batch.user is None else batch.user
-    pal = (model.prototypes_of(h.reshape(b, k, t, -1)[:, 0], batch.loss_mask[:, 0]),
-           model.mixture_of(user))
+    pal = (model.prototypes_of(h0, mask0), model.mixture_of(user))
+  if model.kind == "gpm_gated":
+    gate = model.gate_of(h0, mask0)
   tok = None
   if with_tokens:
     tok = ops.next_token_logps(model.decoder.logits(h), tokens, mask).reshape(b, k, t)
-  return reward_logps(out, batch, model.kind, pal, tok)
+  return reward_logps(out, batch, model.kind, pal, tok, gate)
 
 
 def probe_logps(batch: GroupBatch, cfg) -> Logps:
