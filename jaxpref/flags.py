@@ -67,7 +67,8 @@ flags.DEFINE_integer("bucket_window", _D.bucket_window, "buckets: this many cons
 flags.DEFINE_integer("pack_groups", _D.pack_groups, "pack: groups per packed block; "
                      "--batch_size must be a multiple of it.")
 flags.DEFINE_string("curriculum", _D.curriculum, "FIELD[:asc|desc]: train groups in stages "
-                    "sorted by FIELD (score_gap, weight, label_smoothing, length); '' = none.")
+                    "sorted by FIELD (score_gap, weight, label_smoothing, length, policy_margin, "
+                    "or a numeric field of the records); '' = none.")
 flags.DEFINE_integer("curriculum_stages", _D.curriculum_stages, "Stages of --curriculum, "
                      "each shuffled, visited in order every epoch.")
 flags.DEFINE_bool("skip_invalid_records", _D.skip_invalid,
@@ -100,13 +101,17 @@ flags.DEFINE_enum("role", _R.role, ["policy", "reward"],
 flags.DEFINE_integer("reward_dim", _R.reward_dim,
                      "--role=reward head width: 1 = a scalar reward; an even 2k = a preference "
                      "embedding of k rotation blocks (--loss=gpm).")
-flags.DEFINE_enum("reward_head", _R.reward_head, ["linear", "attributes", "pal"],
+flags.DEFINE_enum("reward_head", _R.reward_head, ["linear", "attributes", "pal", "gpm_gated"],
                   "--role=reward head: linear (a reward or GPM embedding); attributes (one "
                   "score per attribute, --reward_dim=A, --loss=attribute_bt); pal (PAL ideal "
-                  "points in --reward_dim dims, --loss=pal).")
+                  "points in --reward_dim dims, --loss=pal); gpm_gated (GPM embeddings with "
+                  "prompt-gated eigenvalues, --reward_dim=2k, --loss=gpm).")
 flags.DEFINE_integer("pal_prototypes", _R.pal_prototypes, "--reward_head=pal: prototypes K'.")
 flags.DEFINE_integer("pal_users", _R.pal_users, "--reward_head=pal: number of user ids (the "
                      "records' `user` field, 0 .. N-1; records without it are user 0).")
+flags.DEFINE_enum("reward_pool", _R.reward_pool, ["last", "mean"],
+                  "--role=reward: the head reads the last real token's hidden state (last) or "
+                  "the mean over the sequence's real tokens (mean; Themis's two readouts).")
 # Loss.
 flags.DEFINE_string("loss", _R.loss, "Loss name, or a weighted sum such as 0.8*dpo+0.2*bco_pair+sft: "
                     + ", ".join(losses.names()))
@@ -142,6 +147,9 @@ flags.DEFINE_list("lora_targets", ["q", "k", "v", "o", "gate", "up", "down"],
 flags.DEFINE_integer("ref_sync_every", _R.ref_sync_every,
                      "TR-DPO reference updates: every N steps set the reference to "
                      "alpha*policy + (1-alpha)*reference (0: a frozen reference).")
+flags.DEFINE_integer("rounds", _R.rounds, "Iterative rounds: --steps in this many equal "
+                     "rounds; each later round starts with reference <- policy, and with "
+                     "--curriculum=policy_margin re-ranks the train groups (docs/data.md).")
 flags.DEFINE_float("ref_sync_alpha", _R.ref_sync_alpha,
                    "TR-DPO mixing weight: 1 = hard update (copy), < 1 = soft update.")
 flags.DEFINE_string("reference_cache", _R.reference_cache,
@@ -166,6 +174,9 @@ flags.DEFINE_integer("checkpoint_every", _R.checkpoint_every, "Checkpoint every 
 flags.DEFINE_integer("keep_checkpoints", _R.keep_checkpoints, "Checkpoints kept on disk.")
 flags.DEFINE_bool("progress", _R.progress, "Show a progress bar.")
 flags.DEFINE_bool("plot", _R.plot, "Write WORKDIR/metrics.png at the end.")
+flags.DEFINE_bool("log_records", _R.log_records, "Write WORKDIR/records/process_P.jsonl: the "
+                  "train groups (dataset indices) each host read at every step, to audit a "
+                  "resumed run's data against an uninterrupted one.")
 
 _DEFINE_BY_TYPE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
                    float: flags.DEFINE_float, str: flags.DEFINE_string}
@@ -293,6 +304,7 @@ def to_config() -> RunConfig:
                       bucket_window=FLAGS.bucket_window, pack_groups=FLAGS.pack_groups,
                       curriculum=FLAGS.curriculum, curriculum_stages=FLAGS.curriculum_stages),
       role=FLAGS.role, reward_dim=_reward_dim(), reward_head=FLAGS.reward_head,
+      reward_pool=FLAGS.reward_pool,
       export_hf=FLAGS.export_hf,
       pal_prototypes=FLAGS.pal_prototypes, pal_users=FLAGS.pal_users,
       loss=FLAGS.loss, loss_hparams=loss_hparams, mesh=FLAGS.mesh, reference=FLAGS.reference,
@@ -300,12 +312,14 @@ def to_config() -> RunConfig:
       lora=lora.LoraConfig(FLAGS.lora_rank, FLAGS.lora_alpha, tuple(FLAGS.lora_targets))
       if FLAGS.lora_rank else None,
       ref_sync_every=FLAGS.ref_sync_every, ref_sync_alpha=FLAGS.ref_sync_alpha,
+      rounds=FLAGS.rounds,
       logps=LogpsOptions(impl=FLAGS.logps_impl, fused_lm_head=FLAGS.fused_lm_head),
       grad_accum=FLAGS.grad_accum,
       seed=FLAGS.seed,
       steps=FLAGS.steps, log_every=FLAGS.log_every, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-      progress=FLAGS.progress, plot=FLAGS.plot)
+      progress=FLAGS.progress, plot=FLAGS.plot,
+      log_records=FLAGS.log_records)
 
 
 _PER_LAUNCH = ("workdir", "coordinator_address", "num_processes", "process_id")

@@ -86,7 +86,8 @@ def test_training_from_prepared_data_resumes_exactly(tmp_path):
       data=DataConfig(train_data=prepared, eval_data="", tokenizer=TOK, batch_size=16),
       loss="sft",  # the chosen responses' NLL: falls within a few steps, unlike DPO's
       optim=OptimConfig(learning_rate=3e-3, warmup_steps=0), steps=20, log_every=1,
-      eval_every=20, checkpoint_every=5, keep_checkpoints=3, progress=False, plot=False)
+      eval_every=20, checkpoint_every=5, keep_checkpoints=3, progress=False, plot=False,
+      log_records=True)
   final = loop.run(cfg)
   want = _metrics(cfg.workdir)
   losses = np.array([want[s] for s in range(1, 21)])
@@ -104,6 +105,11 @@ def test_training_from_prepared_data_resumes_exactly(tmp_path):
   got = _metrics(resumed)
   assert sorted(got) == list(range(1, 21))
   np.testing.assert_allclose([got[s] for s in range(11, 21)], losses[10:], atol=1e-6, rtol=0)
+  # Steps 11-20 were read again after the resume: the same groups, in the same rows.
+  read = lambda w: [json.loads(line) for line in open(f"{w}/records/process_0.jsonl")]
+  assert read(resumed) == read(cfg.workdir)
+  assert [r["step"] for r in read(resumed)] == list(range(1, 21))
+  assert sorted(g for r in read(resumed)[:3] for g in r["groups"]) != list(range(48))  # shuffled
 
 
 def test_unsupported_options_are_clear_errors(small, tmp_path):

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxpref.data import make_tiny  # noqa: E402
-from jaxpref.models import convert, hf, hf_reward  # noqa: E402
+from jaxpref.models import convert, hf, hf_export, hf_reward  # noqa: E402
 from jaxpref.parallel import mesh as mesh_lib  # noqa: E402
 from jaxpref.train import loop, reward_step  # noqa: E402
 from jaxpref.train.config import DataConfig, RunConfig  # noqa: E402
@@ -137,6 +137,18 @@ def test_a_head_other_than_linear_is_refused(seq_cls, tmp_path):
                                  "reward_head": "pal"})
   with pytest.raises(ValueError, match="holds a linear score head, but --reward_head=pal"):
     hf_reward.init_from(cfg, {})
+
+
+def test_a_mean_pooled_head_is_refused_both_ways(seq_cls, tmp_path):
+  # A sequence-classification head reads the last token: neither start from it nor export to it.
+  path, _ = seq_cls[1]
+  cfg = types.SimpleNamespace(**{**reward_config(tmp_path / "run", path).__dict__,
+                                 "reward_pool": "mean"})
+  with pytest.raises(ValueError, match="trained on the last token, but --reward_pool=mean"):
+    hf_reward.init_from(cfg, {})
+  cfg.export_hf = str(tmp_path / "export")
+  with pytest.raises(ValueError, match="reads the last token; --reward_pool=mean"):
+    hf_export.check(cfg)
 
 
 @pytest.mark.slow

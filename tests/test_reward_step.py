@@ -47,6 +47,31 @@ def test_head_reads_the_last_real_token(out_dim):
   assert not np.allclose(model(jnp.asarray(changed), jnp.asarray(seg))[0], out[0])
 
 
+def test_mean_pool_reads_the_mean_real_state():
+  model = RewardModel(MODEL, 4, pool="mean", rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  run = jax.jit(lambda t, seg: nnx.merge(graphdef, params)(t, seg))
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(4, 150, (3, 10)).astype(np.int32)
+  seg = np.zeros((3, 10), np.int32)
+  for i, n in enumerate((3, 7, 10)):
+    seg[i, :n] = 1
+  out = np.asarray(run(jnp.asarray(tokens), jnp.asarray(seg)), np.float64)
+  # Float64 from the hidden states: the head on the plain mean of each row's real tokens.
+  h = np.asarray(model.decoder.hidden(jnp.asarray(tokens), segment_ids=jnp.asarray(seg)),
+                 np.float64)
+  head = np.asarray(model.head[...], np.float64)
+  want = np.stack([h[i, :n].mean(0) @ head for i, n in enumerate((3, 7, 10))])
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  # Padding never counts; a real token that is not the last one does.
+  wider = np.pad(tokens, ((0, 0), (0, 5)), constant_values=7), np.pad(seg, ((0, 0), (0, 5)))
+  np.testing.assert_allclose(run(*map(jnp.asarray, wider)), out, atol=1e-5)
+  last = RewardModel(MODEL, 4, rngs=nnx.Rngs(0))
+  assert not np.allclose(nnx.jit(lambda m, t, s: m(t, s))(last, tokens, seg), out, atol=1e-3)
+  with pytest.raises(ValueError, match="--reward_pool must be one of last, mean"):
+    RewardModel(MODEL, 1, pool="max", rngs=nnx.Rngs(0))
+
+
 def config(workdir, mesh, loss="bt", reward_dim=1):
   return RunConfig(workdir=str(workdir), model=MODEL, steps=STEPS, mesh=mesh, progress=False,
                    plot=False, role="reward", reward_dim=reward_dim, loss=loss,
@@ -93,6 +118,8 @@ def test_reward_role_rejects_policy_only_settings(tmp_path):
     loop.setup(dataclasses.replace(cfg, loss="gpm"))
   with pytest.raises(ValueError, match="--reward_dim=1"):
     loop.setup(dataclasses.replace(cfg, reward_dim=4))
+  with pytest.raises(ValueError, match="--reward_pool=mean .* needs --role=reward"):
+    loop.setup(dataclasses.replace(cfg, role="policy", loss="dpo", reward_pool="mean"))
 
 
 def test_init_from_puts_a_pretrained_decoder_under_a_fresh_head(tmp_path):

@@ -1,5 +1,6 @@
 """The quickstart end to end, as a user runs it: CLI, outputs, resume after SIGKILL, re-run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,8 @@ import pytest
 
 from cli_util import ROOT, env, metrics, train, train_cmd
 
-SHORT = ("--steps=40", "--log_every=1", "--eval_every=20", "--checkpoint_every=10")
+SHORT = ("--steps=40", "--log_every=1", "--eval_every=20", "--checkpoint_every=10",
+         "--log_records")
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +64,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(short_run, tmp_path):
   assert sorted(got) == list(range(1, 41))  # no step lost, none duplicated
   np.testing.assert_allclose([got[s] for s in range(1, 41)], [want[s] for s in range(1, 41)],
                              atol=1e-6, rtol=0)
+  # The same records, step by step: the groups each step read (--log_records).
+  read = lambda w: [json.loads(line) for line in open(os.path.join(w, "records", "process_0.jsonl"))]
+  got_ids, want_ids = read(workdir), read(reference)
+  assert [r["step"] for r in got_ids] == list(range(1, 41))
+  assert got_ids == want_ids
+  assert all(len(r["groups"]) == 32 for r in want_ids)  # --batch_size of experiments/tiny.flags
+  assert len({tuple(r["groups"]) for r in want_ids}) == 40  # a new batch every step
 
 
 def test_flags_txt_reproduces_the_run(short_run, tmp_path):

@@ -115,9 +115,11 @@ class Batcher:
       groups = idx.reshape(-1, self.m)[rows].reshape(-1)
       out = packing.pack(self.ds.batch(groups), self.m, length, self.response_len)
     else:
-      out = self.ds.batch(idx[rows])
+      groups = idx[rows]
+      out = self.ds.batch(groups)
       if length < self.max_len:
         out = _cut(out, length)
+    self.last_indices = groups  # the groups read, in row order: --log_records, tests
     self.shapes_seen.add(np.shape(out.tokens)[1:])
     return out
 

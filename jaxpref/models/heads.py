@@ -15,6 +15,12 @@ The head kind (`--reward_head`) says what the E outputs mean:
   variant (LOSSES.md §5.3): lambda(x) = k softmax(W_p h_x / sqrt(D)) [k], h_x the prompt's
   last-token state (`gate_of`), one non-negative weight per rotation block.
 
+`--reward_pool=mean` makes the head read the mean of the hidden states over the sequence's
+real tokens instead of the last one (Themis's "mean" readout, LOSSES.md §5.4). A
+from-scratch model's last-token state hardly depends on a short response, while the mean
+carries every response token's own state: what lets the toy in
+`experiments/repro/gpm_vs_bt` leave GPM's tie saddle.
+
 The LM head, if the decoder has one, is unused except by losses that read per-token
 log-probs (`themis`, through `reward_step`).
 """
@@ -28,6 +34,7 @@ from flax import nnx
 from jaxpref.models.decoder import Decoder, ModelConfig
 
 HEADS = ("linear", "attributes", "pal", "gpm_gated")
+POOLS = ("last", "mean")
 
 
 def last_token_index(segment_ids: jax.Array) -> jax.Array:
@@ -71,9 +78,11 @@ class RewardModel(nnx.Module):
   """tokens int32[N, T], segment_ids int32[N, T] -> float32[N, E]."""
 
   def __init__(self, config: ModelConfig, out_dim: int = 1, *, rngs: nnx.Rngs,
-               head: str = "linear", prototypes: int = 2, users: int = 1):
+               head: str = "linear", prototypes: int = 2, users: int = 1, pool: str = "last"):
     check_head(head, out_dim, prototypes, users)
-    self.kind = head
+    if pool not in POOLS:
+      raise ValueError(f"--reward_pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    self.kind, self.pool = head, pool
     self.decoder = Decoder(config, rngs=rngs)
     d = config.d_model
     # Scaled by 1/sqrt(D): an initial reward of O(1) whatever the width.
@@ -92,9 +101,15 @@ class RewardModel(nnx.Module):
                                  / (d + 1))
 
   def read_out(self, h: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """The head on each row's last real token: h [N, T, D] -> [N, E]."""
-    idx = last_token_index(segment_ids)
-    return jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0] @ self.head[...]
+    """The head on each row's last real token, or on the mean over its real tokens (`pool`):
+    h [N, T, D] -> [N, E]."""
+    if self.pool == "mean":
+      real = (segment_ids > 0).astype(h.dtype)[..., None]
+      pooled = jnp.sum(h * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1.0)
+    else:
+      idx = last_token_index(segment_ids)
+      pooled = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+    return pooled @ self.head[...]
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return self.read_out(self.decoder.hidden(tokens, segment_ids=segment_ids), segment_ids)

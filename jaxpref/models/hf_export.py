@@ -34,6 +34,9 @@ def check(cfg) -> None:
   if cfg.role == "reward" and getattr(cfg, "reward_head", "linear") != "linear":
     raise ValueError(f"--export_hf writes a reward model as *ForSequenceClassification, a "
                      f"linear head; --reward_head={cfg.reward_head} has no such form")
+  if cfg.role == "reward" and getattr(cfg, "reward_pool", "last") != "last":
+    raise ValueError("--export_hf writes a reward model as *ForSequenceClassification, which "
+                     f"reads the last token; --reward_pool={cfg.reward_pool} has no such form")
   if cfg.init_from and os.path.abspath(cfg.export_hf) == os.path.abspath(cfg.init_from):
     raise ValueError(f"--export_hf={cfg.export_hf!r} is the --init_from folder; the export "
                      "would overwrite the weights the run started from")

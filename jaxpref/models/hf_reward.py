@@ -79,6 +79,9 @@ def init_from(cfg, params: Any) -> Any:
   if head is not None and kind != "linear":
     raise ValueError(f"--init_from={cfg.init_from} holds a linear score head, but "
                      f"--reward_head={kind}; start that head from a causal-LM folder")
+  if head is not None and getattr(cfg, "reward_pool", "last") != "last":
+    raise ValueError(f"--init_from={cfg.init_from} holds a score head trained on the last "
+                     f"token, but --reward_pool={cfg.reward_pool}; use --reward_pool=last")
   placed = lambda tree, like: jax.device_put(tree, jax.tree.map(lambda x: x.sharding, like))
   params["decoder"] = placed(nnx.split(decoder)[1], params["decoder"])
   if head is None:

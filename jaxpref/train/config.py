@@ -64,7 +64,7 @@ class RunConfig:
   data: DataConfig = DataConfig()
   role: str = "policy"  # policy | reward (a reward or preference-embedding model, no reference)
   reward_dim: int = 1  # reward role: 1 = scalar reward head, even 2k = GPM embedding head
-  reward_head: str = "linear"  # linear | attributes | pal (docs/reward_models.md)
+  reward_head: str = "linear"  # linear | attributes | pal | gpm_gated (docs/reward_models.md)
   pal_prototypes: int = 2  # --reward_head=pal: K' prototypes (ideal points) per prompt
   pal_users: int = 1  # --reward_head=pal: user ids 0 .. pal_users-1 get mixture weights
   reward_pool: str = "last"  # last | mean: the hidden state the reward head reads (Themis's two)
@@ -89,3 +89,4 @@ class RunConfig:
   keep_checkpoints: int = 2
   progress: bool = True
   plot: bool = True
+  log_records: bool = False  # WORKDIR/records/process_P.jsonl: each step's groups (exact resume)

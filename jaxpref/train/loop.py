@@ -26,7 +26,7 @@ from jaxpref.parallel import distributed
 from jaxpref.train import checkpoint as ckpt_lib
 from jaxpref.train import ref_cache, rounds as rounds_lib
 from jaxpref.train.config import DATA_FORMATS, RunConfig
-from jaxpref.train.metrics import MetricWriter, read_metrics
+from jaxpref.train.metrics import MetricWriter, RecordLog, read_metrics
 from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxpref.train.policy_step import precompute_reference, probe_logps
 from jaxpref.train.state import build_steps, check_lora, init_state
@@ -258,6 +258,7 @@ def train(s: Setup) -> dict:
     evals = [r for r in rows if r["split"] == "eval"]
     return evals[-1] if evals else rows[-1] if rows else {}
   writer = MetricWriter(cfg.workdir, resume_step=start, enabled=jax.process_index() == 0)
+  records = RecordLog(cfg.workdir, jax.process_index(), start) if cfg.log_records else None
   rounds = rounds_lib.Rounds(cfg, batcher, graphdef, train_ds, put, mesh, _say, start)
 
   def run_eval(step):
@@ -279,6 +280,8 @@ def train(s: Setup) -> dict:
     for step in range(start, cfg.steps):
       ref_params = rounds.begin(step, state.params, ref_params, sync_ref)  # --rounds
       host_batch = batcher.batch(step, rows)
+      if records is not None:
+        records.write(step + 1, batcher.last_indices)
       tokens += batching.padding_efficiency(host_batch)
       state, metrics = train_step(state, ref_params, put_train(host_batch))
       done = step + 1
@@ -314,6 +317,8 @@ def train(s: Setup) -> dict:
     ckpt.wait()
     ckpt.close()
     writer.close()
+    if records is not None:
+      records.close()
     preemption.restore()
 
   if cfg.plot and jax.process_index() == 0:

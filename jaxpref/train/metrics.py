@@ -28,11 +28,7 @@ class MetricWriter:
     self._file = self._tb = None
     if not enabled:  # multi-host: every process computes the rows, process 0 writes them
       return
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(rows)
+    _keep_until(self.path, resume_step)
     self._file = open(self.path, "a")
     if tensorboard:
       from tensorboardX import SummaryWriter  # heavy import, only when used
@@ -55,6 +51,36 @@ class MetricWriter:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _keep_until(path: str, resume_step: int) -> None:
+  """Drops the rows of a JSONL log written after `resume_step` (by a run killed since)."""
+  if os.path.exists(path):
+    with open(path) as f:
+      rows = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+    with open(path, "w") as f:
+      f.writelines(rows)
+
+
+class RecordLog:
+  """WORKDIR/records/process_P.jsonl (`--log_records`): `{"step", "groups"}` per train step,
+  the dataset indices of the groups this host read, in row order. A resumed run drops the
+  killed run's rows past the checkpoint and writes them again, so the file of a run that was
+  killed and resumed equals that of one that was not, exactly when the same data was read."""
+
+  def __init__(self, workdir: str, process_index: int, resume_step: int = 0):
+    os.makedirs(os.path.join(workdir, "records"), exist_ok=True)
+    self.path = os.path.join(workdir, "records", f"process_{process_index}.jsonl")
+    _keep_until(self.path, resume_step)
+    self._file = open(self.path, "a")
+
+  def write(self, step: int, groups) -> None:
+    self._file.write(json.dumps({"step": int(step),
+                                 "groups": [int(g) for g in np.ravel(groups)]}) + "\n")
+    self._file.flush()  # a SIGKILL must not lose the rows before the last checkpoint
+
+  def close(self) -> None:
+    self._file.close()
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -35,6 +35,9 @@ def check_config(cfg, *datasets) -> None:
   """Start-up checks of a `RunConfig`'s role (the policy role passes through), and of the
   reward role's `datasets` (`PairDataset`s, None skipped) against its head."""
   if cfg.role == "policy":
+    if getattr(cfg, "reward_pool", "last") != "last":
+      raise ValueError(f"--reward_pool={cfg.reward_pool} sets the reward head's readout; it "
+                       "needs --role=reward")
     return
   if cfg.role != "reward":
     raise ValueError(f"--role must be policy or reward, got {cfg.role!r}")
@@ -67,7 +70,8 @@ def check_config(cfg, *datasets) -> None:
 def make_model(cfg) -> RewardModel:
   """The reward model of a `RunConfig` (decoder of `cfg.model`, head of `cfg.reward_dim`)."""
   return RewardModel(cfg.model, cfg.reward_dim, head=cfg.reward_head,
-                     prototypes=cfg.pal_prototypes, users=cfg.pal_users, rngs=nnx.Rngs(cfg.seed))
+                     prototypes=cfg.pal_prototypes, users=cfg.pal_users,
+                     pool=getattr(cfg, "reward_pool", "last"), rngs=nnx.Rngs(cfg.seed))
 
 
 def init_params(cfg, mesh):

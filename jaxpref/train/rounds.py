@@ -90,11 +90,15 @@ class RoundBatcher:
 
   def batch(self, step: int, rows: slice = slice(None)):
     if not self.rescore:
-      return self.base.batch(step, rows)
+      out = self.base.batch(step, rows)
+      self.last_indices = self.base.last_indices
+      return out
     r = self.round_of(step)
     if r not in self.batchers:
       raise RuntimeError(f"round {r + 1}'s scores are not set (Rounds.begin runs first)")
-    return self.batchers[r].batch(step - r * self.length, rows)
+    out = self.batchers[r].batch(step - r * self.length, rows)
+    self.last_indices = self.batchers[r].last_indices
+    return out
 
   def estimate(self, steps: int) -> tuple[float, int]:
     return self.base.estimate(steps)
