@@ -1,6 +1,6 @@
 """A shortened experiments/repro/gpm_vs_bt, through its own flag files: on balanced
 rock-paper-scissors cycles a scalar (BT) reward stays at or below 2/3 held-out accuracy,
-while GPM's preference embeddings model most cycles (LOSSES.md §9.4)."""
+while GPM's preference embeddings model every cycle (LOSSES.md §9.4)."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from cli_util import ROOT, train
 from jaxpref.data import synthetic
 
 REPRO = os.path.join(ROOT, "experiments", "repro", "gpm_vs_bt")
-STEPS = 300
+STEPS = 400
 
 
 @pytest.mark.slow
@@ -27,5 +27,5 @@ def test_gpm_models_cycles_that_bt_cannot(tmp_path):
     acc[loss] = json.load(open(workdir / "final_metrics.json"))["rewards/accuracy"]
   # A scalar orders at most 2 of a 3-cycle's pairs (ties count half): <= 2/3 whatever it learns.
   assert acc["bt"] <= 0.70, acc
-  # From scratch a cycle can stall at GPM's tie saddle (README.md); most do not.
-  assert acc["gpm"] >= 0.75 and acc["gpm"] - acc["bt"] >= 0.2, acc
+  # The issue's target; the mean readout keeps cycles off GPM's tie saddle (README.md).
+  assert acc["gpm"] >= 0.99, acc
