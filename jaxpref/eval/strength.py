@@ -6,7 +6,8 @@
 
 Trains `--ensemble_size` reward models on `--train_data` through the ordinary loop (member
 j in WORKDIR/member_j with `--seed` + j and `--data_seed` + j, so each has its own
-initialisation and data order; a finished member is reused), scores every pair of
+initialisation and data order; a finished member is reused; `--ensemble_vectorize` trains
+the unfinished ones together as one vmapped program, `ensemble.py`), scores every pair of
 `--strength_data` (default: the train data) with each, and writes a copy of that file,
 every original field kept, plus
 
@@ -46,6 +47,11 @@ flags.DEFINE_string("strength_data", "", "jaxpref-strength: the pairs to score (
                     "--train_data).")
 flags.DEFINE_string("strength_out", "", "jaxpref-strength: output JSONL (default "
                     "WORKDIR/strength.jsonl).")
+flags.DEFINE_bool("ensemble_vectorize", False, "jaxpref-strength: train the members not yet "
+                  "finished as one jax.vmap-ped program (M times one member's memory; single "
+                  "host, data-parallel mesh, --batching=pad, no --grad_accum). Only the final "
+                  "checkpoints are saved: a run stopped midway restarts from step 0 (no mid-run "
+                  "resume).")
 flags.DEFINE_float("strength_drop_below", None, "jaxpref-strength: also write "
                    "WORKDIR/strength_kept.jsonl without pairs whose strength_mean is below this.")
 FLAGS = flags.FLAGS
@@ -147,9 +153,11 @@ def read_records(path: str, fields: str) -> tuple[list[dict], list]:
   return objs, records
 
 
-def run_ensemble(cfg, records: list, data_path: str, m: int, say=print) -> np.ndarray:
+def run_ensemble(cfg, records: list, data_path: str, m: int, say=print,
+                 vectorize: bool = False) -> np.ndarray:
   """Trains (or reuses) the M members and scores `records` (read from `data_path`):
-  rewards [M, N, 2]."""
+  rewards [M, N, 2]. `vectorize`: the unfinished members train together
+  (`ensemble.train`), else one after another."""
   from jaxpref import data as data_lib
   from jaxpref.eval import best_of_n, reward_eval
   from jaxpref.parallel import mesh as mesh_lib
@@ -159,12 +167,22 @@ def run_ensemble(cfg, records: list, data_path: str, m: int, say=print) -> np.nd
   ds = data_lib.PairDataset(records, tok, cfg.data.max_len)
   mesh = mesh_lib.make_mesh("data:-1")
   batch_size = -(-cfg.data.eval_batch_size // mesh.size) * mesh.size
+  members = [member_config(cfg, j) for j in range(m)]
+  trained = {}
+  if vectorize:
+    from jaxpref.eval import ensemble
+    trained = ensemble.train(cfg, members, say)
+    reused = [str(j) for j in range(m) if j not in trained]
+    if reused:
+      say(f"strength: members {', '.join(reused)} already finished; reused")
   out = []
-  for j in range(m):
-    member = member_config(cfg, j)
-    say(f"strength: training member {j + 1}/{m} (seed {member.seed}, data_seed "
-        f"{member.data.seed}) in {member.workdir}")
-    final = loop.run(member)
+  for j, member in enumerate(members):
+    if vectorize:
+      final = trained.get(j, {})
+    else:
+      say(f"strength: training member {j + 1}/{m} (seed {member.seed}, data_seed "
+          f"{member.data.seed}) in {member.workdir}")
+      final = loop.run(member)
     if "rewards/accuracy" in final:
       say(f"strength: member {j + 1}/{m} done, final {final.get('split', '')} accuracy "
           f"{final['rewards/accuracy']:.3f}")
@@ -182,7 +200,7 @@ def write_jsonl(path: str, objs: list[dict]) -> None:
 
 
 def strength(cfg, m: int, data_path: str = "", out: str = "", drop_below: float | None = None,
-             say=print) -> dict:
+             say=print, vectorize: bool = False) -> dict:
   """The whole command: ensemble, annotated file, histogram, summary; returns the paths,
   the summary numbers and (with ground truth) the flip detection."""
   if cfg.role != "reward" or cfg.reward_dim != 1:
@@ -190,9 +208,12 @@ def strength(cfg, m: int, data_path: str = "", out: str = "", drop_below: float 
                      f"--reward_dim=1 (got --role={cfg.role} --reward_dim={cfg.reward_dim})")
   if m < 1:
     raise ValueError(f"--ensemble_size must be >= 1, got {m}")
+  if vectorize:
+    from jaxpref.eval import ensemble
+    ensemble.check(cfg)  # before reading anything
   data_path = data_path or cfg.data.train_data
   objs, records = read_records(data_path, cfg.data.fields)
-  stats = ensemble_stats(run_ensemble(cfg, records, data_path, m, say))
+  stats = ensemble_stats(run_ensemble(cfg, records, data_path, m, say, vectorize))
   flipped = None
   if all(isinstance(o.get("flipped"), bool) for o in objs):
     flipped = np.array([o["flipped"] for o in objs])
@@ -230,7 +251,7 @@ def main(argv: list[str]) -> None:
     with open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
       f.write(jflags.resolved_flags())
     strength(cfg, FLAGS.ensemble_size, FLAGS.strength_data, FLAGS.strength_out,
-             FLAGS.strength_drop_below)
+             FLAGS.strength_drop_below, vectorize=FLAGS.ensemble_vectorize)
   except (ValueError, OSError) as e:
     print(f"FATAL: {e}", file=sys.stderr)
     sys.exit(1)
