@@ -21,6 +21,7 @@ from absl import flags
 from jaxpref import losses
 from jaxpref import models
 from jaxpref import ops
+from jaxpref.data.pairs import TRUNCATION_MODES
 from jaxpref.data.records import parse_fields
 from jaxpref.models import lora
 from jaxpref.train.config import DATA_FORMATS, DataConfig, LogpsOptions, OptimConfig, RunConfig
@@ -42,6 +43,11 @@ flags.DEFINE_string("chat_template", _D.chat_template, "Message-list records: au
                     "tokenizer folder's Jinja chat template if it has one, else the plain "
                     "format; none = the plain format; or a template file (docs/data.md).")
 flags.DEFINE_integer("max_len", _D.max_len, "Tokens per sequence (BOS + prompt + response + EOS).")
+flags.DEFINE_enum("truncation", _D.truncation, list(TRUNCATION_MODES), "A sequence over "
+                  "--max_len: keep_end keeps the end of the prompt, keep_start its start (the "
+                  "response keeps its start); drop drops the group, counted in the data report.")
+flags.DEFINE_integer("max_prompt_len", _D.max_prompt_len, "Cut the prompt to this many tokens "
+                     "first (by the --truncation rule; counted as truncated); 0 = no limit.")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Pairs per train step (global).")
 flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Pairs per eval step (global).")
 flags.DEFINE_integer("data_seed", _D.seed, "Seed of the data order.")
@@ -295,7 +301,8 @@ def to_config() -> RunConfig:
                         grad_clip_norm=FLAGS.grad_clip_norm),
       data=DataConfig(train_data=FLAGS.train_data, eval_data=FLAGS.eval_data,
                       tokenizer=_tokenizer(), chat_template=FLAGS.chat_template,
-                      max_len=FLAGS.max_len,
+                      max_len=FLAGS.max_len, truncation=FLAGS.truncation,
+                      max_prompt_len=FLAGS.max_prompt_len,
                       batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
                       seed=FLAGS.data_seed, skip_invalid=FLAGS.skip_invalid_records,
                       format=FLAGS.data_format, group_size=FLAGS.group_size,

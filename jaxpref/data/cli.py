@@ -1,10 +1,11 @@
 """`jaxpref-data`: tools for preference data files, one subcommand each.
 
     jaxpref-data validate PATH [--format=pairs|unpaired|ranked] [--fields=prompt:question,...]
-                               [--tokenizer=MODEL --max_len=N]
+                               [--tokenizer=MODEL --max_len=N] [--truncation=keep_end|
+                               keep_start|drop] [--max_prompt_len=N]
     jaxpref-data prepare PATH --format=pairs|ranked|unpaired --tokenizer=MODEL --max_len=N
                               --out=DIR [--fields=...] [--split=train] [--group_size=K]
-                              [--skip_invalid_records]
+                              [--skip_invalid_records] [--truncation=...] [--max_prompt_len=N]
 
 validate: exit status 0 when training would read the data, 1 when it would stop (a bad
 record or a file-wide problem), 2 for a usage error (a bad flag, an unknown field name, no
@@ -19,6 +20,7 @@ from typing import Sequence
 
 from jaxpref.data import records
 from jaxpref.data import validate as validate_lib
+from jaxpref.data.pairs import TRUNCATION_MODES, Truncation
 from jaxpref.data.tokenizer import Tokenizer
 
 
@@ -34,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
   v.add_argument("--tokenizer", default="", help="sentencepiece model: lengths in tokens")
   v.add_argument("--max_len", type=int, default=None,
                  help="with --tokenizer: count responses training would truncate")
+  _truncation_args(v)
   p = sub.add_parser("prepare", help="tokenize records once into ArrayRecord shards",
                      description="tokenize records once into ArrayRecord shards (docs/data.md)")
   p.add_argument("path", help="a JSONL or Parquet file, a folder of them, or a glob (quoted)")
@@ -47,7 +50,16 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--group_size", type=int, default=4, help="--format=ranked: as training's")
   p.add_argument("--skip_invalid_records", action="store_true",
                  help="skip bad records, counted by reason in the stats")
+  _truncation_args(p)
   return parser
+
+
+def _truncation_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--truncation", default="keep_end", choices=TRUNCATION_MODES,
+                 help="as training's --truncation: over --max_len keep the prompt's end, its "
+                 "start, or drop the group")
+  p.add_argument("--max_prompt_len", type=int, default=0,
+                 help="as training's --max_prompt_len: cut the prompt to N tokens first (0: no)")
 
 
 def _prepare(args) -> int:
@@ -57,7 +69,8 @@ def _prepare(args) -> int:
     records.parse_fields(args.fields, "--fields")
     job = prepare.Job(args.path, args.format, tok, args.max_len, split=args.split,
                       fields=args.fields, skip_invalid=args.skip_invalid_records,
-                      group_size=args.group_size)
+                      group_size=args.group_size,
+                      truncation=Truncation(args.truncation, args.max_prompt_len))
   except (ValueError, FileNotFoundError) as e:
     print(f"jaxpref-data: error: {e}", file=sys.stderr)
     return 2
@@ -79,7 +92,8 @@ def main(argv: Sequence[str]) -> int:
     return _prepare(args)
   try:
     tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
-    result = validate_lib.validate(args.path, args.format, args.fields, tok, args.max_len)
+    result = validate_lib.validate(args.path, args.format, args.fields, tok, args.max_len,
+                                   Truncation(args.truncation, args.max_prompt_len))
   except (ValueError, FileNotFoundError) as e:
     print(f"jaxpref-data: error: {e}", file=sys.stderr)
     return 2

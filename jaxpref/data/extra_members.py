@@ -10,6 +10,9 @@ from a record field and appended as member 2 (so K = 3):
 
 `source_logps` adds no member: it is a list of S `[chosen, rejected]` summed log-probs of
 the pair under S source models (infifpo, §2.3), carried as `GroupBatch.source_logps`.
+Nor do `ref_chosen_logps`/`ref_rejected_logps` (TRL's column names): the reference model's
+summed log-probs of each response, which `--reference=precomputed` then reads instead of
+running the reference (`train/loop.py`).
 
 Which fields a loss needs is the loss's business (`jaxpref.losses.record_fields`); the
 data layer builds members only when asked, so ordinary pairs stay K = 2.
@@ -29,6 +32,7 @@ RATIONALE_TEMPLATE = (
 
 MEMBER_FIELDS = ("rationale", "rejected_prompt")  # string fields that add a group member
 SOURCE_FIELD = "source_logps"
+REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")  # both or neither, in every record or none
 EXTRA_FIELDS = MEMBER_FIELDS + (SOURCE_FIELD,)
 
 
@@ -76,14 +80,30 @@ def check(obj: dict, check_strings) -> tuple[str, str] | None:
   problem = check_strings(obj, [k for k in MEMBER_FIELDS if k in obj])
   if problem is None and SOURCE_FIELD in obj:
     problem = check_source_logps(obj[SOURCE_FIELD])
-  return problem
+  return problem or check_ref_logps(obj)
+
+
+def check_ref_logps(obj: dict) -> tuple[str, str] | None:
+  """(reason, message) unless the record has both reference log-prob fields, finite and
+  <= 0, or neither."""
+  present = [k for k in REF_FIELDS if k in obj]
+  if len(present) == 1:
+    missing = REF_FIELDS[1 - REF_FIELDS.index(present[0])]
+    return (f"field '{missing}' is missing",
+            f"field '{missing}' is missing, but the record has '{present[0]}' (both or neither)")
+  for k in present:
+    if not _is_number(obj[k]) or obj[k] > 0:
+      return (f"field '{k}' is not a log-prob",
+              f"field '{k}' must be a finite summed log-prob <= 0, got {obj[k]!r}")
+  return None
 
 
 def parse(obj: dict) -> dict:
   """PairRecord keyword arguments for the extra fields (None where absent)."""
   src = obj.get(SOURCE_FIELD)
+  ref = tuple(float(obj[k]) for k in REF_FIELDS) if REF_FIELDS[0] in obj else None
   return dict(rationale=obj.get("rationale"), rejected_prompt=obj.get("rejected_prompt"),
-              source_logps=None if src is None else parse_source_logps(src))
+              source_logps=None if src is None else parse_source_logps(src), ref_logps=ref)
 
 
 def consistency_error(records: list, where: list, require=()) -> str | None:
@@ -97,6 +117,12 @@ def consistency_error(records: list, where: list, require=()) -> str | None:
         return (f"{file}:{line}: field '{field}' is missing; the selected loss needs it in "
                 "every record (docs/data.md, extra group members)")
   n_src = [None if r.source_logps is None else len(r.source_logps) for r in records]
+  has_ref = [r.ref_logps is not None for r in records]
+  if any(has_ref) and not all(has_ref):
+    file, line = where[has_ref.index(not has_ref[0])]
+    return (f"{file}:{line}: fields {'/'.join(REF_FIELDS)} are "
+            f"{'missing' if has_ref[0] else 'present'}, unlike in {where[0][0]}:{where[0][1]} "
+            "(reference log-probs must be in every record or in none)")
   count = lambda n: "no" if n is None else f"{n} source models in"
   for n, (file, line) in zip(n_src, where):
     if n != n_src[0]:

@@ -13,7 +13,8 @@ from jaxpref.data import extra_members
 
 FIELD_NAMES = ("prompt", "chosen", "rejected", "completion", "label", "completions", "weight",
                "chosen_score", "rejected_score", "label_smoothing", "user",
-               "attribute_prefs", *extra_members.EXTRA_FIELDS)  # --data_fields targets
+               "attribute_prefs", *extra_members.EXTRA_FIELDS,
+               *extra_members.REF_FIELDS)  # --data_fields targets
 
 
 def parse_fields(spec: str | Mapping[str, str], flag: str = "--data_fields") -> dict[str, str]:

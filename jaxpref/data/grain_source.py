@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxpref import losses
 from jaxpref.data import batching
+from jaxpref.data.pairs import Truncation
 from jaxpref.types import GroupBatch
 
 # The folder `prepare` writes: OUT/prepared.json (stats, written last) beside TFDS's
@@ -95,6 +96,9 @@ class PreparedDataset:
     self.source = builder.as_data_source(split=self.info["split"])
     self.n, self.max_len, self.k = len(self.source), self.info["max_len"], self.info["k"]
     self.n_truncated = self.info["truncated_groups"]
+    tr = Truncation(self.info.get("truncation", "keep_end"), self.info.get("max_prompt_len", 0))
+    self.drop_note = (f"; dropped {self.info['dropped_groups']} groups over "
+                      f"{tr.limits(self.max_len)} (--truncation=drop)" if tr.mode == "drop" else "")
     self.stored = set(builder.info.features.keys())
     self._arrays: dict[str, np.ndarray] = {}
     if self.n != self.info["groups"]:
@@ -244,6 +248,11 @@ def check_config(cfg, ds: PreparedDataset) -> None:
   if d.max_len != info["max_len"]:
     raise ValueError(f"{ds.path} was prepared with --max_len={info['max_len']}; this run has "
                      f"--max_len={d.max_len}")
+  # Absent from prepared.json: the default policy (prepare stores only another one).
+  for flag, default in (("truncation", "keep_end"), ("max_prompt_len", 0)):
+    if getattr(d, flag) != info.get(flag, default):
+      raise ValueError(f"{ds.path} was prepared with --{flag}={info.get(flag, default)}; this "
+                       f"run has --{flag}={getattr(d, flag)} (prepare again, or match it)")
   if info["format"] == "ranked" and d.group_size != info["group_size"]:
     raise ValueError(f"{ds.path} was prepared with --group_size={info['group_size']}; this run "
                      f"has --group_size={d.group_size}")

@@ -38,7 +38,7 @@ from jaxpref.data import curriculum, packing
 from jaxpref.data import records as records_lib
 from jaxpref.data.grain_source import (BUILDER_NAME, FORMATS, GROUPS_FILE, INFO_FILE, OPTIONAL,
                                        VERSION, file_sha256)
-from jaxpref.data.pairs import PairDataset
+from jaxpref.data.pairs import PairDataset, Truncation
 from jaxpref.data.ranked import RankedDataset
 from jaxpref.data.sources import DataError
 from jaxpref.data.tokenizer import Tokenizer
@@ -66,6 +66,7 @@ class Job:
   fields: str = ""
   skip_invalid: bool = False
   group_size: int = 4
+  truncation: Truncation = Truncation()  # --truncation, --max_prompt_len, as training's
   say: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
   report: records_lib.ReadReport | None = None
   stats: dict = dataclasses.field(default_factory=dict)
@@ -80,9 +81,9 @@ class Job:
     """The first valid record's example: the stored features (which optional per-group
     arrays, their shapes) must be fixed before writing, and are all-or-none in a file."""
     for _, _, record, _ in records_lib.scan(self.path, self.fmt, self.fields):
-      if record is not None:
-        ds = (_unpaired_chunk([record], range(1), 1, self.tok, self.max_len)
-              if self.fmt == "unpaired" else self._tokenize([record]))
+      if record is not None:  # laid out without dropping: only its features matter here
+        ds = (_unpaired_chunk([record], range(1), 1, self.tok, self.max_len, Truncation())
+              if self.fmt == "unpaired" else self._tokenize([record], Truncation()))
         return _example(ds, 0, 0, 1)
     return {}  # no valid record: `records()` raises the error that says why
 
@@ -121,7 +122,8 @@ class Job:
       n = len(recs)
       shift = max(n // 2, 1)  # as `UnpairedDataset`
       for a in range(0, n, CHUNK):
-        yield _unpaired_chunk(recs, range(a, min(a + CHUNK, n)), shift, self.tok, self.max_len)
+        yield _unpaired_chunk(recs, range(a, min(a + CHUNK, n)), shift, self.tok, self.max_len,
+                              self.truncation)
       return
     chunk = []
     for record in self.records():
@@ -132,17 +134,25 @@ class Job:
     if chunk:
       yield self._tokenize(chunk)
 
-  def _tokenize(self, chunk):
+  def _tokenize(self, chunk, truncation: Truncation | None = None):
+    """A chunk's dataset; `whole=False`: --truncation=drop may empty one chunk, and
+    `examples` refuses only a prepare that keeps no group at all."""
+    tr = truncation or self.truncation
     if self.fmt == "ranked":
-      return RankedDataset(chunk, self.tok, self.max_len, self.group_size)
-    return PairDataset(chunk, self.tok, self.max_len)
+      return RankedDataset(chunk, self.tok, self.max_len, self.group_size, truncation=tr,
+                           whole=False)
+    return PairDataset(chunk, self.tok, self.max_len, truncation=tr, whole=False)
 
   def examples(self) -> Iterator[tuple[int, dict]]:
     """(index, example) per group, filling `stats` once every record is written."""
     edges = length_edges(self.max_len)
     hist = np.zeros(len(edges) - 1, np.int64)
     index = truncated = n_tokens = n_unk = dropped = desirable = longest = response = 0
+    over = 0  # groups --truncation=drop removed
     for ds in self._chunks():
+      over += ds.n_dropped_groups
+      if not ds.n:  # the whole chunk was dropped: nothing to measure or write
+        continue
       lengths = ds.segment_ids.sum(-1)  # [n, K]; 0 for a missing member
       self._group_values(ds, index)
       response = max(response, int(ds.loss_mask.sum(-1).max()))
@@ -154,6 +164,11 @@ class Job:
       for i in range(ds.n):
         yield index, _example(ds, i, index, max(1, int(lengths[i].max())))
         index += 1
+    if not index:
+      raise DataError(f"{self.path}: every one of the {over} groups is over "
+                      f"{self.truncation.limits(self.max_len)} and --truncation=drop dropped "
+                      "them all: raise the limit, or cut them with --truncation=keep_end or "
+                      "keep_start")
     report = self.report
     self.stats.update(
         format=self.fmt, split=self.split, source=self.path, files=report.files,
@@ -168,6 +183,9 @@ class Job:
         curriculum_fields=sorted(n[len("curriculum_"):] for n in self.arrays
                                  if n.startswith("curriculum_")),
         curriculum_missing=dict(self.missing))
+    if not self.truncation.is_default:  # absent: keep_end, no prompt limit (older folders too)
+      self.stats.update(truncation=self.truncation.mode,
+                        max_prompt_len=self.truncation.max_prompt_len, dropped_groups=over)
     if self.fmt == "ranked":
       self.stats.update(group_size=self.group_size, dropped_responses=dropped)
     if self.fmt == "unpaired":
@@ -191,17 +209,19 @@ class Job:
       self.arrays.setdefault(f"curriculum_{field}", []).append(values)
 
 
-def _unpaired_chunk(recs, idx: range, shift: int, tok: Tokenizer, max_len: int):
+def _unpaired_chunk(recs, idx: range, shift: int, tok: Tokenizer, max_len: int,
+                    truncation: Truncation):
   """Groups `idx` of an `UnpairedDataset` of all of `recs`, tokenizing only what they use."""
   n = len(recs)
   ds = UnpairedDataset.__new__(UnpairedDataset)
   ds._fill(tok, max_len, ((tok.encode(recs[i].prompt), (tok.encode(recs[i].completion),
                                                          tok.encode(recs[(i + shift) % n].completion)))
-                          for i in idx), len(idx), counted=(0,))
+                          for i in idx), len(idx), counted=(0,), truncation=truncation)
   ds.weight = np.array([recs[i].weight for i in idx], np.float32)
   ds.scores = None
   ds.label = np.stack([np.array([int(recs[i].label) for i in idx], np.int32),
                        np.full(len(idx), KL_LABEL, np.int32)], axis=1)
+  ds._finish(whole=False)
   return ds
 
 
@@ -314,6 +334,13 @@ def summary(stats: dict, out: str) -> str:
            + "".join(f"; {n}x {r}" for r, n in s["skipped_by_reason"].items()),
            f"  truncated to --max_len={s['max_len']}: {s['truncated_groups']} groups; longest "
            f"sequence {s['max_length']} tokens; {s['tokens']} tokens ({s['unk_tokens']} unknown)"]
+  if "truncation" in s:
+    limit = f" or --max_prompt_len={s['max_prompt_len']}" if s["max_prompt_len"] else ""
+    policy = f"--truncation={s['truncation']}" + limit.replace(" or", ",")
+    lines[-1] = lines[-1].replace(": ", f" ({policy}): ", 1)
+    if s["truncation"] == "drop":
+      lines.append(f"  dropped {s['dropped_groups']} groups over --max_len={s['max_len']}"
+                   f"{limit} (--truncation=drop)")
   edges, counts = s["length_histogram"]["edges"], s["length_histogram"]["counts"]
   lines.append("  lengths: " + ", ".join(f"[{a}, {b}): {c}" for a, b, c in
                                          zip(edges, edges[1:], counts) if c))

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxpref.data import curriculum
-from jaxpref.data.pairs import PairDataset
+from jaxpref.data.pairs import PairDataset, Truncation
 from jaxpref.data.records import RankedRecord
 from jaxpref.data.tokenizer import Tokenizer
 
@@ -22,7 +22,8 @@ class RankedDataset(PairDataset):
   """Arrays `[N, K, T]`, `scores [N, K]` (0 on missing members), `members [N, K]`."""
 
   def __init__(self, records: Sequence[RankedRecord], tok: Tokenizer, max_len: int,
-               group_size: int):
+               group_size: int, *, truncation: Truncation | None = None, whole: bool = True):
+    """`truncation`, `whole`: as `PairDataset`'s."""
     if group_size < 2:
       raise ValueError(f"--group_size must be >= 2, got {group_size}")
     orders = [sorted(range(len(r.scores)), key=lambda i: -r.scores[i])[:group_size]
@@ -30,9 +31,10 @@ class RankedDataset(PairDataset):
     self.n_dropped_responses = sum(len(r.scores) - len(o) for r, o in zip(records, orders))
     self._fill(tok, max_len, ((tok.encode(r.prompt), [tok.encode(r.responses[i]) for i in o])
                               for r, o in zip(records, orders)), len(records),
-               counted=tuple(range(group_size)), k=group_size)
+               counted=tuple(range(group_size)), k=group_size, truncation=truncation)
     self.weight = np.array([r.weight for r in records], np.float32)
     self.curriculum_values = curriculum.kept_values(records)  # each group its record's
     self.scores = np.zeros((len(records), group_size), np.float32)
     for i, (r, o) in enumerate(zip(records, orders)):
       self.scores[i, :len(o)] = [r.scores[j] for j in o]
+    self._finish(whole)

@@ -63,6 +63,7 @@ class PairRecord:
   rationale: str | None = None  # these three: extra_members.py (read, unused, by other losses)
   rejected_prompt: str | None = None
   source_logps: tuple[tuple[float, float], ...] | None = None  # S x (chosen, rejected)
+  ref_logps: tuple[float, float] | None = None  # the reference's (chosen, rejected), given
   curriculum_value: float | None = None  # the --curriculum field kept (data/curriculum.py)
 
 

@@ -58,7 +58,8 @@ def _split(tokens: np.ndarray, loss_mask: np.ndarray, index: int):
   if any(len(p) != len(known[0]) or np.any(p != known[0]) for p in known[1:]):
     raise ValueError(f"group {index}: its members' prompts differ (truncation cut them "
                      "differently); shared-prompt packing needs one prompt per group: raise "
-                     "--max_len or pack without --shared_prompt")
+                     "--max_len, drop such groups (--truncation=drop) or pack without "
+                     "--shared_prompt")
   return (known[0] if known else tokens[0, :1]), responses
 
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxpref.data import curriculum
-from jaxpref.data.pairs import PairDataset
+from jaxpref.data.pairs import PairDataset, Truncation
 from jaxpref.data.records import UnpairedRecord
 from jaxpref.data.tokenizer import Tokenizer
 from jaxpref.types import GroupBatch
@@ -30,18 +30,22 @@ KL_LABEL = -1
 class UnpairedDataset(PairDataset):
   """Arrays `[N, 2, T]` as `PairDataset`, plus `label int32[N, 2]`."""
 
-  def __init__(self, records: Sequence[UnpairedRecord], tok: Tokenizer, max_len: int):
+  def __init__(self, records: Sequence[UnpairedRecord], tok: Tokenizer, max_len: int, *,
+               truncation: Truncation | None = None):
+    """`truncation`: as `PairDataset`'s; only the labelled completion's cut counts (and,
+    with --truncation=drop, drops the group): the KL member is another record's."""
     n = len(records)
     prompts = [tok.encode(r.prompt) for r in records]
     completions = [tok.encode(r.completion) for r in records]
     shift = max(n // 2, 1)
     self._fill(tok, max_len, ((prompts[i], (completions[i], completions[(i + shift) % n]))
-                              for i in range(n)), n, counted=(0,))
+                              for i in range(n)), n, counted=(0,), truncation=truncation)
     self.weight = np.array([r.weight for r in records], np.float32)
     self.curriculum_values = curriculum.kept_values(records)
     self.scores = None
     self.label = np.stack([np.array([int(r.label) for r in records], np.int32),
                            np.full(n, KL_LABEL, np.int32)], axis=1)
+    self._finish()
 
   @property
   def n_desirable(self) -> int:

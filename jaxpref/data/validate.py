@@ -9,7 +9,8 @@ Some records training reads but you may not want; they are listed as warnings an
 fail the check: pairs whose chosen and rejected texts are identical (no preference to
 learn, a zero gradient for DPO-style losses), records whose prompt and responses repeat an
 earlier record's, and, with a tokenizer and `max_len`, responses that
-BOS + prompt + response + EOS does not fit (training truncates them, `pairs._layout`).
+BOS + prompt + response + EOS does not fit (training truncates them, `pairs._layout`, or
+with --truncation=drop drops their group) and prompts over --max_prompt_len.
 Lengths are in tokens with a tokenizer and in characters without.
 """
 
@@ -47,6 +48,7 @@ class Validation:
   n_tokens: int = 0  # with a tokenizer: prompt + response tokens of the valid records,
   n_unk: int = 0  # and how many of them are the unknown piece (text the tokenizer never saw)
   max_len: int | None = None
+  truncation: pairs.Truncation = pairs.Truncation()  # the policy the over-length check applies
 
   @property
   def ok(self) -> bool:
@@ -63,7 +65,11 @@ class Validation:
     if self.warnings:
       lines.append("warnings (training reads these records):")
       lines += [f"  {w}" for w in self.warnings]
-    over = (f"{self.n_over_length} (over --max_len={self.max_len} after tokenization)"
+    policy = "" if self.truncation.is_default else (
+        f"; --truncation={self.truncation.mode}"
+        + (f", --max_prompt_len={self.truncation.max_prompt_len}"
+           if self.truncation.max_prompt_len else ""))
+    over = (f"{self.n_over_length} (over --max_len={self.max_len} after tokenization{policy})"
             if self.max_len else "not checked (needs --tokenizer and --max_len)")
     lines.append(f"duplicates: {self.n_duplicates}; chosen identical to rejected: "
                  f"{self.n_identical}; over-length: {over}")
@@ -107,8 +113,10 @@ def _texts(kind: str, r) -> tuple[str, list[tuple[str, str]]]:
 
 
 def validate(path: str, kind: str = "pairs", fields: str | Mapping[str, str] = "",
-             tok: Tokenizer | None = None, max_len: int | None = None) -> Validation:
-  """Reads `path` as training would (`kind` in `records.KINDS`) and reports on every record.
+             tok: Tokenizer | None = None, max_len: int | None = None,
+             truncation: pairs.Truncation | None = None) -> Validation:
+  """Reads `path` as training would (`kind` in `records.KINDS`) and reports on every record;
+  over-length records are judged by `truncation` (the run's --truncation, --max_prompt_len).
 
   A bad `fields` spec raises ValueError; everything wrong with the data is in the result.
   """
@@ -118,7 +126,7 @@ def validate(path: str, kind: str = "pairs", fields: str | Mapping[str, str] = "
   if max_len is not None and max_len < 3:
     raise ValueError(f"--max_len must be >= 3 (BOS, a token, EOS), got {max_len}")
   out = Validation(path, kind, unit="tokens" if tok else "characters",
-                   max_len=max_len if tok else None)
+                   max_len=max_len if tok else None, truncation=truncation or pairs.Truncation())
   encode = tok.encode if tok else (lambda text: text)  # lengths in tokens or characters
   valid, where, seen = [], [], {}
   try:
@@ -163,12 +171,20 @@ def validate(path: str, kind: str = "pairs", fields: str | Mapping[str, str] = "
 
 def _over_length(out: Validation, at: str, tok: Tokenizer, p: list[int], responses,
                  mapping) -> bool:
-  any_cut = False
+  tr = out.truncation
+  action = "training drops its group" if tr.mode == "drop" else "training truncates it"
+  prompt_cut = 0 < tr.max_prompt_len < len(p)
+  if prompt_cut:
+    out.warnings.append(rec.rename(
+        f"{at}: field 'prompt' is over --max_prompt_len={tr.max_prompt_len} after tokenization "
+        f"({len(p)} tokens); {action}", mapping))
+  any_cut = prompt_cut
+  p = tr.cut(p, tr.max_prompt_len) if prompt_cut else p  # as `pairs._layout` cuts it first
   for (name, _), r in responses:
-    if pairs._layout(tok, p, r, out.max_len)[3]:  # the truncation test training applies
+    if pairs._layout(tok, p, r, out.max_len, tr)[3]:  # the truncation test training applies
       any_cut = True
       out.warnings.append(rec.rename(
           f"{at}: field '{name}' is over --max_len={out.max_len} after tokenization "
           f"(BOS + {len(p)} prompt + {len(r)} response tokens + EOS = {len(p) + len(r) + 2}); "
-          "training truncates it", mapping))
+          f"{action}", mapping))
   return any_cut

@@ -32,6 +32,8 @@ class DataConfig:
   tokenizer: str = "jaxpref/data/tiny/tokenizer.model"  # sentencepiece, tokenizer.json or HF folder
   chat_template: str = "auto"  # message-list records: auto (the tokenizer's) | none | PATH
   max_len: int = 32
+  truncation: str = "keep_end"  # over max_len: keep_end | keep_start | drop (data.pairs.Truncation)
+  max_prompt_len: int = 0  # prompt cut to this many tokens first; 0 = no limit
   batch_size: int = 32  # groups (pairs) per step
   eval_batch_size: int = 64
   seed: int = 0  # data order

@@ -63,10 +63,11 @@ def _read(cfg: RunConfig, path: str, tok, keep: str = ""):
     return grain_source.load(cfg, path)
   fmt = cfg.data.format
   opts = dict(skip_invalid=cfg.data.skip_invalid, fields=cfg.data.fields, keep=keep)
+  tr = data_lib.Truncation.of(cfg.data)  # --truncation, --max_prompt_len
   if fmt == "pairs":  # a loss may need extra record fields and group members (K = 3)
     records, report = data_lib.read_pairs(path, **opts, require=losses.record_fields(cfg.loss))
-    return (data_lib.PairDataset(records, tok, cfg.data.max_len, losses.member_fields(cfg.loss)),
-            report, "")
+    return (data_lib.PairDataset(records, tok, cfg.data.max_len, losses.member_fields(cfg.loss),
+                                 truncation=tr), report, "")
   if fmt == "unpaired":
     records, report = data_lib.read_unpaired(path, **opts)
   elif fmt == "pairs_as_unpaired":
@@ -74,7 +75,8 @@ def _read(cfg: RunConfig, path: str, tok, keep: str = ""):
     records = data_lib.unpair(pairs)
   elif fmt == "ranked":
     records, report = data_lib.read_ranked(path, **opts)
-    ds = data_lib.RankedDataset(records, tok, cfg.data.max_len, cfg.data.group_size)
+    ds = data_lib.RankedDataset(records, tok, cfg.data.max_len, cfg.data.group_size,
+                                truncation=tr)
     return ds, report, (f"; groups of {cfg.data.group_size}, {ds.n_dropped_responses} responses "
                         "beyond --group_size dropped")
   elif fmt.startswith("ratings_"):
@@ -82,11 +84,11 @@ def _read(cfg: RunConfig, path: str, tok, keep: str = ""):
     pairs, ties = data_lib.pairs_from_ratings(ranked, fmt[len("ratings_"):])
     if not pairs:
       raise data_lib.DataError(f"{path}: no pairs with distinct scores ({ties} tied pairs skipped)")
-    return (data_lib.PairDataset(pairs, tok, cfg.data.max_len), report,
+    return (data_lib.PairDataset(pairs, tok, cfg.data.max_len, truncation=tr), report,
             f"; {len(pairs)} pairs ({fmt[len('ratings_'):]}), {ties} tied pairs skipped")
   else:
     raise ValueError(f"--data_format={fmt!r} is not one of {', '.join(DATA_FORMATS)}")
-  ds = data_lib.UnpairedDataset(records, tok, cfg.data.max_len)
+  ds = data_lib.UnpairedDataset(records, tok, cfg.data.max_len, truncation=tr)
   return ds, report, f"; {ds.n_desirable} desirable, {ds.n - ds.n_desirable} undesirable"
 
 
@@ -100,7 +102,10 @@ def load_data(cfg: RunConfig, tok):
     ds, report, extra = _read(cfg, path, tok, curriculum.record_field(cfg.data.curriculum)
                               if split == "train" else "")
     _say(f"{split} data: {report.summary()}{extra}; {ds.n_truncated} of {ds.n} groups truncated "
-         f"to --max_len={cfg.data.max_len}")
+         f"to --max_len={cfg.data.max_len}{ds.drop_note}"
+         + ("; its ref_chosen/rejected_logps unused (--reference=precomputed reads them)"
+            if getattr(ds, "record_ref_logps", None) is not None
+            and cfg.reference != "precomputed" else ""))
     if cfg.data.shared_prompt:
       ds = _shared_prompt(cfg, ds, split)
     out.append(ds)
@@ -355,6 +360,15 @@ def _precompute(cfg: RunConfig, graphdef, ref_params, datasets, put):
   said = []
   for ds, path in zip(datasets, (cfg.data.train_data, cfg.data.eval_data)):
     if ds is None:
+      continue
+    given = getattr(ds, "record_ref_logps", None)  # the records' ref_chosen/rejected_logps
+    if given is not None:
+      if ds.tokens.shape[1] != given.shape[1]:
+        raise ValueError(f"{path}: the records' reference log-probs cover (chosen, rejected), "
+                         f"but --loss={cfg.loss} scores {ds.tokens.shape[1]} members a group")
+      ds.ref_logps = given
+      said.append(f"{ds.n} groups read from the records (taken as given: {ds.n_truncated} of "
+                  "them are truncated here)")
       continue
     parts = ref_cache.key_parts(cfg, path, weights) if weights else None
     cached = ref_cache.load(cfg.reference_cache, parts, ds.tokens.shape[:2]) if parts else None

@@ -79,6 +79,10 @@ def key_parts(cfg, data_path: str, weights: str) -> dict:
       "shared_prompt": cfg.data.shared_prompt,
       "logps": [cfg.logps.impl, cfg.logps.fused_lm_head],
       "version": 2,
+      # Another --truncation/--max_prompt_len lays out (or keeps) other rows; the default
+      # adds nothing, so caches written before these flags existed stay valid.
+      **({} if (cfg.data.truncation, cfg.data.max_prompt_len) == ("keep_end", 0) else
+         {"truncation": [cfg.data.truncation, cfg.data.max_prompt_len]}),
   }
 
 
