@@ -236,3 +236,11 @@ def test_flags_reach_the_data_config():
   assert set(jflags.FLAGS["truncation"].parser.enum_values) == {"keep_end", "keep_start", "drop"}
   assert jflags.FLAGS["max_prompt_len"].default == 0
   assert Truncation.of(DataConfig(truncation="drop", max_prompt_len=5)) == Truncation("drop", 5)
+
+
+def test_scoring_tools_cut_rather_than_drop():
+  # jaxpref-eval, jaxpref-strength and best-of-N score every record: `drop` is read as keep_end.
+  cfg = DataConfig(truncation="drop", max_prompt_len=7)
+  assert Truncation.for_scoring(cfg) == Truncation("keep_end", 7)
+  assert Truncation.for_scoring(DataConfig(truncation="keep_start")) == Truncation("keep_start", 0)
+  assert Truncation.for_scoring(object()) == Truncation()  # a config from before the flags

@@ -52,6 +52,13 @@ class Truncation:
     """The policy of a `DataConfig` (or anything with its two fields)."""
     return cls(data_cfg.truncation, data_cfg.max_prompt_len)
 
+  @classmethod
+  def for_scoring(cls, data_cfg) -> "Truncation":
+    """The run's policy for tools that score every record (eval, strength, best-of-N):
+    `drop` becomes keep_end, so each record still gets its score."""
+    mode = getattr(data_cfg, "truncation", "keep_end")
+    return cls("keep_end" if mode == "drop" else mode, getattr(data_cfg, "max_prompt_len", 0))
+
   @property
   def is_default(self) -> bool:
     return self == Truncation()

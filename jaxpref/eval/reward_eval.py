@@ -204,7 +204,8 @@ def evaluate(cfg, path: str, unseen_user: str = "error") -> dict:
   if len(records) != len(lines):
     raise ValueError(f"{path}: {len(records)} pair records but {len(lines)} non-blank lines")
   tok = data_lib.Tokenizer.load(cfg.data.tokenizer)
-  ds = data_lib.PairDataset(records, tok, cfg.data.max_len)
+  ds = data_lib.PairDataset(records, tok, cfg.data.max_len,
+                           truncation=data_lib.Truncation.for_scoring(cfg.data))
   mesh = mesh_lib.make_mesh("data:-1")
   batch_size = -(-cfg.data.eval_batch_size // mesh.size) * mesh.size
   if head == "pal":  # before the restore: a bad user id fails fast

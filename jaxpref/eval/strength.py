@@ -164,7 +164,8 @@ def run_ensemble(cfg, records: list, data_path: str, m: int, say=print,
   from jaxpref.train import loop
 
   tok = data_lib.Tokenizer.load(cfg.data.tokenizer)
-  ds = data_lib.PairDataset(records, tok, cfg.data.max_len)
+  ds = data_lib.PairDataset(records, tok, cfg.data.max_len,
+                           truncation=data_lib.Truncation.for_scoring(cfg.data))
   mesh = mesh_lib.make_mesh("data:-1")
   batch_size = -(-cfg.data.eval_batch_size // mesh.size) * mesh.size
   members = [member_config(cfg, j) for j in range(m)]
