@@ -43,3 +43,25 @@ def train_steps(cfg, mesh, ds, n: int) -> Run:
     state, m = train_step(state, ref, put(ds.batch(idx)))
     metrics.append(jax.device_get(m))
   return Run(metrics, state, ref, graphdef, eval_step, put)
+
+
+def train_rows(workdir: str) -> dict[int, dict]:
+  """step -> the train row of WORKDIR/metrics.jsonl."""
+  import json
+  import os
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r for r in map(json.loads, f) if r["split"] == "train"}
+
+
+def resume_copy(cfg, at: int, workdir: str) -> dict[int, dict]:
+  """Copies a finished run to `workdir`, deletes its checkpoints after step `at` (as if it
+  had been killed there), resumes it in a fresh loop and returns its train rows."""
+  import os
+  import shutil
+  shutil.copytree(cfg.workdir, workdir)
+  ckpts = os.path.join(workdir, "checkpoints")
+  for step in os.listdir(ckpts):
+    if step.isdigit() and int(step) > at:
+      shutil.rmtree(os.path.join(ckpts, step))
+  loop.run(dataclasses.replace(cfg, workdir=workdir))
+  return train_rows(workdir)

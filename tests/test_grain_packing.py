@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from loop_util import resume_copy, train_rows
+
 from jaxpref.data import (PairDataset, Tokenizer, batching, curriculum, grain_source, prepare,
                           read_pairs)
 from jaxpref.data.packing import PackedBatch
@@ -216,15 +218,8 @@ def test_prepared_curriculum_and_option_errors(pairs, tmp_path):
     grain_source.GrainBatcher(grain_source.PreparedDataset(str(old)), 10, 0)
 
 
-def _train_rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r for r in map(json.loads, f) if r["split"] == "train"}
-
-
 @pytest.mark.slow
 def test_packed_curriculum_training_resumes_exactly(tmp_path):
-  import dataclasses
-  import shutil
   from jaxpref import models
   from jaxpref.train import loop
   from jaxpref.train.config import DataConfig, OptimConfig, RunConfig
@@ -240,7 +235,7 @@ def test_packed_curriculum_training_resumes_exactly(tmp_path):
       eval_every=16, checkpoint_every=4, keep_checkpoints=4, progress=False, plot=False)
   s = loop.setup(cfg)
   loop.train(s)
-  want = _train_rows(cfg.workdir)
+  want = train_rows(cfg.workdir)
   losses = np.array([want[t]["loss"] for t in range(1, 17)])
   assert np.isfinite(losses).all() and losses[-4:].mean() < losses[:4].mean() - 0.3  # it learns
   # The logged per-batch padding efficiency is that of the packed batches the plan gives.
@@ -252,10 +247,5 @@ def test_packed_curriculum_training_resumes_exactly(tmp_path):
   state = json.load(open(f"{cfg.workdir}/checkpoints/8/data_iter/process_0-of-1.json"))
   assert state == {"next_index": 8}
 
-  resumed = str(tmp_path / "resumed")
-  shutil.copytree(cfg.workdir, resumed)
-  for step in ("12", "16"):
-    shutil.rmtree(os.path.join(resumed, "checkpoints", step))
-  loop.run(dataclasses.replace(cfg, workdir=resumed))
-  got = _train_rows(resumed)
+  got = resume_copy(cfg, 8, str(tmp_path / "resumed"))
   np.testing.assert_allclose([got[t]["loss"] for t in range(9, 17)], losses[8:], atol=1e-6, rtol=0)

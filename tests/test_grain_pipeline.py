@@ -1,13 +1,13 @@
 """Training from a prepared folder: seeded epochs, exact resume, a real run (the other
 batchings, hosts and curricula: tests/test_grain_packing.py)."""
 
-import dataclasses
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
+
+from loop_util import resume_copy, train_rows
 
 from jaxpref.data import Tokenizer, batching, grain_source, prepare
 
@@ -68,11 +68,6 @@ def test_iterator_state_resumes_exactly(small):
   np.testing.assert_array_equal(_indices(fresh, 6, start=3), full[3:])
 
 
-def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
-
-
 @pytest.mark.slow
 def test_training_from_prepared_data_resumes_exactly(tmp_path):
   from jaxpref import models
@@ -89,8 +84,8 @@ def test_training_from_prepared_data_resumes_exactly(tmp_path):
       eval_every=20, checkpoint_every=5, keep_checkpoints=3, progress=False, plot=False,
       log_records=True)
   final = loop.run(cfg)
-  want = _metrics(cfg.workdir)
-  losses = np.array([want[s] for s in range(1, 21)])
+  want = train_rows(cfg.workdir)
+  losses = np.array([want[s]["loss"] for s in range(1, 21)])
   assert np.isfinite(losses).all() and np.isfinite(final["loss"])
   assert losses[-5:].mean() < losses[:5].mean() - 0.5  # it learns
   state = json.load(open(f"{cfg.workdir}/checkpoints/10/data_iter/process_0-of-1.json"))
@@ -98,13 +93,10 @@ def test_training_from_prepared_data_resumes_exactly(tmp_path):
 
   # Resume from step 10 in a fresh loop: the checkpoints after it are gone.
   resumed = str(tmp_path / "resumed")
-  shutil.copytree(cfg.workdir, resumed)
-  for step in ("15", "20"):
-    shutil.rmtree(os.path.join(resumed, "checkpoints", step))
-  loop.run(dataclasses.replace(cfg, workdir=resumed))
-  got = _metrics(resumed)
+  got = resume_copy(cfg, 10, resumed)
   assert sorted(got) == list(range(1, 21))
-  np.testing.assert_allclose([got[s] for s in range(11, 21)], losses[10:], atol=1e-6, rtol=0)
+  np.testing.assert_allclose([got[s]["loss"] for s in range(11, 21)], losses[10:], atol=1e-6,
+                             rtol=0)
   # Steps 11-20 were read again after the resume: the same groups, in the same rows.
   read = lambda w: [json.loads(line) for line in open(f"{w}/records/process_0.jsonl")]
   assert read(resumed) == read(cfg.workdir)
