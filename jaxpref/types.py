@@ -70,6 +70,10 @@ class Logps:
   # Per response, sum over its tokens of log sum_v pi(v|t)^2 under the policy, no gradient
   # (WPO's weight alignment: log of the probability that two samples of pi agree at t).
   prob_sq: Optional[Array] = None  # float32[B, K]
+  # The online role (rollouts in the loop): the sampling policy's per-token log-probs, held
+  # fixed over the rollout's updates (PPO-style ratios), and one advantage per response.
+  old_tok: Optional[Array] = None  # float32[B, K, T]
+  advantages: Optional[Array] = None  # float32[B, K]
   # The reward role (jaxpref/train/reward_step.py) puts a scalar reward per response in
   # `policy` (and zeros in `ref`), or a preference embedding per response here.
   embed: Optional[Array] = None  # float32[B, K, E]

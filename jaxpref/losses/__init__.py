@@ -6,7 +6,7 @@ from jaxpref.losses import reward  # noqa: F401
 from jaxpref.losses import attributes, pal, themis  # noqa: F401  (reward-role losses)
 from jaxpref.losses import weighted  # noqa: F401
 from jaxpref.losses.extra_members import member_fields, record_fields
-from jaxpref.losses.registry import bind, get, hparams, names, needs_tokens, register
+from jaxpref.losses.registry import bind, get, hparams, names, needs_tokens, register, role
 
 __all__ = ["bind", "get", "hparams", "member_fields", "names", "needs_tokens", "record_fields",
-           "register"]
+           "register", "role"]

@@ -38,7 +38,7 @@ def attribute_prefs(lp: Logps, n_attr: int) -> jax.Array:
   return lp.attribute_prefs.astype(jnp.float32)
 
 
-@register("attribute_bt")
+@register("attribute_bt", role="reward")
 def attribute_bt(lp: Logps, *, tau: float = 1.0):
   """AlignDiff's attribute-strength model (LOSSES.md §5.6), with don't-care masks.
 

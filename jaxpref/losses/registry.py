@@ -18,6 +18,10 @@ from typing import Any, Callable, Optional
 LossFn = Callable[..., Any]
 
 TOKEN_MASKS = ("learned", "activations")
+# Which role's step a loss runs under: the offline policy (policy + reference log-probs),
+# the reward model (a reward or embedding per response), or the online policy (rollouts
+# with old-policy log-probs and advantages).
+ROLES = ("policy", "reward", "online")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +51,12 @@ class TokenNeeds:
 
 _LOSSES: dict[str, LossFn] = {}
 _NEEDS: dict[str, TokenNeeds] = {}
+_ROLES: dict[str, str] = {}
 
 
 def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = False,
-             token_mask: Optional[str] = None,
-             needs_prob_sq: bool = False) -> Callable[[LossFn], LossFn]:
+             token_mask: Optional[str] = None, needs_prob_sq: bool = False,
+             role: str = "policy") -> Callable[[LossFn], LossFn]:
   """Decorator adding `fn` to the registry under `name` (a user's file may use it too).
 
   `needs_tokens=True` asks the train step for the per-token log-probs
@@ -60,7 +65,11 @@ def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = Fa
   `Logps.token_mask`: a full-vocabulary pass and per-layer reference states, paid only by
   the losses that ask (either implies `needs_tokens`). `needs_prob_sq` asks for
   `Logps.prob_sq` [B, K], a policy-side full-vocabulary pass without per-token arrays.
+  `role` (one of ROLES) is the step the loss is written for; a run under another role is
+  refused at start-up.
   """
+  if role not in ROLES:
+    raise ValueError(f"loss {name!r}: role must be one of {ROLES}, got {role!r}")
   if token_mask is not None and token_mask not in TOKEN_MASKS:
     raise ValueError(f"loss {name!r}: token_mask must be one of {TOKEN_MASKS}, got {token_mask!r}")
 
@@ -76,6 +85,7 @@ def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = Fa
         raise TypeError(f"loss {name!r}: hyperparameter {p.name!r} must be keyword-only "
                         "with a default (the paper's)")
     _LOSSES[name] = fn
+    _ROLES[name] = role
     if needs_tokens or needs_vocab_kl or token_mask or needs_prob_sq:
       _NEEDS[name] = TokenNeeds(bool(needs_tokens or needs_vocab_kl or token_mask),
                                 needs_vocab_kl, token_mask, needs_prob_sq)
@@ -130,6 +140,14 @@ def needs_tokens(name: str) -> TokenNeeds:
   for _, loss in _terms(name):
     out = out | _NEEDS.get(loss, TokenNeeds())
   return out
+
+
+def role(name: str) -> str:
+  """The role the terms of `name` are written for (a sum mixing roles is an error)."""
+  found = {_ROLES[loss] for _, loss in _terms(name)}
+  if len(found) > 1:
+    raise ValueError(f"loss {name!r} sums terms of different roles ({', '.join(sorted(found))})")
+  return found.pop()
 
 
 def names() -> list[str]:

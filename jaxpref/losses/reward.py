@@ -102,7 +102,7 @@ def _bt_result(lp: Logps, per_pair: jax.Array, r: jax.Array, tau: float, **terms
   return weighted_mean(per_pair, lp.weight), metrics
 
 
-@register("bt")
+@register("bt", role="reward")
 def bt(lp: Logps, *, margin: float = 0.0, tau: float = 1.0, label_smoothing: float = 0.0,
        center_rewards: float = 0.0):
   """Bradley-Terry reward-model loss (LOSSES.md §1.9; Secrets of RLHF II §5.1 smoothing).
@@ -120,7 +120,7 @@ def bt(lp: Logps, *, margin: float = 0.0, tau: float = 1.0, label_smoothing: flo
   return _bt_result(lp, per, r, tau, center=weighted_mean(centre, lp.weight))
 
 
-@register("bt_adaptive_margin")
+@register("bt_adaptive_margin", role="reward")
 def bt_adaptive_margin(lp: Logps, *, margin_scale: float = 1.0, margin_clip: float = 0.0,
                        tau: float = 1.0):
   """Secrets of RLHF in LLMs Part II: Reward Modeling, adaptive margin (§5.1, a reading).
@@ -137,7 +137,7 @@ def bt_adaptive_margin(lp: Logps, *, margin_scale: float = 1.0, margin_clip: flo
   return _bt_result(lp, per, r, tau)
 
 
-@register("bt_flip")
+@register("bt_flip", role="reward")
 def bt_flip(lp: Logps, *, flip_below: float = 0.0, tau: float = 1.0):
   """Secrets of RLHF in LLMs Part II, label flipping (§5.1, a reading).
 
@@ -154,7 +154,7 @@ def bt_flip(lp: Logps, *, flip_below: float = 0.0, tau: float = 1.0):
   return loss, metrics
 
 
-@register("bt_soft")
+@register("bt_soft", role="reward")
 def bt_soft(lp: Logps, *, tau: float = 1.0, score_temperature: float = 1.0):
   """Soft-label BT for judge strengths (Self-Reference AI feedback, §5.2, a reading).
 
@@ -179,7 +179,7 @@ def gpm_score(v_w: jax.Array, v_l: jax.Array, gate: jax.Array | None = None) -> 
   return jnp.sum(per_block if gate is None else gate * per_block, axis=-1)
 
 
-@register("gpm")
+@register("gpm", role="reward")
 def gpm(lp: Logps, *, tau: float = 0.1, margin: float = 0.0, normalize: bool = False):
   """Beyond Bradley-Terry Models: A General Preference Model for Language Model Alignment
   (GPM, LOSSES.md §5.3).
@@ -245,7 +245,7 @@ def _dropout_views(z: jax.Array, rate: float, seed: int) -> tuple[jax.Array, jax
   return z * keep(k1), z * keep(k2)
 
 
-@register("bt_contrastive")
+@register("bt_contrastive", role="reward")
 def bt_contrastive(lp: Logps, *, contrastive_weight: float = 0.1, temperature: float = 0.05,
                    dropout: float = 0.1, tau: float = 1.0, seed: int = 0):
   """Secrets of RLHF in LLMs Part II, contrastive auxiliary (SimCSE variant; §5.1, a reading).
