@@ -18,6 +18,40 @@ class UnsupportedCheckpoint(ValueError):
   """The checkpoint is not something the jaxpref Decoder can represent exactly."""
 
 
+# transformers' defaults (5.x config classes) for the config.json keys read here: a key a
+# config.json omits takes its family's value, as `from_pretrained` gives it, never ours.
+# HEADS: num_key_value_heads = num_attention_heads; HIDDEN: head_dim = hidden // heads.
+HEADS, HIDDEN = "num_attention_heads", "hidden_size // num_attention_heads"
+_LLAMA_DEFAULTS = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=HEADS, head_dim=HIDDEN, rms_norm_eps=1e-6,
+    max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0,
+    bos_token_id=1, eos_token_id=2, pad_token_id=None)
+_QWEN2_DEFAULTS = dict(
+    _LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
+    max_position_embeddings=32768, bos_token_id=None, eos_token_id=None)
+_GEMMA_DEFAULTS = dict(
+    _LLAMA_DEFAULTS, vocab_size=256000, hidden_size=3072, intermediate_size=24576,
+    num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, head_dim=256,
+    max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+    pad_token_id=0)
+_GEMMA2_DEFAULTS = dict(
+    _GEMMA_DEFAULTS, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, query_pre_attn_scalar=256,
+    sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+
+
+def with_defaults(hf: dict, defaults: dict) -> dict:
+  """`hf` with every omitted key at its family default. An explicit null keeps its meaning
+  (a null cap is off); a null head count or head_dim is derived, as transformers derives it."""
+  out = {**{k: v for k, v in defaults.items() if k not in hf}, **hf}
+  for key, derived in (("num_key_value_heads", HEADS), ("head_dim", HIDDEN)):
+    if out.get(key) in (None, derived):
+      out[key] = (out["num_attention_heads"] if derived == HEADS
+                  else out["hidden_size"] // out["num_attention_heads"])
+  return out
+
+
 # The switches as Llama has them (the ModelConfig defaults).
 _LLAMA = dict(qkv_bias=False, embed_scale=False, mlp_activation="silu", norm_offset=0.0,
               post_norms=False, attn_logit_softcap=0.0, final_logit_softcap=0.0,
@@ -27,9 +61,10 @@ _GEMMA = dict(_LLAMA, embed_scale=True, mlp_activation="gelu_tanh", norm_offset=
 
 
 def _gemma2_fields(hf: dict) -> dict:
-  return dict(attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
-              final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0),
-              query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)))
+  # `hf` has the family's defaults filled in: an absent cap is 50/30, an explicit null is off.
+  return dict(attn_logit_softcap=float(hf["attn_logit_softcapping"] or 0.0),
+              final_logit_softcap=float(hf["final_logit_softcapping"] or 0.0),
+              query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]))
 
 
 def _gemma2_keys(cfg: ModelConfig) -> dict:
@@ -51,7 +86,7 @@ class Family:
   architecture: str
   switches: dict  # ModelConfig fields this family fixes
   unsupported: dict  # config.json key -> the values it may have (absent is fine)
-  tie_default: bool = False  # tie_word_embeddings when config.json omits it
+  defaults: dict  # transformers' value of each key read, when config.json omits it
   default_pattern: int | None = None  # layer_types when omitted: HF's (i + 1) % p rule
   fields: Callable[[dict], dict] = lambda hf: {}  # family-only ModelConfig fields
   keys: Callable[[ModelConfig], dict] = lambda cfg: {}  # family-only config.json keys
@@ -60,26 +95,26 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "LlamaForCausalLM", _LLAMA,
                     {"attention_bias": (False,), "mlp_bias": (False,), "hidden_act": ("silu",),
-                     "partial_rotary_factor": (1.0,)},
+                     "partial_rotary_factor": (1.0,)}, _LLAMA_DEFAULTS,
                     keys=lambda cfg: {"hidden_act": "silu", "attention_bias": False,
                                       "mlp_bias": False}),
     # Qwen2 (and Qwen2.5, the same architecture): Llama with q/k/v biases.
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", dict(_LLAMA, qkv_bias=True, rope_scaling_factor=1.0),
-                    {"hidden_act": ("silu",), "use_sliding_window": (False,)},
+                    {"hidden_act": ("silu",), "use_sliding_window": (False,)}, _QWEN2_DEFAULTS,
                     keys=lambda cfg: {"hidden_act": "silu", "use_sliding_window": False,
                                       "max_window_layers": cfg.n_layers}),
     # Gemma's released configs say hidden_act "gelu", which transformers reads as the tanh
     # approximation (transformers PR 29402), so both mean gelu_tanh here.
     "gemma": Family("gemma", "GemmaForCausalLM", _GEMMA,
                     {"attention_bias": (False,), "hidden_act": ("gelu", "gelu_pytorch_tanh"),
-                     "use_bidirectional_attention": (None, False)}, tie_default=True,
+                     "use_bidirectional_attention": (None, False)}, _GEMMA_DEFAULTS,
                     keys=lambda cfg: {"hidden_act": "gelu_pytorch_tanh", "attention_bias": False}),
     "gemma2": Family("gemma2", "Gemma2ForCausalLM",
                      {k: v for k, v in dict(_GEMMA, post_norms=True).items()
                       if k not in ("attn_logit_softcap", "final_logit_softcap", "sliding_window",
                                    "query_pre_attn_scalar")},
                      {"attention_bias": (False,), "hidden_activation": ("gelu_pytorch_tanh",),
-                      "use_bidirectional_attention": (None, False)}, tie_default=True,
+                      "use_bidirectional_attention": (None, False)}, _GEMMA2_DEFAULTS,
                      default_pattern=2, fields=_gemma2_fields, keys=_gemma2_keys),
 }
 
@@ -173,6 +208,7 @@ def _sliding_fields(hf: dict, family: Family) -> dict:
 def config_from_hf(hf: dict) -> ModelConfig:
   """ModelConfig from a parsed HF config.json; raises UnsupportedCheckpoint naming what differs."""
   family = _family(hf)
+  hf = with_defaults(hf, family.defaults)
   bad = [f"{k}={hf[k]!r} (supported: {', '.join(map(repr, ok))})"
          for k, ok in family.unsupported.items() if k in hf and hf[k] not in ok]
   theta, scaling = _rope(hf)
@@ -181,17 +217,15 @@ def config_from_hf(hf: dict) -> ModelConfig:
                f"are implemented)")
   if bad:
     raise UnsupportedCheckpoint(f"unsupported {family.model_type} features: " + "; ".join(bad))
-  heads = hf["num_attention_heads"]
   fields = dict(family.switches, **family.fields(hf), **_sliding_fields(hf, family),
-                **_llama3_fields(scaling, hf.get("max_position_embeddings", 2048)))
+                **_llama3_fields(scaling, hf["max_position_embeddings"]))
   cfg = ModelConfig(
       vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-      n_layers=hf["num_hidden_layers"], n_heads=heads,
-      n_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-      d_ff=hf["intermediate_size"], rope_theta=theta, norm_eps=hf.get("rms_norm_eps", 1e-6),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", family.tie_default)),
-      max_len=hf.get("max_position_embeddings", 2048), **fields)
+      n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+      n_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"],
+      d_ff=hf["intermediate_size"], rope_theta=theta, norm_eps=hf["rms_norm_eps"],
+      tie_embeddings=bool(hf["tie_word_embeddings"]),
+      max_len=hf["max_position_embeddings"], **fields)
   bad = mismatches(cfg, family)  # e.g. sliding layers in a family that has none
   if bad:
     raise UnsupportedCheckpoint(f"unsupported {family.model_type} features: " + "; ".join(bad))
