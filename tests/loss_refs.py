@@ -1,4 +1,4 @@
-"""float64 numpy references of every loss, written from the formulas in LOSSES.md.
+"""float64 numpy references of every loss, written from the formulas in docs/losses.md.
 
 Independent of the JAX code: no jaxpref import here. Each takes the float64 arrays
 policy/ref/length/weight [B,K] / [B] (plus valid/scores for listwise) and hyperparameters,

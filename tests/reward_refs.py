@@ -1,5 +1,5 @@
-"""float64 numpy references of the reward-model losses and metrics, written from LOSSES.md
-§1.9, §5.1-§5.3 (no jaxpref import). Rewards r [B, 2] (chosen, rejected), weights w [B],
+"""float64 numpy references of the reward-model losses and metrics, written from
+docs/reward_models.md#formulas-and-sources (no jaxpref import). Rewards r [B, 2] (chosen, rejected), weights w [B],
 scores s [B, 2], embeddings v [B, 2, 2k]."""
 
 import numpy as np
@@ -68,7 +68,7 @@ def gpm_score(vw, vl, gate=None):
 
 
 def gpm_gate(h, W):
-  """lambda(x) = k softmax(W h / sqrt(D)) (LOSSES.md §5.3), h [B, D], W [D, k]."""
+  """lambda(x) = k softmax(W h / sqrt(D)) (docs/reward_models.md#gpm), h [B, D], W [D, k]."""
   z = h @ W / np.sqrt(h.shape[-1])
   e = np.exp(z - z.max(-1, keepdims=True))
   return W.shape[1] * e / e.sum(-1, keepdims=True)

@@ -1,4 +1,4 @@
-"""attribute_bt (LOSSES.md §5.6, `jaxpref/losses/attributes.py`) against a float64 numpy
+"""attribute_bt (docs/reward_models.md#attribute_bt, `jaxpref/losses/attributes.py`) against a float64 numpy
 reference written from the formula, gradients, its reduction to `bt`, the don't-care mask,
 the `attribute_prefs` record field and the shipped tiny attribute data."""
 

@@ -1,4 +1,4 @@
-"""`bt_contrastive` (Secrets of RLHF II §5.1, SimCSE variant): float64 numpy references
+"""`bt_contrastive` (Secrets of RLHF II, SimCSE variant; docs/reward_models.md#bt_contrastive): float64 numpy references
 written from the formula, finite-difference gradients and its stated properties."""
 
 import jax

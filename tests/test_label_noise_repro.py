@@ -1,6 +1,6 @@
 """A shortened experiments/repro/label_noise, through its own flag files: on Bradley-Terry
 pairs with 25% of the labels flipped, an ensemble's preference strength finds the flipped
-pairs, and the strength-driven losses train on it (LOSSES.md §5.1, §9.6)."""
+pairs, and the strength-driven losses train on it (docs/reward_models.md#toy-reproduction-label-noise-and-preference-strength)."""
 
 import json
 import os

@@ -1,5 +1,5 @@
 """rdpo, rorpo, mapl, omnidpo, infifpo (jaxpref/losses/extra_members.py) against float64
-numpy references written here from LOSSES.md §2.1, §2.3, §2.9 and §10b, plus gradients
+numpy references written here from docs/losses.md (rdpo, rorpo, infifpo, omnidpo, mapl), plus gradients
 and the stated properties."""
 
 import jax

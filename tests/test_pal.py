@@ -1,4 +1,4 @@
-"""PAL (LOSSES.md §5.5, `jaxpref/losses/pal.py`) against a float64 numpy reference written
+"""PAL (docs/reward_models.md#pal, `jaxpref/losses/pal.py`) against a float64 numpy reference written
 from the formula, finite-difference gradients, its reduction to BT, the PAL head and the
 records' `user` field."""
 
@@ -23,7 +23,7 @@ from jaxpref.models.heads import RewardModel, prompt_end_index
 from jaxpref.types import Logps
 
 
-# ---- float64 reference (from §5.5, no jaxpref code) ----
+# ---- float64 reference (from docs/reward_models.md#pal, no jaxpref code) ----
 
 def ref_pal(f, g, w_mix, w, user=None, scorer="dist", tau=1.0, logit_scale=math.log(1 / 0.07),
             proto_bound=4.0, proto_penalty=1.0, per_user_weighting=False):

@@ -1,7 +1,7 @@
 """A shortened experiments/repro/pal_groups, through its own flag files and script: on user
 groups hidden from the prompt, PAL's per-user mixtures beat a single BT reward for every
 user, and fitting only a new user's mixture weights improves with its number of pairs
-(LOSSES.md §5.5)."""
+(docs/reward_models.md#pal)."""
 
 import json
 import os

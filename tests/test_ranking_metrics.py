@@ -1,4 +1,4 @@
-"""§7.1 metrics against hand-computed values and the flip-threshold identity on a tabular policy."""
+"""Ranking metrics (docs/losses.md#ranking-metrics) against hand-computed values and the flip-threshold identity on a tabular policy."""
 
 import itertools
 

@@ -138,7 +138,7 @@ def test_gpm_score_is_skew_symmetric_and_contains_bt():
   np.testing.assert_allclose(s_ab, R.gpm_score(v[:, 0], v[:, 1]), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(gpm_score(v[:, 1], v[:, 0]), -s_ab, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(gpm_score(v[:, 0], v[:, 0]), 0.0, atol=1e-6)
-  # k = 1 with v = (r, 1): s = r_w - r_l, so GPM at tau = 1 is BT (LOSSES.md §5.3).
+  # k = 1 with v = (r, 1): s = r_w - r_l, so GPM at tau = 1 is BT (docs/reward_models.md#gpm).
   r = np.random.default_rng(5).normal(0, 2, (len(w), 2))
   emb = np.stack([r, np.ones_like(r)], -1)
   np.testing.assert_allclose(losses.get("gpm")(make_lp(w=w, embed=emb), tau=1.0)[0],
@@ -146,7 +146,7 @@ def test_gpm_score_is_skew_symmetric_and_contains_bt():
 
 
 def test_gpm_fits_a_rock_paper_scissors_cycle():
-  # LOSSES.md §9.4: angles 0, -120, -240 degrees; each winner scores sin 120 over its loser.
+  # docs/reward_models.md#gpm: angles 0, -120, -240 degrees; each winner scores sin 120 over its loser.
   ang = np.deg2rad([0.0, -120.0, -240.0])  # rock, paper, scissors
   v = np.stack([np.cos(ang), np.sin(ang)], -1)
   wins = [(1, 0), (2, 1), (0, 2)]  # paper > rock, scissors > paper, rock > scissors
@@ -204,7 +204,7 @@ def test_strength_losses_without_scores_are_bt():
   assert float(losses.get("bt_flip")(make_lp(r, w), flip_below=5.0)[0]) == pytest.approx(bt, rel=1e-6)
 
 
-# ---- GPM with prompt-gated eigenvalues (--reward_head=gpm_gated, LOSSES.md §5.3) ----
+# ---- GPM with prompt-gated eigenvalues (--reward_head=gpm_gated, docs/reward_models.md#gpm) ----
 
 def gates(seed, b, k, scale=1.5):
   """k softmax(z): what the gated head emits, non-negative and summing to k."""

@@ -1,6 +1,6 @@
 """A shortened experiments/repro/gpm_vs_bt, through its own flag files: on balanced
 rock-paper-scissors cycles a scalar (BT) reward stays at or below 2/3 held-out accuracy,
-while GPM's preference embeddings model every cycle (LOSSES.md §9.4)."""
+while GPM's preference embeddings model every cycle (docs/reward_models.md#gpm)."""
 
 import json
 import os

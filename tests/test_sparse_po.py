@@ -1,4 +1,4 @@
-"""SparsePO and MaPO (LOSSES.md §4.1, §4.2): float64 numpy references, gradients, the papers'
+"""SparsePO and MaPO (docs/losses.md#sparse_po, docs/losses.md#mapo): float64 numpy references, gradients, the papers'
 properties, the train step's full-vocabulary k_t and masks on a tiny model, and the mask
 network's training and checkpointing through the loop."""
 

@@ -1,4 +1,4 @@
-"""`jaxpref-strength`: ensemble preference strength (LOSSES.md §5.1), its output fields and
+"""`jaxpref-strength`: ensemble preference strength (docs/reward_models.md#ensemble-preference-strength), its output fields and
 how they drive the strength losses through `--data_fields`."""
 
 import json

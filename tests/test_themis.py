@@ -1,4 +1,4 @@
-"""themis (LOSSES.md §5.4, `jaxpref/losses/themis.py`): a float64 numpy reference written
+"""themis (docs/reward_models.md#themis, `jaxpref/losses/themis.py`): a float64 numpy reference written
 from the formula, gradients, and the reward step's per-token LM log-probs."""
 
 import os

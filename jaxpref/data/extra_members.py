@@ -4,12 +4,12 @@ A pair group is (x, y_w), (x, y_l). Some losses score a third whole sequence, bu
 from a record field and appended as member 2 (so K = 3):
 
   `rationale`        -> (RATIONALE_TEMPLATE filled with x, y_w, y_l;  the rationale r)
-                        rdpo / rorpo read S_pol(r | x, y_w, y_l) (LOSSES.md §2.1)
+                        rdpo / rorpo read S_pol(r | x, y_w, y_l) (docs/losses.md#rdpo)
   `rejected_prompt`  -> (x-, y_w): the chosen response under a prompt it does not satisfy
-                        mapl / omnidpo contrast it with member 0 = (x, y_w) (§10b, §2.9)
+                        mapl / omnidpo contrast it with member 0 = (x, y_w) (docs/losses.md#mapl)
 
 `source_logps` adds no member: it is a list of S `[chosen, rejected]` summed log-probs of
-the pair under S source models (infifpo, §2.3), carried as `GroupBatch.source_logps`.
+the pair under S source models (docs/losses.md#infifpo), carried as `GroupBatch.source_logps`.
 Nor do `ref_chosen_logps`/`ref_rejected_logps` (TRL's column names): the reference model's
 summed log-probs of each response, which `--reference=precomputed` then reads instead of
 running the reference (`train/loop.py`).
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-# The rationale prompt of "Data-Centric Preference Optimization with Rationales" (§2.1),
+# The rationale prompt of "Data-Centric Preference Optimization with Rationales" (docs/losses.md#rdpo),
 # in our words: the question and both responses, chosen first, then the request.
 RATIONALE_TEMPLATE = (
     "Given the prompt: {prompt}\n"

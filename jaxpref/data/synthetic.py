@@ -4,11 +4,11 @@ Three worlds, each writing `{prompt, chosen, rejected}` records plus the truth b
 
 * `bt`: items with utilities u ~ N(0, utility_scale^2); the chosen item of a pair is the
   one with the higher utility (temperature 0) or is drawn with P = sig((u_i - u_j)/T);
-  then a `flip_rate` fraction of labels is swapped (LOSSES.md §9.6, Secrets of RLHF II).
+  then a `flip_rate` fraction of labels is swapped (Secrets of RLHF II; docs/reward_models.md#toy-reproduction-label-noise-and-preference-strength).
 * `cyclic`: items in disjoint cycles of odd length L, where item p beats the next (L-1)/2
   items of its cycle (rock-paper-scissors for L=3). Every within-cycle pair occurs equally
   often, so the Bradley-Terry MLE is a tie and no scalar reward ranks more than 2/3 of a
-  3-cycle's pairs (LOSSES.md §9.4).
+  3-cycle's pairs (docs/reward_models.md#gpm).
 * `groups`: items at points in the plane, user groups with ideal points; a group prefers
   the item nearer its ideal point (u_g(i) = -|f_i - a_g|^2, labels drawn as in `bt`). The
   prompt names the group unless `--hide_group`, which makes the population's preferences a
@@ -154,7 +154,7 @@ class Groups:
     self.items, self.prompts = _items(n_items), _prompts(n_prompts)
     self.points = rng.normal(0, 1, (n_items, 2))  # [I, 2]
     self.ideal = rng.normal(0, spread, (n_groups, 2))  # [G, 2]
-    # u[g, i] = -|f_i - a_g|^2: the ideal-point model (PAL, LOSSES.md §5.5)
+    # u[g, i] = -|f_i - a_g|^2: the ideal-point model (PAL, docs/reward_models.md#pal)
     self.utility = -((self.points[None] - self.ideal[:, None]) ** 2).sum(-1)  # [G, I]
     self.groups = GROUP_NAMES[:n_groups]
     self.temperature, self.flip_rate, self.hide_group = temperature, flip_rate, hide_group

@@ -1,4 +1,4 @@
-"""Preference metrics as pure functions (LOSSES.md §7.1): reward accuracy, ranking accuracy
+"""Preference metrics as pure functions (docs/losses.md#ranking-metrics): reward accuracy, ranking accuracy
 (plain, length-normalised, with ties), idealized ranking accuracy, the DPO flip threshold,
 and Kendall's tau for ranked lists.
 

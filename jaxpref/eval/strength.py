@@ -1,5 +1,5 @@
-"""`jaxpref-strength`: preference strength from an ensemble of reward models (LOSSES.md
-§5.1, §8.5; Secrets of RLHF II, a reading).
+"""`jaxpref-strength`: preference strength from an ensemble of reward models
+(docs/reward_models.md#ensemble-preference-strength; Secrets of RLHF II, a reading).
 
   jaxpref-strength --flagfile=experiments/repro/label_noise/base.flags --loss=bt \
       --workdir=runs/strength --ensemble_size=5

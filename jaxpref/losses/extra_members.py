@@ -4,7 +4,7 @@ OmniDPO) or source models' log-probs in place of the reference (InfiFPO).
 Groups are K = 3 for the first four: member 2 is built by the data layer from a record
 field (`jaxpref/data/extra_members.py`): (rationale prompt, r) for `rationale`, and
 (x-, y_w) for `rejected_prompt`. `RECORD_FIELDS` says which field each loss needs, so
-the data layer builds members only for them. Notation as in pairwise.py (LOSSES.md §0).
+the data layer builds members only for them. Notation as in pairwise.py (docs/losses.md#notation).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _rationale_term(s: jax.Array, gamma: float, rationale_term: str) -> jax.Arra
 
 @register("rdpo")
 def rdpo(lp: Logps, *, beta: float = 0.1, gamma: float = 0.1, rationale_term: str = "logsig"):
-  """Data-Centric Preference Optimization with Rationales, RDPO (LOSSES.md §2.1).
+  """Data-Centric Preference Optimization with Rationales, RDPO (docs/losses.md#rdpo).
 
   l = -logsig(beta h) - logsig(gamma S), S = S_pol(r | x, y_w, y_l) the summed policy
   log-prob of the pair's rationale (member 2); `rationale_term="linear"`: -gamma S.
@@ -73,7 +73,7 @@ def rdpo(lp: Logps, *, beta: float = 0.1, gamma: float = 0.1, rationale_term: st
 
 @register("rorpo")
 def rorpo(lp: Logps, *, beta: float = 0.1, gamma: float = 1.0, rationale_term: str = "linear"):
-  """Data-Centric Preference Optimization with Rationales, R-ORPO (LOSSES.md §2.1).
+  """Data-Centric Preference Optimization with Rationales, R-ORPO (docs/losses.md#rorpo).
 
   l = NLL(y_w) - [beta logsig(logodds(y_w) - logodds(y_l)) + gamma S] ("rorpo-simple";
   `beta` is the paper's lambda, as in `orpo`), S = S_pol(r | x, y_w, y_l) summed;
@@ -108,7 +108,7 @@ def condition_dpo(lp: Logps, loss: str, beta: float, condition_weight: float):
 
 @register("mapl")
 def mapl(lp: Logps, *, beta: float = 0.1, condition_weight: float = 1.0):
-  """Multi-level Aware Preference Learning (MAPL), a reading of the abstract (LOSSES.md §10b).
+  """Multi-level Aware Preference Learning (MAPL), a reading of the abstract (docs/losses.md#mapl).
 
   DPO on the response pair plus `condition_weight` times DPO on the prompt-side pair:
   the chosen response under its prompt x (member 0) over the same response under a
@@ -120,7 +120,7 @@ def mapl(lp: Logps, *, beta: float = 0.1, condition_weight: float = 1.0):
 
 @register("omnidpo")
 def omnidpo(lp: Logps, *, beta: float = 0.1, condition_weight: float = 1.0):
-  """OmniDPO (omni-modal hallucination), a reading (LOSSES.md §2.9, UNVERIFIED).
+  """OmniDPO (omni-modal hallucination), a reading (docs/losses.md#omnidpo).
 
   l_DPO(text pair) + lambda l_DPO(condition pair): the same response under the original
   and a corrupted input (here a text prompt x-, member 2); lambda = `condition_weight`.
@@ -135,7 +135,7 @@ FUSIONS = ("mean", "max_margin")
 def infifpo(lp: Logps, *, beta: float = 2.5, length_normalize: bool = True, fusion: str = "mean",
             with_reference: bool = False, clip: bool = True, ref_offset: float = 5.0):
   """InfiFPO: Implicit Model Fusion via Preference Optimization (Gu et al. 2025), a reading
-  (LOSSES.md §2.3, PARTIAL).
+  (docs/losses.md#infifpo, a reading).
 
   DPO with the reference replaced by a fused source model: s_k(y) = S_src_k(y) (/ L(y) with
   `length_normalize`, L in the policy's tokens, the policy's log-probs likewise averaged);

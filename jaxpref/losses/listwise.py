@@ -72,7 +72,7 @@ def listmle(lp: Logps, *, beta: float = 0.1):
 def ranknet(lp: Logps, *, beta: float = 0.1):
   """Learning to Rank using Gradient Descent (RankNet), all pairs, on DPO's implicit rewards.
 
-  l = mean_{i < j} -logsig(s_i - s_j), s = beta rho (LOSSES.md §3.3). K = 2 is DPO.
+  l = mean_{i < j} -logsig(s_i - s_j), s = beta rho (docs/losses.md#ranknet). K = 2 is DPO.
   """
   _check_list(lp)
   s = beta * logratios(lp)
@@ -86,7 +86,7 @@ def ranknet(lp: Logps, *, beta: float = 0.1):
 
 @register("pro")
 def pro(lp: Logps, *, sft_weight: float = 0.05):
-  """Preference Ranking Optimization for Human Alignment (PRO), LOSSES.md §3.1 [CODE].
+  """Preference Ranking Optimization for Human Alignment (PRO), docs/losses.md#pro.
 
   Scores s_k = A_pol(y_k) (length-averaged). Stage k (k = 1..n-1): the k-th best must beat
   all worse ones, l_k = LSE(T_kk s_k, {T_kj s_j}_{j>k}) - T_kk s_k, with reward-gap
@@ -122,7 +122,7 @@ def pro(lp: Logps, *, sft_weight: float = 0.05):
 
 @register("ranklist")
 def ranklist(lp: Logps, *, beta: float = 0.1, skip: int = 0):
-  """RankList: listwise ranking with log-sum-exp and skip-wise comparisons (LOSSES.md §3.3).
+  """RankList: listwise ranking with log-sum-exp and skip-wise comparisons (docs/losses.md#ranklist).
 
   A reading (UNVERIFIED): with s = beta rho over the ordered list, skip = 0 makes each
   member beat the smooth maximum of everything below it, l = sum_i -logsig(s_i - LSE_{j>i}
@@ -149,7 +149,7 @@ def ranklist(lp: Logps, *, beta: float = 0.1, skip: int = 0):
 
 @register("hierarchical_pairwise")
 def hierarchical_pairwise(lp: Logps, *, beta: float = 0.1, tau: float = 1.0, margin: float = 0.0):
-  """VideoComp's hierarchical pairwise preference loss, logistic reading (LOSSES.md §3.4).
+  """VideoComp's hierarchical pairwise preference loss, logistic reading (docs/losses.md#hierarchical_pairwise).
 
   Group members are ordered by disruption level (0 = the positive, then increasingly
   disrupted negatives); every pair a < b pays -logsig((s_a - s_b)/tau - margin (b - a)),

@@ -1,6 +1,6 @@
 """Pairwise (K=2, chosen first) objectives on sequence log-ratios against a reference.
 
-Notation (LOSSES.md §0): rho(y) = S_pol(y) - S_ref(y), h = rho(y_w) - rho(y_l), L(y) the
+Notation (docs/losses.md#notation): rho(y) = S_pol(y) - S_ref(y), h = rho(y_w) - rho(y_l), L(y) the
 response length. Each loss returns the weighted mean over pairs and the standard metrics
 with its implicit rewards (beta * rho unless stated).
 """
@@ -31,9 +31,9 @@ def dpo(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.0, margin: f
         score_margin: float = 0.0):
   """Direct Preference Optimization: Your Language Model is Secretly a Reward Model.
 
-  l = -(1-eps) logsig(beta h - m) - eps logsig(-(beta h - m)) (LOSSES.md §1.1, §1.3):
+  l = -(1-eps) logsig(beta h - m) - eps logsig(-(beta h - m)) (docs/losses.md#dpo):
   eps = 0 is DPO, eps > 0 conservative DPO (cDPO, eps the assumed flip rate), and m a
-  target margin on the implicit reward difference (the BT-with-margin form of §1.9):
+  target margin on the implicit reward difference (the BT-with-margin form of docs/reward_models.md#bt):
   m = margin + score_margin * (s_w - s_l), the second term from the records' scores
   (Llama-2's rating-gap margins). When the records carry a `label_smoothing` field
   (`Logps.label_smoothing`, [B]) each pair uses its own eps and the scalar is ignored.
@@ -52,7 +52,7 @@ def flip_rate(lp: Logps, label_smoothing: float):
 
 @register("robust_dpo")
 def robust_dpo(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.1):
-  """Provably Robust DPO (Chowdhury et al. 2024), LOSSES.md §1.3.
+  """Provably Robust DPO (Chowdhury et al. 2024), docs/losses.md#robust_dpo.
 
   l = [-(1-eps) logsig(beta h) + eps logsig(-beta h)] / (1 - 2 eps): unbiased for the clean
   DPO loss when labels flip with probability eps < 1/2.
@@ -70,7 +70,7 @@ def robust_dpo(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.1):
 def ipo(lp: Logps, *, beta: float = 0.1, length_normalize: bool = True):
   """A General Theoretical Paradigm to Understand Learning from Human Preferences (IPO).
 
-  l = (h - 1/(2 beta))^2 (LOSSES.md §1.2); with `length_normalize` (TRL's convention,
+  l = (h - 1/(2 beta))^2 (docs/losses.md#ipo); with `length_normalize` (TRL's convention,
   confirmed by the IPO authors) h uses per-token log-ratios rho(y)/L(y).
   """
   check_pairs(lp)
@@ -90,7 +90,7 @@ def hinge(lp: Logps, *, beta: float = 0.1):
 
 @register("sigmoid_norm")
 def sigmoid_norm(lp: Logps, *, beta: float = 0.1):
-  """Length-normalised DPO (LN-DPO, TRL `sigmoid_norm`, OpenRLHF `dpo_norm`), LOSSES.md §1.8.
+  """Length-normalised DPO (LN-DPO, TRL `sigmoid_norm`, OpenRLHF `dpo_norm`), docs/losses.md#sigmoid_norm.
 
   l = -logsig(beta (rho(y_w)/L(y_w) - rho(y_l)/L(y_l))).
   """
@@ -102,7 +102,7 @@ def sigmoid_norm(lp: Logps, *, beta: float = 0.1):
 
 @register("rpo")
 def rpo(lp: Logps, *, beta: float = 0.1, alpha: float = 1.0):
-  """Iterative Reasoning Preference Optimization: DPO + alpha * NLL(y_w) (LOSSES.md §1.7).
+  """Iterative Reasoning Preference Optimization: DPO + alpha * NLL(y_w) (docs/losses.md#rpo).
 
   The NLL is TRL's: the token-mean cross-entropy over the batch's chosen tokens.
   """
@@ -116,7 +116,7 @@ def rpo(lp: Logps, *, beta: float = 0.1, alpha: float = 1.0):
 
 @register("sft_dpo")
 def sft_dpo(lp: Logps, *, beta: float = 0.1, alpha: float = 1.0):
-  """SFT-DPO of "3D-Properties of DPO" (LOSSES.md §2.8): DPO + alpha * NLL(y_w), as `rpo`."""
+  """SFT-DPO of "3D-Properties of DPO" (docs/losses.md#sft_dpo): DPO + alpha * NLL(y_w), as `rpo`."""
   return rpo(lp, beta=beta, alpha=alpha)
 
 
@@ -167,7 +167,7 @@ def bco_pair(lp: Logps, *, beta: float = 0.1):
 
 @register("sppo_hard")
 def sppo_hard(lp: Logps, *, beta: float = 0.1):
-  """Self-Play Preference Optimization, hard-label form (TRL `sppo_hard`, LOSSES.md §1.12).
+  """Self-Play Preference Optimization, hard-label form (TRL `sppo_hard`, docs/losses.md#sppo_hard).
 
   l = (rho_w - 1/(2 beta))^2 + (rho_l + 1/(2 beta))^2.
   """
@@ -251,7 +251,7 @@ def discopop(lp: Logps, *, beta: float = 0.1, tau: float = 0.05):
 def gamma_dpo(lp: Logps, *, beta: float = 0.1, gamma: float = 1.0):
   """gamma-attenuated DPO of "Preference Learning Algorithms Do Not Learn Preference Rankings".
 
-  l = -logsig(beta [(S_pol(y_w) - S_pol(y_l)) + gamma (S_ref(y_l) - S_ref(y_w))]) (§2.5):
+  l = -logsig(beta [(S_pol(y_w) - S_pol(y_l)) + gamma (S_ref(y_l) - S_ref(y_w))]) (docs/losses.md#gamma_dpo):
   gamma = 1 is DPO, gamma = 0 drops the reference.
   """
   check_pairs(lp)
@@ -261,7 +261,7 @@ def gamma_dpo(lp: Logps, *, beta: float = 0.1, gamma: float = 1.0):
 
 @register("flex_dpo")
 def flex_dpo(lp: Logps, *, beta_chosen: float = 0.1, beta_rejected: float = 0.1):
-  """Flex-DPO of "3D-Properties of DPO" (LOSSES.md §2.8, a reading: UNVERIFIED constants).
+  """Flex-DPO of "3D-Properties of DPO" (docs/losses.md#flex_dpo, a reading: constants not checked).
 
   l = -logsig(beta_w rho_w - beta_l rho_l); beta_l > beta_w slows the collapse of the
   rejected likelihood. Equal betas are DPO.
@@ -274,7 +274,7 @@ def flex_dpo(lp: Logps, *, beta_chosen: float = 0.1, beta_rejected: float = 0.1)
 
 @register("osp")
 def osp(lp: Logps, *, beta: float = 0.1, temperature: float = 1.0):
-  """Online Self-Preferring Language Models: soft-preference cross-entropy (LOSSES.md §2.7).
+  """Online Self-Preferring Language Models: soft-preference cross-entropy (docs/losses.md#osp).
 
   A reading (the exact strength mapping is UNVERIFIED): with preference strength
   p = sig((s_w - s_l) / temperature) from the records' scores (p = 1 without scores, which
@@ -307,7 +307,7 @@ def degree_cross_entropy(z: jax.Array, degree: jax.Array, num_degrees: int,
 @register("spo")
 def spo(lp: Logps, *, beta: float = 0.1, degree_weight: float = 0.1, num_degrees: int = 4,
         degree_margin: float = 1.0):
-  """Self-supervised Preference Optimization (SPO, Li et al. 2024), LOSSES.md §2.10.
+  """Self-supervised Preference Optimization (SPO, Li et al. 2024), docs/losses.md#spo.
 
   A reading (UNVERIFIED: the official repository holds only a LICENSE). The paper adds to
   the alignment loss a cross-entropy that classifies a response's preference degree (how

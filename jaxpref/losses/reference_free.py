@@ -20,7 +20,7 @@ logsig = jax.nn.log_sigmoid
 def simpo(lp: Logps, *, beta: float = 2.0, gamma_beta_ratio: float = 0.25,
           label_smoothing: float = 0.0, hinge: bool = False, sft_weight: float = 0.0,
           length_normalize: bool = True):
-  """SimPO: Simple Preference Optimization with a Reference-Free Reward (LOSSES.md §1.4).
+  """SimPO: Simple Preference Optimization with a Reference-Free Reward (docs/losses.md#simpo).
 
   z = beta ((A_w - A_l) - gamma/beta), A the length-averaged log-prob (the official
   trainer's parameterisation); l = -(1-eps) logsig(z) - eps logsig(-z), or relu(1 - z)
@@ -42,7 +42,7 @@ def simpo(lp: Logps, *, beta: float = 2.0, gamma_beta_ratio: float = 0.25,
 
 @register("orpo")
 def orpo(lp: Logps, *, beta: float = 0.1):
-  """ORPO: Monolithic Preference Optimization without Reference Model (LOSSES.md §1.5).
+  """ORPO: Monolithic Preference Optimization without Reference Model (docs/losses.md#orpo).
 
   l = NLL(y_w) - beta logsig(logodds(y_w) - logodds(y_l)), logodds(y) = A - log(1 - e^A),
   A the length-averaged log-prob; `beta` is the paper's lambda (TRL's name).

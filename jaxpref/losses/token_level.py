@@ -80,7 +80,7 @@ def _token_pair_loss(lp: Logps, beta: float, m_u: jax.Array, m_d: jax.Array, pen
 @register("sparse_po", needs_tokens=True, needs_vocab_kl=True, token_mask="learned")
 def sparse_po(lp: Logps, *, beta: float = 0.1, lambda_u: float = 0.001,
               lambda_d: float = 0.001, independent: bool = True):
-  """SparsePO (LOSSES.md §4.1, huawei-noah/HEBO SparsePO): DPO's log-ratio and a per-token
+  """SparsePO (docs/losses.md#sparse_po, huawei-noah/HEBO SparsePO): DPO's log-ratio and a per-token
   KL term, each weighted by learned token masks m >= 0 (the policy's mask network on the
   reference's per-layer states, models/token_mask.py) with an L1 penalty on the masks.
 
@@ -124,7 +124,7 @@ def zn_rescale(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 @register("mapo", needs_tokens=True, needs_vocab_kl=True, token_mask="activations")
 def mapo(lp: Logps, *, beta: float = 0.1, layers: str = "all"):
-  """MaPO (LOSSES.md §4.2, huawei-noah/HEBO SparsePO repo): SparsePO's u - d with a fixed mask
+  """MaPO (docs/losses.md#mapo, huawei-noah/HEBO SparsePO repo): SparsePO's u - d with a fixed mask
   a_t from the reference's residual stream: per layer, the feature mean z-normalised and
   min-max rescaled over the response (`zn_rescale`), then averaged over `layers` (one of
   MAPO_LAYERS). l = -logsig(beta [(sum a Delta)_w - (sum a Delta)_l - ((sum a k)_w - (sum a k)_l)]).

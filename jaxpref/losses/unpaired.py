@@ -65,7 +65,7 @@ def _kto_form(lp: Logps, beta: float, desirable_weight: float, undesirable_weigh
 @register("kto")
 def kto(lp: Logps, *, beta: float = 0.1, desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0):
-  """KTO: Model Alignment as Prospect Theoretic Optimization (LOSSES.md §1.6) [CODE: TRL].
+  """KTO: Model Alignment as Prospect Theoretic Optimization (docs/losses.md#kto), as TRL computes it.
 
   z0 = max(0, stopgrad(mean rho(y'))) over mismatched completions y'; desirable:
   lambda_D (1 - sig(beta (rho - z0))), undesirable: lambda_U (1 - sig(beta (z0 - rho))).
@@ -78,7 +78,7 @@ def kto(lp: Logps, *, beta: float = 0.1, desirable_weight: float = 1.0,
 @register("apo")
 def apo(lp: Logps, *, beta: float = 0.1, desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0, kl_min: float = -5.0, kl_max: float = 5.0):
-  """Action Preference Optimization for VLA policies (LOSSES.md §2.12) [CODE], KTO form.
+  """Action Preference Optimization for VLA policies (docs/losses.md#apo), KTO form.
 
   As KTO with the reference point clip(stopgrad(mean rho(y')), kl_min, kl_max). APO's
   adaptive per-sample weights (from continuous action errors) come in as the records'

@@ -1,7 +1,7 @@
 """Pairwise objectives that scale or smooth each pair by a per-pair confidence: WPO's
 on-policy weight and MCTS-DPO's visit-count label smoothing.
 
-Notation as in pairwise.py (LOSSES.md §0): rho = S_pol - S_ref, A = S_pol / L.
+Notation as in pairwise.py (docs/losses.md#notation): rho = S_pol - S_ref, A = S_pol / L.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def visit_count_flip_rate(lp: Logps) -> jax.Array:
 def mcts_dpo(lp: Logps, *, beta: float = 0.1, conservative: bool = True, ipo: bool = False,
              length_normalize: bool = False, length_penalty: float = 1.0):
   """Monte Carlo Tree Search Boosts Reasoning via Iterative Preference Learning
-  (MCTS-DPO, Xie et al. 2024), LOSSES.md §2.2, as the official trainer computes it.
+  (MCTS-DPO, Xie et al. 2024), docs/losses.md#mcts_dpo, as the official trainer computes it.
 
   A pair is two sibling steps of the search tree: the chosen has the highest Q, the
   rejected a lower one; both share the prefix, which the data layer puts in the prompt,

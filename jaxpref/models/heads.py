@@ -5,18 +5,18 @@ each sequence's last non-padding token (the EOS that closes the response, when i
 The head kind (`--reward_head`) says what the E outputs mean:
 
 * `linear`: E = 1 is a scalar reward model (Bradley-Terry), an even E = 2k a General
-  Preference embedding model (GPM, LOSSES.md §5.3).
+  Preference embedding model (GPM, docs/reward_models.md#gpm).
 * `attributes`: E = A scores, one per attribute (multi-objective reward, `attribute_bt`).
-* `pal`: E-dim item points f(y) of PAL-B's ideal-point model (LOSSES.md §5.5). The head
+* `pal`: E-dim item points f(y) of PAL-B's ideal-point model (docs/reward_models.md#pal). The head
   also holds K' prototype maps g_k(x) = p_k + W_k h_x, read from the hidden state h_x of
   the prompt's last token (causal: it sees the prompt only), and one row of mixture
   logits per user (`prototypes_of`, `mixture_of`); the `pal` loss mixes them.
 * `gpm_gated`: E = 2k GPM embeddings, plus the prompt-gated eigenvalues of GPM's "MoE"
-  variant (LOSSES.md §5.3): lambda(x) = k softmax(W_p h_x / sqrt(D)) [k], h_x the prompt's
+  variant (docs/reward_models.md#gpm): lambda(x) = k softmax(W_p h_x / sqrt(D)) [k], h_x the prompt's
   last-token state (`gate_of`), one non-negative weight per rotation block.
 
 `--reward_pool=mean` makes the head read the mean of the hidden states over the sequence's
-real tokens instead of the last one (Themis's "mean" readout, LOSSES.md §5.4). A
+real tokens instead of the last one (Themis's "mean" readout, docs/reward_models.md#themis). A
 from-scratch model's last-token state hardly depends on a short response, while the mean
 carries every response token's own state: what lets the toy in
 `experiments/repro/gpm_vs_bt` leave GPM's tie saddle.

@@ -1,5 +1,5 @@
 """SparsePO's learned token masks: the `simple_all` mask network (huawei-noah/HEBO SparsePO,
-LOSSES.md §4.1), held as a submodule of the policy so it trains, shards and checkpoints
+docs/losses.md#sparse_po), held as a submodule of the policy so it trains, shards and checkpoints
 with the policy's parameters.
 
 Per mask: LayerNorm (one, shared by the layers, as in HEBO's code) of each layer's

@@ -1,5 +1,5 @@
-"""Model-based rewards as functions of (prompt, response) strings: CDR (LOSSES.md §5.8),
-FLR and R^3 mixtures (§10b), and a command that labels candidate responses into preference
+"""Model-based rewards as functions of (prompt, response) strings: CDR (docs/reward_models.md#cdr),
+FLR and R^3 mixtures (docs/reward_models.md#flr, docs/reward_models.md#mixture), and a command that labels candidate responses into preference
 pairs by one of them (`python -m jaxpref.rewards.label`)."""
 
 from jaxpref.rewards.model_rewards import (LM, cdr, embed, flr, length_penalty, mixture,

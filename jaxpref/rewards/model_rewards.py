@@ -1,14 +1,14 @@
 """Rewards computed by language models: functions from a batch of (prompt, response)
 strings to float64[N] rewards (higher is better).
 
-* `cdr`: Customizable Density Ratio (LOSSES.md §5.8), r = log pi_strong(y|x) -
+* `cdr`: Customizable Density Ratio (docs/reward_models.md#cdr), r = log pi_strong(y|x) -
   log pi_weak(y|x); `system` (task criteria, exemplars) is put in front of the prompt that
   both models see, the paper's customisation.
-* `flr`: follow-up likelihood as reward (§10b, a reading of the abstract),
+* `flr`: follow-up likelihood as reward (docs/reward_models.md#flr, a reading of the abstract),
   r = mean_f+ log p(f+ | x, y) - mean_f- log p(f- | x, y): how likely the user's next turn
   is a satisfied one rather than a complaint.
 * `mixture` with `relevance`, `length_penalty`, `repetition_penalty`: R^3-style weighted
-  mixtures (§10b, a reading): a relevance score plus regularisers against its shortcuts.
+  mixtures (docs/reward_models.md#mixture, a reading): a relevance score plus regularisers against its shortcuts.
 
 Log-probs are those of the training path (`policy_step.token_logps`: BOS + prompt +
 response + EOS laid out as in `data.pairs.tokenize_sequence`, the response's tokens and
@@ -78,14 +78,14 @@ def sequence_logps(lm: LM, prompts: Sequence[str], responses: Sequence[str]) -> 
 
 def cdr(strong: LM, weak: LM, prompts: Sequence[str], responses: Sequence[str],
         system: str = "") -> np.ndarray:
-  """log pi_strong(y | system + x) - log pi_weak(y | system + x) (LOSSES.md §5.8)."""
+  """log pi_strong(y | system + x) - log pi_weak(y | system + x) (docs/reward_models.md#cdr)."""
   shown = [system + x for x in prompts]
   return sequence_logps(strong, shown, responses) - sequence_logps(weak, shown, responses)
 
 
 def flr(lm: LM, prompts: Sequence[str], responses: Sequence[str], positive: Sequence[str],
         negative: Sequence[str] = (), template: str = "{prompt} {response} ") -> np.ndarray:
-  """mean over f+ of log p(f+ | x, y) - mean over f- of log p(f- | x, y) (§10b, a reading).
+  """mean over f+ of log p(f+ | x, y) - mean over f- of log p(f- | x, y) (docs/reward_models.md#flr, a reading).
 
   The context is `template` filled with the prompt and response; each follow-up is scored
   as the continuation of that context. No negatives: the positive term alone.
@@ -163,7 +163,7 @@ def repetition_penalty(tok, n: int = 2) -> RewardFn:
 
 
 def mixture(components: Mapping[str, RewardFn], weights: Mapping[str, float]) -> RewardFn:
-  """sum_k weights[k] * components[k](x, y): an R^3-style weighted mixture (§10b)."""
+  """sum_k weights[k] * components[k](x, y): an R^3-style weighted mixture (docs/reward_models.md#mixture)."""
   unknown = sorted(set(weights) - set(components))
   if unknown:
     raise ValueError(f"weights for unknown reward(s) {unknown}; have {sorted(components)}")

@@ -121,7 +121,7 @@ def fewshot_curve(lp, user: np.ndarray, draws: int, seed: int) -> dict[int, floa
 
 
 def plot(curve: dict[int, float], bt_acc: float, pal_acc: float, path: str) -> None:
-  from jaxpref.eval import plots  # noqa: F401  (selects the Agg backend)
+  from jaxpref.train import plots  # noqa: F401  (selects the Agg backend)
   import matplotlib.pyplot as plt
   xs = [max(n, 0.5) for n in curve]  # n = 0 drawn at 0.5 on the log axis
   fig, ax = plt.subplots(figsize=(5.2, 3.6))
