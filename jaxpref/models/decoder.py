@@ -49,6 +49,9 @@ class ModelConfig:
   max_len: int = 2048  # context the preset is meant for; informational, as RoPE needs no table
   dtype: str = "float32"  # compute dtype; parameters stay float32
   remat: str = "none"  # per-block rematerialisation policy: see REMAT_POLICIES
+  # One block traced once, lax.scan-ed over params stacked on a leading layer axis: compile
+  # time stops growing with depth. Off by default: see scan_layers_conflicts.
+  scan_layers: bool = False
   init_std: float = 0.02
   # Llama 3.1 RoPE frequency scaling (HF rope_type "llama3"); factor 1.0 means none.
   rope_scaling_factor: float = 1.0
@@ -292,8 +295,9 @@ class Decoder(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.embed = _param(rngs, (config.vocab_size, config.d_model), config.init_std)
-    self.layers = nnx.List([Block(config, rngs, config.is_local(i))
-                            for i in range(config.n_layers)])
+    blocks = [Block(config, rngs, config.is_local(i)) for i in range(config.n_layers)]
+    # Built one by one either way, so a seed gives the same weights scanned or unrolled.
+    self.layers = stack_blocks(blocks) if config.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(config.d_model, config.norm_eps, config.norm_offset)
     if not config.tie_embeddings:
       self.lm_head = _param(rngs, (config.d_model, config.vocab_size), config.init_std)
@@ -322,19 +326,30 @@ class Decoder(nnx.Module):
     if cfg.embed_scale:  # sqrt(D) rounded to the compute dtype first, as HF Gemma does
       x = x * jnp.asarray(cfg.d_model ** 0.5, cfg.dtype)
     policy = REMAT_POLICIES[cfg.remat]
-    states = []
-    for layer in self.layers:
-      mask = local if layer.local else full
-      if policy is False:
-        x = layer(x, positions, mask)
-      else:  # the backward recomputes the block's insides from its input
-        gd, state = nnx.split(layer)
-        block = lambda st, x, gd=gd, mask=mask: nnx.merge(gd, st)(x, positions, mask)
-        x = jax.checkpoint(block, policy=policy)(state, x)
-      if all_layers:
-        states.append(x.astype(jnp.float32))
+    if cfg.scan_layers:  # one traced body for every layer, so which ones are local is data
+      gd, stacked = nnx.split(self.layers)
+      def body(x, xs):
+        mask = jnp.where(xs[1], local, full) if cfg.sliding_window else full
+        y = nnx.merge(gd, xs[0])(x, positions, mask)
+        return y, (y.astype(jnp.float32) if all_layers else None)
+      is_local = jnp.asarray([cfg.is_local(i) for i in range(cfg.n_layers)])
+      step = body if policy is False else jax.checkpoint(body, policy=policy)  # keeps the carry
+      x, states = jax.lax.scan(step, x, (stacked, is_local))
+    else:
+      states = []
+      for layer in self.layers:
+        mask = local if layer.local else full
+        if policy is False:
+          x = layer(x, positions, mask)
+        else:  # the backward recomputes the block's insides from its input
+          gd, state = nnx.split(layer)
+          block = lambda st, x, gd=gd, mask=mask: nnx.merge(gd, st)(x, positions, mask)
+          x = jax.checkpoint(block, policy=policy)(state, x)
+        if all_layers:
+          states.append(x.astype(jnp.float32))
+      states = jnp.stack(states) if all_layers else None
     h = self.final_norm(x).astype(jnp.float32)
-    return (h, jnp.stack(states)) if all_layers else h
+    return (h, states) if all_layers else h
 
   def logits(self, h: jax.Array) -> jax.Array:
     """float32[..., V] from `hidden` states [..., D]: the LM head, then the final soft-cap."""
@@ -343,6 +358,25 @@ class Decoder(nnx.Module):
   def __call__(self, tokens, segment_ids=None, positions=None) -> jax.Array:
     """Logits float32[N, T, V]; arguments as `hidden`."""
     return self.logits(self.hidden(tokens, segment_ids, positions))
+
+
+def stack_blocks(blocks) -> Block:
+  """One Block whose every param has a leading layer axis (the scanned layout)."""
+  for b in blocks:
+    b.local = False  # data in the scanned model (Decoder._scan): one graph serves every layer
+  return nnx.merge(nnx.graphdef(blocks[0]),
+                   jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks]))
+
+
+def scan_layers_conflicts(config: ModelConfig, *, lora_rank=0, init_from="", export_hf=""):
+  """Start-up errors for `scan_layers` with options that read per-layer param paths (the
+  KV-cache sampler does too, and `jaxpref.parallel.sharding` shards [L, ...] params only
+  once it knows the layer axis)."""
+  why = {"--lora_rank": (lora_rank, "adapters are keyed by per-layer paths (layers/0/attn/q)"),
+         "--init_from": (init_from, "checkpoints and HF weights are stored per layer"),
+         "--export_hf": (export_hf, "HF tensors are written per layer")}
+  return [f"--model.scan_layers does not work with {k}: {msg}; drop one of the two"
+          for k, (on, msg) in why.items() if on and config.scan_layers]
 
 
 def param_count(config: ModelConfig) -> int:
