@@ -86,6 +86,11 @@ class Tokenizer:
     return max(self._sp.pad_id(), 0)
 
   @property
+  def declared_pad_id(self) -> int:
+    """The tokenizer's own pad id, -1 when it has none (a model's pad_token_id)."""
+    return self._sp.pad_id()
+
+  @property
   def unk_id(self) -> int:
     return self._sp.unk_id()
 
@@ -210,6 +215,10 @@ class HFTokenizer(Tokenizer):
   @property
   def pad_id(self) -> int:
     return max(self._ids["pad"], 0)  # none: pad with 0, masked out everywhere
+
+  @property
+  def declared_pad_id(self) -> int:
+    return self._ids["pad"]
 
   @property
   def unk_id(self) -> int:

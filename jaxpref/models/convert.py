@@ -2,11 +2,14 @@
 model folders, from the shell; and `--init_from`'s reading of either kind of folder.
 
   jaxpref-convert to-jaxpref HF_DIR OUT_DIR [--dtype=float32]
-  jaxpref-convert to-hf JAXPREF_DIR OUT_DIR [--dtype=bfloat16]
+  jaxpref-convert to-hf JAXPREF_DIR OUT_DIR [--dtype=bfloat16] [--max_shard_size=5GB]
+      [--tokenizer=PATH]
 
 A jaxpref model folder holds `model_config.json` (the `ModelConfig` fields, i.e. the
 `--model.FIELD` flag values) and `params/`, an orbax checkpoint of the Decoder's parameters
-as a pure dict (`nnx.to_pure_dict` of its Param state). Orbax because it is what the train
+as a pure dict (`nnx.to_pure_dict` of its Param state); from a Hugging Face folder it also
+keeps the source's token ids (`hf_token_ids.json`) and `generation_config.json`, so `to-hf`
+writes them back. Orbax because it is what the train
 loop already checkpoints with, and it restores straight into sharded arrays for models too
 large to stage on one host.
 """
@@ -17,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -24,11 +28,13 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxpref.models import hf
+from jaxpref.models import hf, hf_write
 from jaxpref.models.decoder import Decoder, ModelConfig
+from jaxpref.models.hf_config import FAMILIES, with_defaults
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+IDS_FILE = "hf_token_ids.json"
 
 
 def save_jaxpref(model: Decoder, path: str) -> None:
@@ -109,12 +115,40 @@ def load_pretrained(path: str, cfg: ModelConfig) -> Decoder:
 def to_jaxpref(hf_dir: str, out_dir: str, dtype: str = "float32") -> ModelConfig:
   cfg, model = hf.load(hf_dir, jnp.dtype(dtype))
   save_jaxpref(model, out_dir)
+  source = hf.read_json_config(hf_dir)
+  family = FAMILIES[source["model_type"]]  # omitted ids: the family's, as transformers reads
+  source = with_defaults(source, family.defaults)
+  with open(os.path.join(out_dir, IDS_FILE), "w") as f:
+    json.dump({k: source.get(k) for k in hf_write.TOKEN_IDS}, f, indent=2)
+  generation = os.path.join(hf_dir, hf_write.GENERATION_FILE)
+  if os.path.isfile(generation):
+    shutil.copyfile(generation, os.path.join(out_dir, hf_write.GENERATION_FILE))
   return cfg
 
 
-def to_hf(jaxpref_dir: str, out_dir: str, dtype: str | None = None) -> ModelConfig:
+def token_ids_of(jaxpref_dir: str, tokenizer: str = "") -> dict | None:
+  """The ids to_hf writes: the tokenizer's when one is given, else those kept by to_jaxpref,
+  else None (config.json then names none)."""
+  if tokenizer:
+    from jaxpref.data.tokenizer import Tokenizer
+    tok = Tokenizer.load(tokenizer)
+    return hf_write.token_ids(tok.bos_id, tok.eos_id, tok.declared_pad_id)
+  file = os.path.join(jaxpref_dir, IDS_FILE)
+  if not os.path.isfile(file):
+    return None
+  with open(file) as f:
+    return json.load(f)
+
+
+def to_hf(jaxpref_dir: str, out_dir: str, dtype: str | None = None,
+          max_shard_size: str | None = None, tokenizer: str = "") -> ModelConfig:
   cfg, model = load_jaxpref(jaxpref_dir)
-  hf.save(model, cfg, out_dir, None if dtype is None else jnp.dtype(dtype))
+  ids = token_ids_of(jaxpref_dir, tokenizer)
+  generation = os.path.join(jaxpref_dir, hf_write.GENERATION_FILE)
+  if ids and os.path.isfile(generation):  # the source's sampling defaults, ids filled in
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copyfile(generation, os.path.join(out_dir, hf_write.GENERATION_FILE))
+  hf.save(model, cfg, out_dir, None if dtype is None else jnp.dtype(dtype), max_shard_size, ids)
   return cfg
 
 
@@ -132,14 +166,23 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument("dst", metavar="OUT_DIR")
   b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                  help="tensor dtype to write (default: as stored)")
+  b.add_argument("--max_shard_size", default=None,
+                 help="split the weights into shards of at most this size (e.g. 5GB, 500MB) "
+                      "with model.safetensors.index.json (default: one file)")
+  b.add_argument("--tokenizer", default="",
+                 help="the tokenizer whose BOS/EOS/pad ids config.json and "
+                      "generation_config.json name (default: the ids the folder kept from "
+                      "its Hugging Face source, if any)")
   return p
 
 
 def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
-  convert = to_jaxpref if args.command == "to-jaxpref" else to_hf
   try:
-    cfg = convert(args.src, args.dst, args.dtype)
+    if args.command == "to-jaxpref":
+      cfg = to_jaxpref(args.src, args.dst, args.dtype)
+    else:
+      cfg = to_hf(args.src, args.dst, args.dtype, args.max_shard_size, args.tokenizer)
   except (ValueError, OSError) as e:  # user errors: say what is wrong, no traceback
     print(f"jaxpref-convert: error: {e}", file=sys.stderr)
     return 1
@@ -148,7 +191,8 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
-  sys.exit(main(sys.argv[1:]))
+  from jaxpref.cli_errors import entry_point  # one error path and exit codes for every CLI
+  entry_point(main)(sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ carries every response token's own state: what lets the toy in
 `experiments/repro/gpm_vs_bt` leave GPM's tie saddle.
 
 The LM head, if the decoder has one, is unused except by losses that read per-token
-log-probs (`themis`, through `reward_step`).
+log-probs (`themis`, through the reward role).
 """
 
 from __future__ import annotations
@@ -37,10 +37,22 @@ HEADS = ("linear", "attributes", "pal", "gpm_gated")
 POOLS = ("last", "mean")
 
 
-def last_token_index(segment_ids: jax.Array) -> jax.Array:
-  """int32[N]: position of each row's last real token (segment id > 0); 0 for an all-padding row."""
+def last_token_index(segment_ids: jax.Array, tokens: jax.Array | None = None,
+                     skip_id: int = -1) -> jax.Array:
+  """int32[N]: position of each row's last real token (segment id > 0); 0 for an all-padding row.
+
+  With `skip_id` >= 0, the last real token that is not `skip_id`: transformers'
+  `*ForSequenceClassification` reads the rightmost token that is not `pad_token_id`, so when
+  that id is the EOS closing every row it reads the token before it (`hf_reward.read_rule`).
+  """
   t = segment_ids.shape[-1]
-  pos = jnp.where(segment_ids > 0, jnp.arange(t, dtype=jnp.int32), -1)
+  real = segment_ids > 0
+  if skip_id >= 0:
+    if tokens is None:
+      raise ValueError(f"the reward head skips token {skip_id} (pad_token_id = eos_token_id), "
+                       "so it needs the tokens to find the position it reads")
+    real = real & (tokens != skip_id)
+  pos = jnp.where(real, jnp.arange(t, dtype=jnp.int32), -1)
   return jnp.maximum(pos.max(-1), 0)
 
 
@@ -75,14 +87,18 @@ def check_head(head: str, out_dim: int, prototypes: int = 1, users: int = 1) -> 
 
 
 class RewardModel(nnx.Module):
-  """tokens int32[N, T], segment_ids int32[N, T] -> float32[N, E]."""
+  """tokens int32[N, T], segment_ids int32[N, T] -> float32[N, E].
+
+  `skip_id` >= 0: the last-token readout passes over that token id (`last_token_index`),
+  as transformers does when pad_token_id is the EOS."""
 
   def __init__(self, config: ModelConfig, out_dim: int = 1, *, rngs: nnx.Rngs,
-               head: str = "linear", prototypes: int = 2, users: int = 1, pool: str = "last"):
+               head: str = "linear", prototypes: int = 2, users: int = 1, pool: str = "last",
+               skip_id: int = -1):
     check_head(head, out_dim, prototypes, users)
     if pool not in POOLS:
       raise ValueError(f"--reward_pool must be one of {', '.join(POOLS)}, got {pool!r}")
-    self.kind, self.pool = head, pool
+    self.kind, self.pool, self.skip_id = head, pool, int(skip_id)
     self.decoder = Decoder(config, rngs=rngs)
     d = config.d_model
     # Scaled by 1/sqrt(D): an initial reward of O(1) whatever the width.
@@ -100,19 +116,21 @@ class RewardModel(nnx.Module):
       self.gate_proj = nnx.Param(jax.random.normal(rngs.params(), (d, out_dim // 2))
                                  / (d + 1))
 
-  def read_out(self, h: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  def read_out(self, h: jax.Array, segment_ids: jax.Array,
+               tokens: jax.Array | None = None) -> jax.Array:
     """The head on each row's last real token, or on the mean over its real tokens (`pool`):
-    h [N, T, D] -> [N, E]."""
+    h [N, T, D] -> [N, E]. `tokens` [N, T]: needed with `skip_id`."""
     if self.pool == "mean":
       real = (segment_ids > 0).astype(h.dtype)[..., None]
       pooled = jnp.sum(h * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1.0)
     else:
-      idx = last_token_index(segment_ids)
+      idx = last_token_index(segment_ids, tokens, self.skip_id)
       pooled = jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
     return pooled @ self.head[...]
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    return self.read_out(self.decoder.hidden(tokens, segment_ids=segment_ids), segment_ids)
+    return self.read_out(self.decoder.hidden(tokens, segment_ids=segment_ids), segment_ids,
+                         tokens)
 
   def prototypes_of(self, h: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """g_k(x) = p_k + W_k h_x, h_x the prompt's last-token state: h [N, T, D] -> [N, K', E]."""

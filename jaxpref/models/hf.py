@@ -21,14 +21,13 @@ import ml_dtypes  # noqa: F401  registers np.dtype("bfloat16"), which safetensor
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from jaxpref.models import hf_write
 from jaxpref.models.decoder import Decoder, ModelConfig
 from jaxpref.models.hf_config import (FAMILIES, UnsupportedCheckpoint, config_from_hf,  # noqa: F401
                                       config_to_hf, family_of)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE, INDEX_FILE = hf_write.SINGLE_FILE, hf_write.INDEX_FILE
 
 # Buffers some older checkpoints carry; RoPE frequencies are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -269,15 +268,28 @@ def to_tensors(model_or_state, cfg: ModelConfig, dtype=None) -> dict[str, np.nda
   return out
 
 
-def save(model_or_state, config: ModelConfig, path: str, dtype=None) -> None:
-  """Writes config.json and model.safetensors for `transformers.AutoModelForCausalLM`.
+def save(model_or_state, config: ModelConfig, path: str, dtype=None,
+         max_shard_size: int | str | None = None, ids: dict | None = None) -> list[str]:
+  """Writes config.json and the safetensors for `transformers.AutoModelForCausalLM`.
 
-  `dtype` (e.g. jnp.bfloat16) casts the tensors; default: as held.
+  `dtype` (e.g. jnp.bfloat16) casts the tensors; default: as held. `max_shard_size`
+  (bytes or "5GB") splits them into shards with an index (`hf_write`). `ids`
+  (`hf_write.token_ids`: bos/eos/pad) go into config.json and generation_config.json, so
+  `generate` knows where to stop. Returns the weight files written.
   """
   tensors = to_tensors(model_or_state, config, dtype)
   hf_config = config_to_hf(config, next(iter(tensors.values())).dtype.name)  # raises first
+  return write_folder(hf_config, tensors, path, max_shard_size, ids)
+
+
+def write_folder(hf_config: dict, tensors: dict, path: str, max_shard_size=None,
+                 ids: dict | None = None) -> list[str]:
+  """config.json (with the token ids), generation_config.json (with ids) and the weights."""
   os.makedirs(path, exist_ok=True)
+  if ids:
+    hf_config = {**hf_config, **ids}
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)
-  # transformers refuses safetensors files without a "format" entry in their metadata.
-  save_file(tensors, os.path.join(path, SINGLE_FILE), metadata={"format": "pt"})
+  if ids:
+    hf_write.write_generation_config(path, ids)
+  return hf_write.write_tensors(tensors, path, max_shard_size)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import jax
 
-from jaxpref.models import hf, hf_reward, lora
+from jaxpref.models import hf, hf_reward, hf_write, lora
 from jaxpref.models.hf_config import family_of
 
 # Files of a Hugging Face tokenizer, copied when present beside the run's tokenizer.
@@ -78,23 +78,47 @@ def host_copy(tree: Any) -> Any:
 
 def export(cfg, params: Any, frozen: Any = None, say: Callable[[str], None] = print) -> None:
   """Writes the run's model to `cfg.export_hf`. `params` is the train state's params (the
-  adapters under LoRA, whose frozen base is `frozen.base`)."""
-  if cfg.lora is not None:
+  adapters under LoRA, whose frozen base is `frozen.base`).
+
+  Options the run config may carry (getattr, default in brackets): `export_hf_dtype`
+  [float32, as trained], `export_hf_max_shard_size` [one file], `export_hf_adapter`
+  [False: under LoRA, also the adapters alone as a PEFT folder, OUT/adapter]."""
+  dtype = getattr(cfg, "export_hf_dtype", None) or None
+  shard = getattr(cfg, "export_hf_max_shard_size", None) or None
+  adapters = params if cfg.lora is not None else None
+  if adapters is not None:
     params = lora.merge(frozen.base, params, cfg.lora.scale)
   params = host_copy(params)
+  want_adapter = adapters is not None and getattr(cfg, "export_hf_adapter", False)
+  if want_adapter:
+    adapters = host_copy(adapters)
   if jax.process_index() != 0:
     return
   path = cfg.export_hf
-  if cfg.role == "reward":
+  tok = None
+  if cfg.data.tokenizer:
     from jaxpref.data.tokenizer import Tokenizer
-    # transformers pools at the last token that is not pad_token_id: ours pads with this.
-    pad = Tokenizer.load(cfg.data.tokenizer).pad_id
-    hf_reward.save(params, cfg.model, path, pad_token_id=pad)
+    tok = Tokenizer.load(cfg.data.tokenizer)
+  # The tokenizer's files go first: its generation_config.json (sampling defaults) is kept,
+  # gaining only the token ids it lacks.
+  os.makedirs(path, exist_ok=True)
+  copied = _copy_tokenizer(cfg.data.tokenizer, path) if cfg.data.tokenizer else []
+  ids = ({} if tok is None else
+         hf_write.token_ids(tok.bos_id, tok.eos_id, tok.declared_pad_id))
+  if cfg.role == "reward":
+    pad, skip, _ = hf_reward.read_rule(cfg.init_from, tok) if tok else (None, -1, None)
+    hf_reward.save(params, cfg.model, path, pad_token_id=pad, eos_token_id=ids.get("eos_token_id"),
+                   bos_token_id=ids.get("bos_token_id"), skip_id=skip, dtype=dtype,
+                   max_shard_size=shard)
     kind = hf.seq_cls_architecture(family_of(cfg.model))
   else:
-    hf.save(params, cfg.model, path)
+    hf.save(params, cfg.model, path, dtype=dtype, max_shard_size=shard, ids=ids or None)
     kind = family_of(cfg.model).architecture
-  copied = _copy_tokenizer(cfg.data.tokenizer, path) if cfg.data.tokenizer else []
   what = "LoRA adapters merged into the base" if cfg.lora is not None else "trained weights"
+  if want_adapter:
+    hf_write.write_peft_adapter(adapters, cfg.lora.rank, cfg.lora.alpha,
+                                os.path.join(path, "adapter"),
+                                os.path.abspath(cfg.init_from) if cfg.init_from else "")
+    what += "; the adapters alone in adapter/ (PEFT)"
   say(f"--export_hf: wrote {path} ({kind}, {what}; tokenizer files: "
       f"{', '.join(copied) or 'none'})")

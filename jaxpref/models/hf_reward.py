@@ -4,23 +4,25 @@
 freshly drawn head) or a `*ForSequenceClassification` folder of a family in
 `hf_config.FAMILIES`: its decoder and its head `score.weight [num_labels, D]` (no bias), so
 `num_labels` is the reward dimension. HF's head reads the final-norm hidden state at the
-last non-padding token, as `heads.RewardModel` does, so the rewards agree.
+rightmost token that is not `pad_token_id` (transformers 5, `GenericForSequenceClassification`),
+`heads.RewardModel` at the last real token: the same one unless the pad id is the EOS that
+closes every row, where HF reads the token before it; `read_rule` gives the `skip_id` that
+makes ours read that one too, on import and on export.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 
-from jaxpref.models import convert, hf
+from jaxpref.models import convert, hf, hf_write
 from jaxpref.models.decoder import Decoder, ModelConfig
-from jaxpref.models.hf_config import UnsupportedCheckpoint, config_to_hf, family_of
+from jaxpref.models.hf_config import (FAMILIES, UnsupportedCheckpoint, config_to_hf, family_of,
+                                      with_defaults)
 
 SCORE = "score.weight"
 
@@ -51,6 +53,23 @@ def reward_dim(init_from: str, requested: int, explicit: bool) -> int:
     raise ValueError(f"--reward_dim={requested} but {init_from} is a "
                      f"{config['architectures'][0]} with num_labels={n}")
   return n
+
+
+def read_rule(init_from: str, tok) -> tuple[int | None, int, str | None]:
+  """(pad_token_id, skip_id, start-up note) of a reward run: the pad id transformers pools
+  with (a sequence-classification `init_from`'s, with its family's default when config.json
+  omits it, else the one our rows pad with), and `skip_id` = that id when it is the EOS that
+  closes our rows (else -1), for `heads.RewardModel(skip_id=)`."""
+  config = _seq_cls_config(init_from) if init_from else None
+  if config is not None:
+    pad = with_defaults(config, FAMILIES[config["model_type"]].defaults)["pad_token_id"]
+  else:  # the id our rows pad with (0 when the tokenizer has none), so batches score alike
+    pad = tok.pad_id
+  if pad is None or pad != tok.eos_id:
+    return pad, -1, None
+  return pad, pad, (f"pad_token_id = eos_token_id = {pad}: as transformers' "
+                    f"*ForSequenceClassification, the reward head reads the last token that is "
+                    f"not {pad}, the one before the closing EOS")
 
 
 def load(path: str, cfg: ModelConfig) -> tuple[Decoder, np.ndarray | None]:
@@ -94,12 +113,19 @@ def init_from(cfg, params: Any) -> Any:
   return params
 
 
-def save(params: Any, cfg: ModelConfig, path: str, pad_token_id: int | None = None) -> None:
+def save(params: Any, cfg: ModelConfig, path: str, pad_token_id: int | None = None,
+         eos_token_id: int | None = None, bos_token_id: int | None = None, skip_id: int = -1,
+         dtype=None, max_shard_size=None) -> list[str]:
   """Writes a reward model's params ({"decoder", "head"}, a State or pure dict) as the
-  family's `*ForSequenceClassification` folder. transformers pools at the last token that
-  is not `pad_token_id`, so that id must be the padding one, and not EOS."""
+  family's `*ForSequenceClassification` folder (`dtype`, `max_shard_size` as `hf.save`).
+  transformers pools at the rightmost token that is not `pad_token_id`: a pad id equal to
+  the EOS is refused unless the model read the token before it (`skip_id`, `read_rule`)."""
+  if pad_token_id is not None and pad_token_id == eos_token_id and skip_id != pad_token_id:
+    raise ValueError(f"pad_token_id = eos_token_id = {pad_token_id}: transformers would score "
+                     f"the token before the closing EOS, but this model read the EOS itself "
+                     f"(build it with skip_id={pad_token_id}, hf_reward.read_rule)")
   pure = hf._pure_state(params)
-  tensors = hf.to_tensors(pure["decoder"], cfg)
+  tensors = hf.to_tensors(pure["decoder"], cfg, dtype)
   tensors.pop("lm_head.weight", None)  # a classifier has no LM head
   head = np.asarray(jax.device_get(pure["head"]))
   tensors[SCORE] = np.ascontiguousarray(head.T.astype(next(iter(tensors.values())).dtype))
@@ -109,10 +135,5 @@ def save(params: Any, cfg: ModelConfig, path: str, pad_token_id: int | None = No
   config.update(architectures=[hf.seq_cls_architecture(family)], num_labels=labels,
                 id2label={str(i): f"LABEL_{i}" for i in range(labels)},
                 label2id={f"LABEL_{i}": i for i in range(labels)})
-  if pad_token_id is not None:
-    config["pad_token_id"] = int(pad_token_id)
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
-  save_file(tensors, os.path.join(path, hf.SINGLE_FILE), metadata={"format": "pt"})
-
+  ids = hf_write.token_ids(bos_token_id, eos_token_id, pad_token_id)
+  return hf.write_folder(config, tensors, path, max_shard_size, ids)
