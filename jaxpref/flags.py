@@ -263,16 +263,16 @@ def _tokenizer() -> str:
   """--tokenizer, or the --init_from folder when it holds a tokenizer and none was given."""
   from jaxpref.data.tokenizer import find
   if FLAGS.init_from and not FLAGS["tokenizer"].present and os.path.isdir(FLAGS.init_from):
-    # The file, not the folder: --reference_cache keys on the tokenizer file's bytes.
-    FLAGS.tokenizer = find(FLAGS.init_from) or FLAGS.tokenizer  # flags.txt re-runs with it
+    # The file, not the folder: --reference_cache keys on the tokenizer file's bytes. A
+    # re-run from flags.txt resolves it again from the same --init_from.
+    return find(FLAGS.init_from) or FLAGS.tokenizer
   return FLAGS.tokenizer
 
 
 def _reward_dim() -> int:
   if FLAGS.role == "reward" and FLAGS.init_from:
     from jaxpref.models import hf_reward  # a sequence-classification folder's num_labels
-    FLAGS.reward_dim = hf_reward.reward_dim(FLAGS.init_from, FLAGS.reward_dim,
-                                            FLAGS["reward_dim"].present)
+    return hf_reward.reward_dim(FLAGS.init_from, FLAGS.reward_dim, FLAGS["reward_dim"].present)
   return FLAGS.reward_dim
 
 
@@ -281,7 +281,6 @@ def to_config() -> RunConfig:
   if not FLAGS.workdir:
     raise ValueError("--workdir is required (an existing one is resumed)")
   loss_hparams = _dotted_values("loss")
-  losses.bind(FLAGS.loss, loss_hparams)  # unknown --loss.X for this loss -> error listing valid ones
   parse_fields(FLAGS.data_fields)  # unknown target names -> error listing valid ones
   if FLAGS.init_from:  # the checkpoint's config replaces the --model preset (often in a flag file)
     from jaxpref.models import convert  # orbax: imported only when needed, keeps --help fast
@@ -292,7 +291,7 @@ def to_config() -> RunConfig:
                "checkpoint_every"):
     if FLAGS[name].value < 1:
       raise ValueError(f"--{name} must be >= 1, got {FLAGS[name].value}")
-  return RunConfig(
+  cfg = RunConfig(
       workdir=FLAGS.workdir, model=model, init_from=FLAGS.init_from,
       model_preset=f"init_from={FLAGS.init_from}" if FLAGS.init_from else FLAGS.model,
       optim=OptimConfig(learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
@@ -327,6 +326,8 @@ def to_config() -> RunConfig:
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       progress=FLAGS.progress, plot=FLAGS.plot,
       log_records=FLAGS.log_records)
+  _ = cfg.loss_spec  # resolved here: an unknown loss or --loss.X is an error listing valid ones
+  return cfg
 
 
 _PER_LAUNCH = ("workdir", "coordinator_address", "num_processes", "process_id")

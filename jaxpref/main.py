@@ -34,7 +34,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.estimate_only:
-    from jaxpref.parallel import memory
+    from jaxpref.train import memory
     try:
       memory.prepare_backend(FLAGS.estimate_devices)
     except RuntimeError as e:
@@ -49,20 +49,27 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
   os.makedirs(cfg.workdir, exist_ok=True)
   import jax
-  if not FLAGS.estimate_only and jax.process_index() == 0:  # re-runs a training run
-    with open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
-      f.write(jflags.resolved_flags())
-  from jaxpref.train import loop  # after flags: keeps --help fast
+  from jaxpref.train import hooks, loop  # after flags: keeps --help fast
   try:
     prepared = loop.setup(cfg)
   except (ValueError, OSError) as e:  # bad data, tokenizer path, mesh: no traceback
     print(f"FATAL: {e}", file=sys.stderr)
     sys.exit(1)
   if FLAGS.estimate_only:
-    from jaxpref.parallel import memory
+    from jaxpref.train import memory
     print(memory.report(memory.estimate(prepared), prepared.mesh))
     return
-  loop.train(prepared)
+  if jax.process_index() == 0:  # re-runs a training run; written once its flags are checked
+    with open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
+      f.write(jflags.resolved_flags())
+  try:
+    loop.train(prepared)
+  except hooks.Preempted as e:
+    print(f"PREEMPTED: {e}", file=sys.stderr)
+    sys.exit(hooks.PREEMPTED_EXIT)
+  except ValueError as e:  # a refused resume, a data problem found mid-run
+    print(f"FATAL: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def run() -> None:

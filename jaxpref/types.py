@@ -1,8 +1,9 @@
-"""The two pytrees that cross jaxpref's layer boundaries: `GroupBatch` and `Logps`.
+"""The pytrees that cross jaxpref's layer boundaries: `GroupBatch` and `Logps`.
 
-Every preference method sees, per prompt, a group of K responses (DESIGN.md). The data
-layer produces a `GroupBatch`; the model layer turns it into a `Logps`; a loss is a pure
-function of the `Logps`. Optional fields are `None` (an empty pytree node), so one
+Every preference method sees, per prompt, a group of K responses (docs/design.md). The
+data layer produces a `GroupBatch`; a role's forward pass turns it into what its losses
+read (`Logps` for the policy roles, `RewardOutputs` for reward and preference models); a
+loss is a pure function of that. Optional fields are `None` (an empty pytree node), so one
 structure serves pairs, ranked lists and unpaired data.
 """
 
@@ -43,7 +44,7 @@ class GroupBatch:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Logps:
-  """Everything a loss may see (DESIGN.md): sequence log-probs and the group's metadata.
+  """What a policy loss may see (docs/design.md): log-probs and the group's metadata.
 
   `policy` and `ref` are sums over the loss mask of per-token log-probs. For pairs (K=2)
   index 0 is the chosen response and index 1 the rejected one.
@@ -74,8 +75,22 @@ class Logps:
   # fixed over the rollout's updates (PPO-style ratios), and one advantage per response.
   old_tok: Optional[Array] = None  # float32[B, K, T]
   advantages: Optional[Array] = None  # float32[B, K]
-  # The reward role (jaxpref/train/reward_step.py) puts a scalar reward per response in
-  # `policy` (and zeros in `ref`), or a preference embedding per response here.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RewardOutputs:
+  """What a reward or preference-model loss sees (the reward role): the head's outputs per
+  response and the group's metadata. For pairs index 0 is the chosen response."""
+
+  reward: Array  # float32[B, K]; a scalar head's reward (zeros for embedding heads)
+  length: Array  # float32[B, K]; number of masked tokens
+  valid: Array  # bool[B, K]
+  weight: Array  # float32[B]
+  scores: Optional[Array] = None  # float32[B, K]
+  label: Optional[Array] = None  # int32[B, K]
+  label_smoothing: Optional[Array] = None  # float32[B]
+  # A preference embedding per response (GPM, attribute and PAL heads).
   embed: Optional[Array] = None  # float32[B, K, E]
   user: Optional[Array] = None  # int32[B], from the batch
   attribute_prefs: Optional[Array] = None  # float32[B, A], from the batch
@@ -84,5 +99,8 @@ class Logps:
   prototypes: Optional[Array] = None  # float32[B, K', E]
   mixture: Optional[Array] = None  # float32[B, K']
   # A gated GPM head (--reward_head=gpm_gated) adds one eigenvalue lambda_b(x) >= 0 per
-  # rotation block of `embed`, read from the prompt (LOSSES.md §5.3); None: all 1.
+  # rotation block of `embed`, read from the prompt (docs/reward_models.md); None: all 1.
   gate: Optional[Array] = None  # float32[B, k]
+  # The decoder's LM log-probs of every response, for losses that read them (Themis).
+  policy_tok: Optional[Array] = None  # float32[B, K, T]
+  mask: Optional[Array] = None  # float32[B, K, T]

@@ -11,7 +11,7 @@ import pytest
 from cli_util import ROOT, env, train_cmd
 from jaxpref import models
 from jaxpref.data import make_tiny
-from jaxpref.parallel import memory
+from jaxpref.train import memory
 from jaxpref.parallel import mesh as mesh_lib
 from jaxpref.train import loop
 from jaxpref.train.config import DataConfig, RunConfig

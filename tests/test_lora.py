@@ -19,7 +19,7 @@ from loop_util import train_steps
 from jaxpref import losses, models
 from jaxpref.data import make_tiny
 from jaxpref.models import hf, lora
-from jaxpref.parallel import memory
+from jaxpref.train import memory
 from jaxpref.parallel import mesh as mesh_lib
 from jaxpref.parallel import sharding
 from jaxpref.train import loop

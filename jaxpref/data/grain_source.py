@@ -22,14 +22,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 
 import jax
 import numpy as np
 
-from jaxpref import losses
 from jaxpref.data import batching
 from jaxpref.data.pairs import Truncation
 from jaxpref.types import GroupBatch
@@ -261,12 +259,13 @@ def check_config(cfg, ds: PreparedDataset) -> None:
     raise ValueError(f"{ds.path} was tokenized with {info['tokenizer']['path']} (sha256 "
                      f"{info['tokenizer']['sha256'][:12]}), not --tokenizer={d.tokenizer} "
                      f"(sha256 {sha[:12]})")
-  if "source_logps" in losses.record_fields(cfg.loss) and "source_logps" not in ds.stored:
+  spec = cfg.loss_spec
+  if "source_logps" in spec.record_fields and "source_logps" not in ds.stored:
     raise ValueError(f"--loss={cfg.loss} reads the records' 'source_logps', which {ds.path} "
                      "does not hold; prepare records that have it")
   # --shared_prompt: the train loop wraps the dataset in `SharedPromptView`, which scans
   # every group for its packed shape and reads the in-memory arrays.
-  unsupported = [(bool(losses.member_fields(cfg.loss)), f"--loss={cfg.loss} (extra members)"),
+  unsupported = [(bool(spec.member_fields), f"--loss={cfg.loss} (extra members)"),
                  (d.shared_prompt, "--shared_prompt (use --batching=pack)"),
                  (cfg.reference == "precomputed", "--reference=precomputed")]
   names = [name for bad, name in unsupported if bad]
@@ -276,19 +275,17 @@ def check_config(cfg, ds: PreparedDataset) -> None:
 
 
 def load(cfg, path: str):
-  """(dataset, report, extra) as `train.loop._read` returns them, for a prepared folder."""
+  """(dataset, report, extra) as `train.setup` reads them, for a prepared folder."""
   ds = PreparedDataset(path)
   check_config(cfg, ds)
   extra = f"; {ds.info['desirable']} desirable" if "desirable" in ds.info else ""
   return ds, _Report(path, ds.info), extra
 
 
-def batcher(cfg, ds: PreparedDataset) -> GrainBatcher:
-  """The run's `GrainBatcher`: --batching and --curriculum as for in-memory data."""
-  from jaxpref.parallel import mesh as mesh_lib
+def batcher(cfg, ds: PreparedDataset, row_multiple: int) -> GrainBatcher:
+  """The run's `GrainBatcher`: --batching and --curriculum as for in-memory data; batches
+  are cut in multiples of `row_multiple` rows (grad_accum x the mesh's batch shards)."""
   d = cfg.data
-  sizes = mesh_lib.parse_mesh(cfg.mesh, jax.device_count())
-  row_multiple = cfg.grad_accum * math.prod(sizes[a] for a in mesh_lib.BATCH_AXES)
   order = ds.curriculum(d.curriculum, d.curriculum_stages, d.seed) if d.curriculum else None
   planner = batching.from_config(d, ds, row_multiple, order)
   return GrainBatcher(ds, d.batch_size, d.seed, jax.process_index(), jax.process_count(),

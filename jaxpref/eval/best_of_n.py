@@ -102,7 +102,7 @@ def score_groups(graphdef, params, ds, batch_size: int, mesh) -> np.ndarray:
 
   from jaxpref import data as data_lib
   from jaxpref.parallel import mesh as mesh_lib
-  from jaxpref.train import reward_step
+  from jaxpref.train.roles import reward as reward_step
 
   fn = jax.jit(lambda p, b: reward_step.score(graphdef, p, b)[..., 0])
   put = lambda b: jax.device_put(b, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))

@@ -1,43 +1,40 @@
 """`jaxpref-strength --ensemble_vectorize`: the M reward models of the ensemble trained as
-one program (LOSSES.md §5.1).
+one program by the one training loop (docs/reward_models.md, the Secrets-II ensemble).
 
 Member j is the sequential path's member j (`strength.member_config`: its own folder,
-`--seed` + j, `--data_seed` + j): its train state is initialised by `state.init_state`
-exactly as `loop.run` would, its batches come from its own `Batcher`, and its step is the
-reward role's train step (`reward_step.make_steps`). Here the M states are stacked on a
-leading axis and that step is `jax.vmap`ped over (state, batch), so one compiled program
-advances every member (the learning-rate schedule, a function of the shared step count,
-is the same for all). Memory is M times one member's.
+`--seed` + j, `--data_seed` + j): its state is initialised by the reward role exactly as a
+sequential run's, its batches come from its own `Batcher`, and its step is the reward
+role's step from the one step builder. Here the M states are stacked on a leading axis and
+that step is `jax.vmap`ped over (state, batch), so one compiled program advances every
+member (the learning-rate schedule, a function of the shared step count, is the same for
+all). Memory is M times one member's.
 
-What a finished run leaves is what the sequential path leaves: member j's final checkpoint
-in WORKDIR/member_j/checkpoints/STEPS (so either path reuses it, and `reward_eval.restore`
-reads it), its metrics.jsonl and final_metrics.json; every member's rows are also in
-WORKDIR/ensemble_metrics.jsonl (a `member` field added). Only the final step is saved:
-a vectorised run stopped midway starts again from step 0 (no mid-run resume).
+The loop checkpoints the stacked state in WORKDIR/checkpoints, so a vectorised run killed
+midway resumes where it stopped (SIGTERM saves and stops). Each member's rows go to its own
+folder's metrics.jsonl and TensorBoard; when the run ends, member j's final checkpoint is
+written to WORKDIR/member_j/checkpoints/STEPS (so either path reuses it, and
+`reward_eval.restore` reads it) with its final_metrics.json, and every member's rows are
+gathered in WORKDIR/ensemble_metrics.jsonl (a `member` field added).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
-from jaxpref import data as data_lib
-from jaxpref import losses
 from jaxpref.data import batching, grain_source
 from jaxpref.parallel import distributed, mesh as mesh_lib, sharding
 from jaxpref.train import checkpoint as ckpt_lib
-from jaxpref.train import loop, reward_step
-from jaxpref.train.metrics import MetricWriter
-from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxpref.train.state import init_state
+from jaxpref.train import loop
+from jaxpref.train.metrics import read_metrics
+from jaxpref.train.optimizer import make_optimizer
+from jaxpref.train.state import init_state, make_steps
 
 METRICS = "ensemble_metrics.jsonl"
 HOW = "run without --ensemble_vectorize (members one after another)"
@@ -97,37 +94,47 @@ def _unstack(tree, j: int, like):
 
 
 def vmapped_steps(cfg, graphdef, optimizer, stacked, mesh):
-  """Jitted (train_step(states, batches) -> (states, metrics [M]),
-  eval_step(params, batch) -> (metrics [M], weight [M])): the reward role's steps over the
-  member axis; the train step keeps `stacked`'s shardings and donates the old states."""
-  train_step, eval_step = reward_step.make_steps(
-      graphdef, losses.bind(cfg.loss, cfg.loss_hparams), optimizer,
-      with_tokens=losses.needs_tokens(cfg.loss))
-  step = jax.vmap(lambda st, b: train_step(st, None, b))
-  ev = jax.vmap(lambda p, b: eval_step(p, None, b), in_axes=(0, None))
+  """Jitted (train_step(states, ref, batches) -> (states, metrics [M]),
+  eval_step(params, ref, batch) -> (metrics [M], weight [M])): the role's steps from the
+  one step builder over the member axis (`ref` has none); the train step keeps `stacked`'s
+  shardings and donates the old states."""
+  train_step, eval_step = make_steps(cfg, graphdef, optimizer)
+  step = jax.vmap(train_step, in_axes=(0, None, 0))
+  ev = jax.vmap(eval_step, in_axes=(0, None, None))
   shardings = jax.tree.map(lambda x: x.sharding, stacked)
   return (jax.jit(sharding.in_mesh(step, mesh), out_shardings=(shardings, NamedSharding(mesh, P())),
                   donate_argnums=0),
           jax.jit(sharding.in_mesh(ev, mesh)))
 
 
-def _member_rows(metrics: dict, m: int) -> list[dict]:
-  """Stacked metrics {name: [M]} -> one finished metrics dict per member."""
-  host = jax.device_get(metrics)
-  return [reward_step.finish_metrics({k: np.asarray(v)[j] for k, v in host.items()})
-          for j in range(m)]
+class _Finish:
+  """Writes each member's final checkpoint where the sequential loop would, and gathers
+  every member's rows into WORKDIR/ensemble_metrics.jsonl."""
 
+  def __init__(self, cfg, mcfgs, todo, batchers, like, prog_ref: Callable, say):
+    self.cfg, self.mcfgs, self.todo, self.batchers = cfg, mcfgs, todo, batchers
+    self.like, self.prog, self.say = like, prog_ref, say
 
-def evaluate(eval_step, params, ds, batch_size: int, put, m: int) -> list[dict]:
-  """Each member's weighted mean of every metric over the whole eval set."""
-  totals, weight = {}, np.zeros(m)
-  for batch in data_lib.eval_batches(ds, batch_size):
-    metrics, w = jax.device_get(eval_step(params, put(batch)))
-    w = np.asarray(w, np.float64)
-    for k, v in metrics.items():
-      totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64) * w
-    weight += w
-  return _member_rows({k: v / weight for k, v in totals.items()}, m)
+  def finish(self) -> None:
+    cfg, state = self.cfg, self.prog().state
+    if np.min(jax.device_get(state.step)) < cfg.steps:  # stopped by SIGTERM: resume finishes it
+      return
+    for j, (mc, b) in enumerate(zip(self.mcfgs, self.batchers)):
+      ckpt = ckpt_lib.Checkpointer(os.path.join(mc.workdir, "checkpoints"),
+                                   cfg.checkpoint_every, cfg.keep_checkpoints)
+      try:
+        ckpt.save(cfg.steps, _unstack(state, j, self.like),
+                  {"seed": mc.data.seed, "step": cfg.steps, "order": b.describe()}, force=True)
+        ckpt.wait()
+      finally:
+        ckpt.close()
+    # The members' rows interleaved as the loop wrote them: each logged row, member by member.
+    logs = [read_metrics(os.path.join(mc.workdir, "metrics.jsonl")) for mc in self.mcfgs]
+    with open(os.path.join(cfg.workdir, METRICS), "w") as log:
+      for rows in zip(*logs):
+        for j, (mc, row) in enumerate(zip(self.mcfgs, rows)):
+          log.write(json.dumps({"member": self.todo[j], "seed": mc.seed,
+                                "data_seed": mc.data.seed, **row}) + "\n")
 
 
 def train(cfg, members: list, say: Callable[[str], None] = print) -> dict[int, dict]:
@@ -152,11 +159,12 @@ def train(cfg, members: list, say: Callable[[str], None] = print) -> dict[int, d
   m = len(mcfgs)
   s = loop.setup(mcfgs[0])  # data, tokenizer, mesh and every start-up check, once
   check(cfg, s)
-  mesh, train_ds, eval_ds = s.mesh, s.train_ds, s.eval_ds
+  s.cfg = cfg  # the loop's checkpoints, SIGTERM and progress are the ensemble's own
+  mesh, train_ds = s.mesh, s.train_ds
   shards = mesh_lib.batch_axis_size(mesh)
   batchers = [batching.from_config(mc.data, train_ds, shards) for mc in mcfgs]
   optimizer = make_optimizer(cfg.optim, cfg.steps)
-  graphdef, one, _ = init_state(mcfgs[0], mesh, optimizer)
+  graphdef, one, ref = init_state(mcfgs[0], mesh, optimizer)
   states = [one] + [init_state(mc, mesh, optimizer)[1] for mc in mcfgs[1:]]
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), one)
   state = _stack(states, mesh)
@@ -168,76 +176,23 @@ def train(cfg, members: list, say: Callable[[str], None] = print) -> dict[int, d
   put_train = lambda b: distributed.put_global(
       b, NamedSharding(mesh, P(None, mesh_lib.BATCH_AXES)))
   put_eval = lambda b: distributed.put_global(b, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
-  schedule = learning_rate_schedule(cfg.optim, cfg.steps)
+
+  def batch(step):
+    host = [b.batch(step) for b in batchers]
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *host)
+    return stacked, put_train(stacked)
 
   for mc in mcfgs:
     os.makedirs(mc.workdir, exist_ok=True)
-  # resume_step=-1: rows left by a vectorised run stopped before its checkpoints are stale.
-  writers = [MetricWriter(mc.workdir, resume_step=-1, tensorboard=False) for mc in mcfgs]
-  log = open(os.path.join(cfg.workdir, METRICS), "w")
-  last = [{} for _ in mcfgs]
-
-  def write(step: int, split: str, rows: list[dict]) -> None:
-    for j, (w, row) in enumerate(zip(writers, rows)):
-      last[j] = w.write(step, split, row)
-      log.write(json.dumps({"member": todo[j], "seed": mcfgs[j].seed,
-                            "data_seed": mcfgs[j].data.seed, **last[j]}) + "\n")
-    log.flush()
-
-  def run_eval(step: int) -> None:
-    if eval_ds is None:
-      return
-    write(step, "eval", evaluate(eval_step, state.params, eval_ds, cfg.data.eval_batch_size,
-                                 put_eval, m))
-    say(f"step {step:>6} eval  accuracy " + " ".join(f"{r['rewards/accuracy']:.3f}" for r in last))
-
-  bar = (tqdm(total=cfg.steps, desc=f"ensemble x{m}", unit="step", dynamic_ncols=True,
-              mininterval=0.5) if cfg.progress else None)
-  t0 = time.perf_counter()
-  tokens = np.zeros(2, np.int64)
-  try:
-    run_eval(0)
-    for step in range(cfg.steps):
-      host = [b.batch(step) for b in batchers]
-      for h in host:
-        tokens += batching.padding_efficiency(h)
-      state, metrics = train_step(state, put_train(jax.tree.map(lambda *xs: np.stack(xs), *host)))
-      done = step + 1
-      if bar is not None:
-        bar.update(1)
-      if done % cfg.log_every == 0 or done == cfg.steps:
-        extra = {"learning_rate": float(schedule(step)),
-                 "steps_per_sec": done / (time.perf_counter() - t0),
-                 "data/padding_efficiency": float(tokens[0] / tokens[1])}
-        tokens[:] = 0
-        write(done, "train", [{**r, **extra} for r in _member_rows(metrics, m)])
-        losses_now = " ".join(f"{r['loss']:.4f}" for r in last)
-        if bar is not None:
-          bar.set_postfix_str(f"loss {losses_now}")
-        else:
-          say(f"step {done:>6} train loss {losses_now}  {extra['steps_per_sec']:.1f} steps/s")
-      if done % cfg.eval_every == 0 or done == cfg.steps:
-        run_eval(done)
-  finally:
-    if bar is not None:
-      bar.close()
-    for w in writers:
-      w.close()
-    log.close()
-
+  prog = loop.Program(cfg, mesh, graphdef, state, ref, train_step, eval_step, batchers, batch,
+                      put_eval, [mc.workdir for mc in mcfgs], members=m)
+  prog.hooks.append(_Finish(cfg, mcfgs, todo, batchers, like, lambda: prog, say))
+  loop.train(s, prog)
   finals = {}
-  for j, (mc, b) in enumerate(zip(mcfgs, batchers)):
-    ckpt = ckpt_lib.Checkpointer(os.path.join(mc.workdir, "checkpoints"), cfg.checkpoint_every,
-                                 cfg.keep_checkpoints)
-    try:
-      ckpt.save(cfg.steps, _unstack(state, j, like),
-                {"seed": mc.data.seed, "step": cfg.steps, "order": b.describe()}, force=True)
-      ckpt.wait()
-    finally:
-      ckpt.close()
-    with open(os.path.join(mc.workdir, "final_metrics.json"), "w") as f:
-      json.dump(last[j], f, indent=1)
-    finals[todo[j]] = last[j]
-  say(f"ensemble: {m} members trained in {time.perf_counter() - t0:.1f} s; final checkpoints "
-      f"in {', '.join(mc.workdir for mc in mcfgs)}")
+  for j, mc in zip(todo, mcfgs):
+    path = os.path.join(mc.workdir, "final_metrics.json")
+    with open(path) as f:
+      finals[j] = json.load(f)
+  say(f"ensemble: {m} members trained; final checkpoints in "
+      f"{', '.join(mc.workdir for mc in mcfgs)}")
   return finals

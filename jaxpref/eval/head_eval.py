@@ -49,7 +49,7 @@ def batched(fn, params, ds, batch_size: int, mesh) -> np.ndarray:
 def gated_gpm_margins(graphdef, params, ds, batch_size: int, mesh) -> np.ndarray:
   """float32[N]: s(y_w, y_l) = sum_b lambda_b(x) (R v_w . v_l)_b."""
   from jaxpref.losses.reward import gpm_score
-  from jaxpref.train import reward_step
+  from jaxpref.train.roles import reward as reward_step
 
   def margin(p, batch):
     lp = reward_step.model_logps(graphdef, p, batch)
@@ -60,7 +60,7 @@ def gated_gpm_margins(graphdef, params, ds, batch_size: int, mesh) -> np.ndarray
 
 def attribute_margins(graphdef, params, ds, batch_size: int, mesh) -> np.ndarray:
   """float32[N, A]: zeta_a(y_w) - zeta_a(y_l)."""
-  from jaxpref.train import reward_step
+  from jaxpref.train.roles import reward as reward_step
 
   def margin(p, batch):
     lp = reward_step.model_logps(graphdef, p, batch)
@@ -102,7 +102,7 @@ def pal_margins(graphdef, params, ds, batch_size: int, mesh, hparams: dict, unse
 
   from jaxpref import losses
   from jaxpref.losses.pal import pal_rewards
-  from jaxpref.train import reward_step
+  from jaxpref.train.roles import reward as reward_step
 
   hp = {**losses.hparams("pal"), **hparams}
 

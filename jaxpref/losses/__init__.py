@@ -5,8 +5,10 @@ from jaxpref.losses import listwise, pairwise, reference_free, token_level, unpa
 from jaxpref.losses import reward  # noqa: F401
 from jaxpref.losses import attributes, pal, themis  # noqa: F401  (reward-role losses)
 from jaxpref.losses import weighted  # noqa: F401
+from jaxpref.losses import advantages, online  # noqa: F401  (online role)
 from jaxpref.losses.extra_members import member_fields, record_fields
 from jaxpref.losses.registry import bind, get, hparams, names, needs_tokens, register, role
+from jaxpref.losses.spec import LossSpec, resolve
 
-__all__ = ["bind", "get", "hparams", "member_fields", "names", "needs_tokens", "record_fields",
-           "register", "role"]
+__all__ = ["LossSpec", "bind", "get", "hparams", "member_fields", "names", "needs_tokens",
+           "record_fields", "register", "resolve", "role"]

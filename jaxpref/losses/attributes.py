@@ -1,9 +1,9 @@
-"""Multi-objective reward models: one Bradley-Terry term per attribute (LOSSES.md §5.6).
+"""Multi-objective reward models: one Bradley-Terry term per attribute (docs/reward_models.md#attribute_bt).
 
 An attribute head (`--role=reward --reward_head=attributes --reward_dim=A`) scores every
-response on A attributes, in `Logps.embed` [B, 2, A]. The records' `attribute_prefs` (a
+response on A attributes, in `RewardOutputs.embed` [B, 2, A]. The records' `attribute_prefs` (a
 list of A entries: 1 = the chosen response shows the attribute more, -1 = the rejected one
-does, 0 = don't care) arrive as `Logps.attribute_prefs` [B, A].
+does, 0 = don't care) arrive as `RewardOutputs.attribute_prefs` [B, A].
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ import jax.numpy as jnp
 
 from jaxpref.losses.registry import register
 from jaxpref.losses.reward import calibration_bins
-from jaxpref.types import Logps
+from jaxpref.types import RewardOutputs
 
 
-def attribute_scores(lp: Logps) -> jax.Array:
+def attribute_scores(lp: RewardOutputs) -> jax.Array:
   """zeta(y) [B, 2, A]: the attribute head's scores (a scalar reward head: A = 1)."""
-  s = lp.embed if lp.embed is not None else lp.policy[..., None]
+  s = lp.embed if lp.embed is not None else lp.reward[..., None]
   chex.assert_rank(s, 3)
   if s.shape[1] != 2:
     raise ValueError(f"attribute_bt needs pairs (K=2, chosen first), got groups of {s.shape[1]}")
   return s
 
 
-def attribute_prefs(lp: Logps, n_attr: int) -> jax.Array:
+def attribute_prefs(lp: RewardOutputs, n_attr: int) -> jax.Array:
   """prefs [B, A] in {1, -1, 0}; records without the field prefer the chosen response on
   every attribute (each attribute is then a BT model of the overall label)."""
   if lp.attribute_prefs is None:
@@ -39,8 +39,8 @@ def attribute_prefs(lp: Logps, n_attr: int) -> jax.Array:
 
 
 @register("attribute_bt", role="reward")
-def attribute_bt(lp: Logps, *, tau: float = 1.0):
-  """AlignDiff's attribute-strength model (LOSSES.md §5.6), with don't-care masks.
+def attribute_bt(lp: RewardOutputs, *, tau: float = 1.0):
+  """AlignDiff's attribute-strength model (docs/reward_models.md#attribute_bt), with don't-care masks.
 
   l = sum_{b,a} w_b m_ba [-logsig(t_ba (zeta_a(y_w) - zeta_a(y_l)) / tau)] / sum_{b,a} w_b m_ba,
   t_ba = attribute_prefs in {1, -1}, m_ba = |t_ba| (0: don't care, no term): the mean BT

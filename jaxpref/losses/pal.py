@@ -1,10 +1,10 @@
-"""PAL: Pluralistic Alignment via ideal points (LOSSES.md §5.5, PAL-B).
+"""PAL: Pluralistic Alignment via ideal points (docs/reward_models.md#pal, PAL-B).
 
 A PAL reward model (`--role=reward --reward_head=pal`, `jaxpref/models/heads.py`) puts in
-the Logps, per pair: the item points f(y) of both responses in `embed` [B, 2, E], the
+the RewardOutputs, per pair: the item points f(y) of both responses in `embed` [B, 2, E], the
 prompt's K' prototype points g_k(x) in `prototypes` [B, K', E], and the record's user's
 mixture weights w_u = softmax(W_u) in `mixture` [B, K']. The learned parameters (f, the
-g_k maps, the W_u rows) live in the head, so the loss stays a pure function of the Logps.
+g_k maps, the W_u rows) live in the head, so the loss stays a pure function of the RewardOutputs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxpref.losses.common import weighted_mean
 from jaxpref.losses.registry import register
 from jaxpref.losses.reward import reward_metrics
-from jaxpref.types import Logps
+from jaxpref.types import RewardOutputs
 
 NORM_EPS = 1e-12  # inside the square root: the distance has a gradient at 0
 MAX_SCALE = 100.0  # PAL-B clamps the angle scorer's scale exp(l) here
@@ -29,12 +29,12 @@ def norm(x: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(x * x, axis=-1) + NORM_EPS)
 
 
-def ideal_point(lp: Logps) -> jax.Array:
+def ideal_point(lp: RewardOutputs) -> jax.Array:
   """a_u(x) = sum_k w_uk g_k(x): float32[B, E]."""
   return jnp.einsum("bk,bke->be", lp.mixture, lp.prototypes)
 
 
-def pal_rewards(lp: Logps, scorer: str = "dist", logit_scale: float = math.log(1 / 0.07)):
+def pal_rewards(lp: RewardOutputs, scorer: str = "dist", logit_scale: float = math.log(1 / 0.07)):
   """r(y) [B, 2]: -||f(y) - a_u(x)|| ("dist": closer to the user's ideal point wins) or
   min(exp(l), 100) cos(f(y), a_u(x)) ("angle")."""
   a = ideal_point(lp)[:, None]  # [B, 1, E]
@@ -47,7 +47,7 @@ def pal_rewards(lp: Logps, scorer: str = "dist", logit_scale: float = math.log(1
   raise ValueError(f"pal: scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
 
 
-def user_weights(lp: Logps) -> jax.Array:
+def user_weights(lp: RewardOutputs) -> jax.Array:
   """Per-pair weights [B] that give every user in the batch the same total: weight / n_u,
   n_u the user's weight in the batch (PAL-B's `*_w` losses)."""
   if lp.user is None:  # one user: every pair counts alike
@@ -56,7 +56,7 @@ def user_weights(lp: Logps) -> jax.Array:
   return lp.weight / jnp.maximum(same @ lp.weight, 1e-8)
 
 
-def _check(lp: Logps) -> None:
+def _check(lp: RewardOutputs) -> None:
   if lp.prototypes is None or lp.mixture is None or lp.embed is None:
     raise ValueError("pal reads a PAL head's item points, prototypes and user mixtures: run "
                      "--role=reward --reward_head=pal (docs/reward_models.md)")
@@ -66,11 +66,11 @@ def _check(lp: Logps) -> None:
 
 
 @register("pal", role="reward")
-def pal(lp: Logps, *, scorer: str = "dist", tau: float = 1.0,
+def pal(lp: RewardOutputs, *, scorer: str = "dist", tau: float = 1.0,
         logit_scale: float = math.log(1 / 0.07), proto_bound: float = 4.0,
         proto_penalty: float = 1.0, per_user_weighting: bool = False):
   """PAL: Sample-Efficient Personalized Reward Modeling for Pluralistic Alignment
-  (RamyaLab's PAL-B, LOSSES.md §5.5).
+  (RamyaLab's PAL-B, docs/reward_models.md#pal).
 
   l = -logsig((r(y_w) - r(y_l)) / tau) + lambda sum_k max(0, ||g_k(x)|| - B),
   r from `pal_rewards` with the ideal point a_u(x) = sum_k softmax(W_u)_k g_k(x); the

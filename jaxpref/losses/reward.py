@@ -1,10 +1,10 @@
-"""Reward-model and general-preference-model objectives (LOSSES.md §1.9, §5.1-§5.3).
+"""Reward-model and general-preference-model objectives (docs/reward_models.md#formulas-and-sources).
 
-The reward role (`jaxpref/train/reward_step.py`) fills `Logps.policy` [B, 2] with a scalar
-reward per response (chosen first) and `ref` with zeros, or `Logps.embed` [B, 2, 2k] with
-a preference embedding per response. `dr = r_w - r_l`; a per-pair strength `mu = s_w - s_l`
-comes from the records' `chosen_score`/`rejected_score` (`Logps.scores`): to use an
-ensemble's strength (§5.1), write `chosen_score = mu, rejected_score = 0`, or map
+The reward role (`jaxpref/train/roles/reward.py`) fills `RewardOutputs.reward` [B, 2] with a
+scalar reward per response (chosen first), or `RewardOutputs.embed` [B, 2, 2k] with a
+preference embedding per response. `dr = r_w - r_l`; a per-pair strength `mu = s_w - s_l`
+comes from the records' `chosen_score`/`rejected_score` (`RewardOutputs.scores`): to use
+an ensemble's strength (docs/reward_models.md#ensemble-preference-strength), write `chosen_score = mu, rejected_score = 0`, or map
 `jaxpref-strength`'s `ensemble_chosen_reward`/`ensemble_rejected_reward` onto them. Records without
 scores give the strength losses nothing to act on: they are then `bt` (as `osp` is `dpo`).
 
@@ -25,21 +25,21 @@ import jax.numpy as jnp
 from jaxpref.losses.common import smoothed_logistic, weighted_mean
 from jaxpref.losses.pairwise import flip_rate
 from jaxpref.losses.registry import register
-from jaxpref.types import Logps
+from jaxpref.types import RewardOutputs
 
 logsig = jax.nn.log_sigmoid
 ECE_BINS = 10
 
 
-def _rewards(lp: Logps, who: str) -> jax.Array:
+def _rewards(lp: RewardOutputs, who: str) -> jax.Array:
   """The scalar rewards [B, 2] (chosen, rejected)."""
   if lp.embed is not None:
     raise ValueError(f"{who} reads a scalar reward per response; the run has a preference "
                      f"embedding head (--reward_dim={lp.embed.shape[-1]}): use --reward_dim=1")
-  chex.assert_rank(lp.policy, 2)
-  if lp.policy.shape[1] != 2:
-    raise ValueError(f"{who} needs pairs (K=2, chosen first), got groups of {lp.policy.shape[1]}")
-  return lp.policy
+  chex.assert_rank(lp.reward, 2)
+  if lp.reward.shape[1] != 2:
+    raise ValueError(f"{who} needs pairs (K=2, chosen first), got groups of {lp.reward.shape[1]}")
+  return lp.reward
 
 
 def calibration_bins(prob: jax.Array, weight: jax.Array) -> dict[str, jax.Array]:
@@ -58,7 +58,7 @@ def calibration_bins(prob: jax.Array, weight: jax.Array) -> dict[str, jax.Array]
   return {f"calib/gap_{b}": weighted_mean(gaps[:, b], weight) for b in range(ECE_BINS)}
 
 
-def reward_metrics(lp: Logps, margin: jax.Array, prob: jax.Array,
+def reward_metrics(lp: RewardOutputs, margin: jax.Array, prob: jax.Array,
                    rewards: jax.Array | None = None) -> dict[str, jax.Array]:
   """margin [B]: dr or the GPM score; prob [B]: the model's P(chosen wins); rewards [B, 2]."""
   margin, prob = jax.lax.stop_gradient(margin), jax.lax.stop_gradient(prob)
@@ -88,14 +88,14 @@ def finish_metrics(metrics: dict) -> dict:
   return out
 
 
-def _strength(lp: Logps) -> jax.Array:
+def _strength(lp: RewardOutputs) -> jax.Array:
   """mu = s_w - s_l [B], or zeros when the records carry no scores."""
   if lp.scores is None:
-    return jnp.zeros(lp.policy.shape[:1], jnp.float32)
+    return jnp.zeros(lp.reward.shape[:1], jnp.float32)
   return lp.scores[:, 0] - lp.scores[:, 1]
 
 
-def _bt_result(lp: Logps, per_pair: jax.Array, r: jax.Array, tau: float, **terms):
+def _bt_result(lp: RewardOutputs, per_pair: jax.Array, r: jax.Array, tau: float, **terms):
   d = r[:, 0] - r[:, 1]
   metrics = reward_metrics(lp, d, jax.nn.sigmoid(d / tau), r)
   metrics.update({f"loss/{k}": v for k, v in terms.items()})
@@ -103,9 +103,9 @@ def _bt_result(lp: Logps, per_pair: jax.Array, r: jax.Array, tau: float, **terms
 
 
 @register("bt", role="reward")
-def bt(lp: Logps, *, margin: float = 0.0, tau: float = 1.0, label_smoothing: float = 0.0,
+def bt(lp: RewardOutputs, *, margin: float = 0.0, tau: float = 1.0, label_smoothing: float = 0.0,
        center_rewards: float = 0.0):
-  """Bradley-Terry reward-model loss (LOSSES.md §1.9; Secrets of RLHF II §5.1 smoothing).
+  """Bradley-Terry reward-model loss (docs/reward_models.md#bt; Secrets of RLHF II smoothing).
 
   l = -(1-eps) logsig(z) - eps logsig(-z) + c (r_w + r_l)^2,  z = (r_w - r_l - margin)/tau.
   eps per pair from the records' `label_smoothing` field when present; c is TRL's
@@ -121,9 +121,9 @@ def bt(lp: Logps, *, margin: float = 0.0, tau: float = 1.0, label_smoothing: flo
 
 
 @register("bt_adaptive_margin", role="reward")
-def bt_adaptive_margin(lp: Logps, *, margin_scale: float = 1.0, margin_clip: float = 0.0,
+def bt_adaptive_margin(lp: RewardOutputs, *, margin_scale: float = 1.0, margin_clip: float = 0.0,
                        tau: float = 1.0):
-  """Secrets of RLHF in LLMs Part II: Reward Modeling, adaptive margin (§5.1, a reading).
+  """Secrets of RLHF in LLMs Part II: Reward Modeling, adaptive margin (docs/reward_models.md#bt_adaptive_margin, a reading).
 
   l = -logsig((r_w - r_l - f(mu))/tau),  f(mu) = margin_scale * clip(mu, -c, c) (c =
   margin_clip, 0: no clip): strongly preferred pairs must be separated more, and pairs an
@@ -138,8 +138,8 @@ def bt_adaptive_margin(lp: Logps, *, margin_scale: float = 1.0, margin_clip: flo
 
 
 @register("bt_flip", role="reward")
-def bt_flip(lp: Logps, *, flip_below: float = 0.0, tau: float = 1.0):
-  """Secrets of RLHF in LLMs Part II, label flipping (§5.1, a reading).
+def bt_flip(lp: RewardOutputs, *, flip_below: float = 0.0, tau: float = 1.0):
+  """Secrets of RLHF in LLMs Part II, label flipping (docs/reward_models.md#bt_flip, a reading).
 
   Pairs whose strength mu is below `flip_below` are taken as mislabelled and trained the
   other way: l = -logsig(sign * (r_w - r_l)/tau), sign = -1 if mu < flip_below else 1.
@@ -155,8 +155,8 @@ def bt_flip(lp: Logps, *, flip_below: float = 0.0, tau: float = 1.0):
 
 
 @register("bt_soft", role="reward")
-def bt_soft(lp: Logps, *, tau: float = 1.0, score_temperature: float = 1.0):
-  """Soft-label BT for judge strengths (Self-Reference AI feedback, §5.2, a reading).
+def bt_soft(lp: RewardOutputs, *, tau: float = 1.0, score_temperature: float = 1.0):
+  """Soft-label BT for judge strengths (Self-Reference AI feedback, docs/reward_models.md#bt_soft, a reading).
 
   l = -p logsig(dr/tau) - (1-p) logsig(-dr/tau),  p = sig(mu / score_temperature): the
   judge's probability that the chosen response is better. For a judge probability p,
@@ -180,13 +180,13 @@ def gpm_score(v_w: jax.Array, v_l: jax.Array, gate: jax.Array | None = None) -> 
 
 
 @register("gpm", role="reward")
-def gpm(lp: Logps, *, tau: float = 0.1, margin: float = 0.0, normalize: bool = False):
+def gpm(lp: RewardOutputs, *, tau: float = 0.1, margin: float = 0.0, normalize: bool = False):
   """Beyond Bradley-Terry Models: A General Preference Model for Language Model Alignment
-  (GPM, LOSSES.md §5.3).
+  (GPM, docs/reward_models.md#gpm).
 
   l = -logsig((s - margin)/tau),  s = <R(x) v_w, v_l>, v the 2k-dim preference embeddings;
   the eigenvalues are all 1 (plain model), or the prompt-gated lambda(x) [B, k] in
-  `Logps.gate` of a `--reward_head=gpm_gated` head (the paper's "MoE" variant);
+  `RewardOutputs.gate` of a `--reward_head=gpm_gated` head (the paper's "MoE" variant);
   `normalize` puts v on the unit sphere first (the paper's description; off in the code).
   """
   if lp.embed is None:
@@ -211,7 +211,7 @@ def gpm(lp: Logps, *, tau: float = 0.1, margin: float = 0.0, normalize: bool = F
   return weighted_mean(per, lp.weight), metrics
 
 
-# --- Secrets of RLHF II contrastive auxiliary (§5.1) -------------------------------------
+# --- Secrets of RLHF II contrastive auxiliary (docs/reward_models.md#bt_contrastive) ---
 
 # Losses whose head's channel 0 is the scalar reward although --reward_dim > 1 (the rest is
 # a representation): jaxpref-eval scores their pairs by channel 0, not by the GPM score.
@@ -246,9 +246,9 @@ def _dropout_views(z: jax.Array, rate: float, seed: int) -> tuple[jax.Array, jax
 
 
 @register("bt_contrastive", role="reward")
-def bt_contrastive(lp: Logps, *, contrastive_weight: float = 0.1, temperature: float = 0.05,
+def bt_contrastive(lp: RewardOutputs, *, contrastive_weight: float = 0.1, temperature: float = 0.05,
                    dropout: float = 0.1, tau: float = 1.0, seed: int = 0):
-  """Secrets of RLHF in LLMs Part II, contrastive auxiliary (SimCSE variant; §5.1, a reading).
+  """Secrets of RLHF in LLMs Part II, contrastive auxiliary (SimCSE variant; docs/reward_models.md#bt_contrastive, a reading).
 
   l = -logsig(dr/tau) + lambda * InfoNCE(drop(z), drop'(z)),  z = phi(x, y_w) - phi(x, y_l).
   One head of --reward_dim=2k: channel 0 is the reward r, channels 1.. the projection phi of

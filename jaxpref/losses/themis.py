@@ -1,9 +1,9 @@
-"""Themis: a tool-augmented reward model trained with an LM loss beside BT (LOSSES.md §5.4).
+"""Themis: a tool-augmented reward model trained with an LM loss beside BT (docs/reward_models.md#themis).
 
-In the reward role (`--role=reward`, a scalar head) `Logps.policy` [B, 2] holds the rewards
+In the reward role (`--role=reward`, a scalar head) `RewardOutputs.policy` [B, 2] holds the rewards
 of (chosen, rejected) and, because `themis` is registered with `needs_tokens`, the reward
 step also puts the decoder's LM log-probs of every response token in `policy_tok` [B, 2, T]
-with the response mask in `mask` (`jaxpref/train/reward_step.py`): the prompt (Themis's
+with the response mask in `mask` (`jaxpref/train/roles/reward.py`): the prompt (Themis's
 question) is never in the mask. Masking the tool observations inside a trajectory is not
 supported (it would need the `<start_observation>` spans); the whole response counts.
 """
@@ -21,7 +21,7 @@ LM_ON = ("chosen", "both")
 
 @register("themis", needs_tokens=True, role="reward")
 def themis(lp, *, bt_weight: float = 0.5, tau: float = 1.0, lm_on: str = "chosen"):
-  """Tool-augmented reward modeling (Themis, LOSSES.md §5.4).
+  """Tool-augmented reward modeling (Themis, docs/reward_models.md#themis).
 
   l = NLL + bt_weight * mean_b[-logsig((r_w - r_l)/tau)], NLL the token-mean negative
   log-likelihood of the responses' tokens (the chosen trajectory, or both with

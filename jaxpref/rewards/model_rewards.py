@@ -10,7 +10,7 @@ strings to float64[N] rewards (higher is better).
 * `mixture` with `relevance`, `length_penalty`, `repetition_penalty`: R^3-style weighted
   mixtures (docs/reward_models.md#mixture, a reading): a relevance score plus regularisers against its shortcuts.
 
-Log-probs are those of the training path (`policy_step.token_logps`: BOS + prompt +
+Log-probs are those of the training path (`models.logps.token_logps`: BOS + prompt +
 response + EOS laid out as in `data.pairs.tokenize_sequence`, the response's tokens and
 its EOS counted), so a reward here is the number a DPO run on the same model would see.
 """
@@ -57,7 +57,7 @@ def _check(prompts: Sequence[str], responses: Sequence[str]) -> None:
 def sequence_logps(lm: LM, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
   """float64[N]: log p(response | prompt) summed over the response's tokens and EOS."""
   from jaxpref.data.pairs import tokenize_sequence
-  from jaxpref.train.policy_step import token_logps
+  from jaxpref.models.logps import token_logps
   from jaxpref.types import GroupBatch
 
   _check(prompts, responses)

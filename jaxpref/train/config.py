@@ -6,7 +6,11 @@ Plain frozen dataclasses, so tests and notebooks can build a run without absl.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
+
+from jaxpref import losses
+from jaxpref.models.logps import LogpsOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +55,6 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LogpsOptions:
-  """How per-token log-probs are computed (`--logps_impl`, `--fused_lm_head`)."""
-  impl: str = "auto"  # ops.IMPLS, used when the logits are materialised
-  fused_lm_head: bool = True  # LM head fused into the log-softmax: no [N, T, V] logits
-
-
-@dataclasses.dataclass(frozen=True)
 class RunConfig:
   workdir: str
   model: Any  # jaxpref.models.ModelConfig
@@ -92,3 +89,8 @@ class RunConfig:
   progress: bool = True
   plot: bool = True
   log_records: bool = False  # WORKDIR/records/process_P.jsonl: each step's groups (exact resume)
+
+  @functools.cached_property
+  def loss_spec(self) -> losses.LossSpec:
+    """The loss flag resolved: the one place a run turns `loss` into a function."""
+    return losses.resolve(self.loss, self.loss_hparams)

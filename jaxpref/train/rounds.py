@@ -30,7 +30,7 @@ import numpy as np
 from jaxpref.data import batching, curriculum, grain_source
 from jaxpref.data.pairs import eval_batches
 from jaxpref.parallel import sharding
-from jaxpref.train.policy_step import step_logps
+from jaxpref.train.roles.policy import step_logps
 
 
 def check(cfg, train_ds) -> None:

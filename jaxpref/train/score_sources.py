@@ -29,7 +29,7 @@ from jaxpref.data import records as records_lib
 from jaxpref.data import sources
 from jaxpref.data.tokenizer import Tokenizer
 from jaxpref.models import convert
-from jaxpref.train.policy_step import token_logps
+from jaxpref.models.logps import token_logps
 
 
 def score(model_path: str, tok: Tokenizer, records: list, max_len: int, batch_size: int

@@ -21,6 +21,10 @@ from jaxpref import models
 from jaxpref.models import lora
 from jaxpref.parallel import mesh as mesh_lib
 from jaxpref.parallel import sharding
+from jaxpref.train.optimizer import make_optimizer
+from jaxpref.train.reference import Reference
+from jaxpref.train.state import build_steps
+from jaxpref.train.step import TrainState
 from flax import nnx
 
 MIB = 2 ** 20
@@ -37,11 +41,7 @@ class Estimate:
 
 
 def estimate(s) -> Estimate:
-  """Per-device bytes of the train step of `s` (a `train.loop.Setup`) on `s.mesh`."""
-  from jaxpref.train import loop  # loop imports this package
-  from jaxpref.train.optimizer import make_optimizer
-  from jaxpref.train.policy_step import TrainState
-
+  """Per-device bytes of the train step of `s` (a `train.setup.Setup`) on `s.mesh`."""
   cfg, mesh = s.cfg, s.mesh
   optimizer = make_optimizer(cfg.optim, cfg.steps)
   graphdef, params = sharding.abstract_params(
@@ -56,9 +56,8 @@ def estimate(s) -> Estimate:
   batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
                        _example_batch(s))
-  train_step, _ = loop.build_steps(cfg, graphdef, optimizer, state, mesh)
-  frozen = ref if base is None else lora.Frozen(base, ref)
-  compiled = train_step.lower(state, frozen, batch).compile()
+  train_step, _ = build_steps(cfg, graphdef, optimizer, state, mesh)
+  compiled = train_step.lower(state, Reference(cfg.reference, ref, base), batch).compile()
   parts = {"parameters": sharding.bytes_per_device(params),
            **({} if base is None else {"base (frozen)": sharding.bytes_per_device(base)}),
            "optimizer state": sharding.bytes_per_device((state.opt_state, step)),

@@ -1,46 +1,37 @@
 """The reward-model role: group batch -> a reward (or preference embedding) per response ->
-Logps -> loss, as jitted train and eval steps with the policy role's signatures.
+`RewardOutputs` -> loss. There is no reference model (`Reference("none")`).
 
-There is no reference model: the steps take `ref_params` only to share the loop's calls,
-and ignore it. A scalar head (`--reward_dim=1`) fills `Logps.policy` with rewards and
-`ref` with zeros; a preference-embedding head (`--reward_dim=2k`) or an attribute head
-(`--reward_head=attributes`) fills `Logps.embed`; a PAL head (`--reward_head=pal`) fills
-`embed` with item points and `prototypes`/`mixture` with the prompt's prototypes and the
-record's user's mixture weights; a gated GPM head (`--reward_head=gpm_gated`) fills `embed`
-and `gate` with the prompt's eigenvalues lambda(x) [B, k]. A loss that reads per-token
-log-probs (`themis`) gets the decoder's LM log-probs of every response in
-`policy_tok`/`mask` from the same forward pass.
+A scalar head (`--reward_dim=1`) fills `RewardOutputs.reward`; a preference-embedding head
+(`--reward_dim=2k`) or an attribute head (`--reward_head=attributes`) fills `embed`; a PAL
+head (`--reward_head=pal`) fills `embed` with item points and `prototypes`/`mixture` with
+the prompt's prototypes and the record's user's mixture weights; a gated GPM head
+(`--reward_head=gpm_gated`) fills `embed` and `gate` with the prompt's eigenvalues
+lambda(x) [B, k]. A loss that reads per-token log-probs (`themis`) gets the decoder's LM
+log-probs of every response in `policy_tok`/`mask` from the same forward pass.
 `--init_from` puts a pretrained decoder under a freshly drawn head.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from jaxpref import ops
-from jaxpref.losses.reward import finish_metrics  # noqa: F401  (the loop's one import)
+from jaxpref.models import hf_reward
 from jaxpref.models.heads import RewardModel, check_head
 from jaxpref.parallel import sharding
-from jaxpref.train.policy_step import TrainState, micro_batches
-from jaxpref.types import GroupBatch, Logps
+from jaxpref.train.reference import Reference
+from jaxpref.train.roles.policy import new_state
+from jaxpref.types import GroupBatch, RewardOutputs
 
 
-def check_config(cfg, *datasets) -> None:
-  """Start-up checks of a `RunConfig`'s role (the policy role passes through), and of the
-  reward role's `datasets` (`PairDataset`s, None skipped) against its head."""
-  if cfg.role == "policy":
-    if getattr(cfg, "reward_pool", "last") != "last":
-      raise ValueError(f"--reward_pool={cfg.reward_pool} sets the reward head's readout; it "
-                       "needs --role=reward")
-    return
-  if cfg.role != "reward":
-    raise ValueError(f"--role must be policy or reward, got {cfg.role!r}")
+def check(cfg, *datasets) -> None:
+  """Start-up checks of the reward role's flags, and of its `datasets` (`PairDataset`s,
+  None skipped) against its head."""
   check_head(cfg.reward_head, cfg.reward_dim, cfg.pal_prototypes, cfg.pal_users)
   clashes = [f for f, on in (("--reference=" + cfg.reference, cfg.reference != "model"),
                              ("--ref_sync_every", cfg.ref_sync_every > 0),
@@ -79,7 +70,6 @@ def init_params(cfg, mesh):
   decoder is the pretrained one (its LM head unused) and only the reward head is drawn."""
   graphdef, params = sharding.init_params(lambda: make_model(cfg), mesh)
   if cfg.init_from:  # a sequence-classification folder brings its head too (hf_reward.py)
-    from jaxpref.models import hf_reward
     params = hf_reward.init_from(cfg, params)
   return graphdef, params
 
@@ -99,24 +89,24 @@ def score(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch) -> jax.Array:
 
 def reward_logps(out: jax.Array, batch: GroupBatch, head: str = "linear",
                  pal: tuple | None = None, tokens: jax.Array | None = None,
-                 gate: jax.Array | None = None) -> Logps:
-  """The head's output [B, K, E] in the Logps slots (a linear head with E = 1: rewards in
-  `policy`; else `embed`); `pal` = (prototypes [B, K', E], mixture [B, K']); `tokens`:
+                 gate: jax.Array | None = None) -> RewardOutputs:
+  """The head's output [B, K, E] as `RewardOutputs` (a linear head with E = 1: rewards in
+  `reward`; else `embed`); `pal` = (prototypes [B, K', E], mixture [B, K']); `tokens`:
   per-token LM log-probs [B, K, T] for `policy_tok`; `gate`: GPM eigenvalues [B, k]."""
   scalar = head == "linear" and out.shape[-1] == 1
   zeros = jnp.zeros(out.shape[:2], jnp.float32)
   extra = {} if tokens is None else dict(policy_tok=tokens, mask=batch.loss_mask)
-  return Logps(policy=out[..., 0] if scalar else zeros, ref=zeros,
-               length=batch.loss_mask.sum(-1), valid=batch.valid, weight=batch.weight,
-               scores=batch.scores, label=batch.label, label_smoothing=batch.label_smoothing,
-               embed=None if scalar else out, user=batch.user,
-               attribute_prefs=batch.attribute_prefs, prototypes=None if pal is None else pal[0],
-               mixture=None if pal is None else pal[1], gate=gate, **extra)
+  return RewardOutputs(
+      reward=out[..., 0] if scalar else zeros, length=batch.loss_mask.sum(-1),
+      valid=batch.valid, weight=batch.weight, scores=batch.scores, label=batch.label,
+      label_smoothing=batch.label_smoothing, embed=None if scalar else out, user=batch.user,
+      attribute_prefs=batch.attribute_prefs, prototypes=None if pal is None else pal[0],
+      mixture=None if pal is None else pal[1], gate=gate, **extra)
 
 
 def model_logps(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch,
-                with_tokens: bool = False) -> Logps:
-  """One forward pass of every group member -> the Logps of the model's head kind."""
+                with_tokens: bool = False) -> RewardOutputs:
+  """One forward pass of every group member -> the outputs of the model's head kind."""
   model = nnx.merge(graphdef, params)
   b, k, t = batch.tokens.shape
   flat = lambda x: x.reshape(b * k, *x.shape[2:])
@@ -137,56 +127,27 @@ def model_logps(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch,
   return reward_logps(out, batch, model.kind, pal, tok, gate)
 
 
-def probe_logps(batch: GroupBatch, cfg) -> Logps:
+def probe_logps(batch: GroupBatch, cfg) -> RewardOutputs:
   """The Logps the steps will produce for `cfg`, in shapes only, for tracing the loss at
   start-up (`cfg` may also be a bare --reward_dim, for a linear head)."""
   if isinstance(cfg, int):
     b, k = batch.tokens.shape[:2]
     return reward_logps(np.zeros((b, k, cfg), np.float32), batch)
-  from jaxpref import losses  # a late import: the losses package imports this module's users
   graphdef, params = nnx.split(nnx.eval_shape(lambda: make_model(cfg)))
-  return jax.eval_shape(lambda p: model_logps(graphdef, p, batch, losses.needs_tokens(cfg.loss)),
-                        params)
+  return jax.eval_shape(lambda p: model_logps(graphdef, p, batch, cfg.loss_spec.needs), params)
 
 
-def make_steps(graphdef: nnx.GraphDef, loss_fn: Callable[[Logps], Any],
-               optimizer: optax.GradientTransformation, grad_accum: int = 1,
-               with_tokens: bool = False):
-  """Jitted `train_step(state, ref_params, batch)` and `eval_step(params, ref_params, batch)`;
-  `ref_params` is ignored. `grad_accum` as in `policy_step.make_steps` (micro-batches
-  weighted by their share of the group weight); `with_tokens`: the loss reads per-token
-  LM log-probs (`losses.needs_tokens`)."""
+def forward(graphdef: nnx.GraphDef, spec):
+  """The role's `forward(params, ref, batch) -> RewardOutputs` (`ref` unused)."""
+  needs = spec.needs
+  return lambda params, ref, batch: model_logps(graphdef, params, batch, needs)
 
-  def loss_and_metrics(params, batch):
-    loss, metrics = loss_fn(model_logps(graphdef, params, batch, with_tokens))
-    return loss, {"loss": loss, **metrics}
 
-  grad_fn = jax.grad(loss_and_metrics, has_aux=True)
+def init(cfg, mesh, optimizer):
+  """(graphdef, TrainState, Reference("none")): a decoder with a reward head."""
+  graphdef, params = init_params(cfg, mesh)
+  return graphdef, new_state(params, optimizer, mesh), Reference("none")
 
-  def accumulated_grad(params, batch):
-    mbs = micro_batches(batch, grad_accum)
-    total = jnp.sum(batch.weight)
-    first = jax.tree.map(lambda x: x[0], mbs)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(grad_fn, params, first))
 
-    def body(acc, mb):
-      share = jnp.sum(mb.weight) / total
-      return jax.tree.map(lambda a, g: a + share * g, acc, grad_fn(params, mb)), None
-
-    return jax.lax.scan(body, zeros, mbs)[0]
-
-  def train_step(state: TrainState, ref_params, batch: GroupBatch):
-    del ref_params
-    grads, metrics = (accumulated_grad if grad_accum > 1 else grad_fn)(state.params, batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  def eval_step(params, ref_params, batch: GroupBatch):
-    del ref_params
-    _, metrics = loss_and_metrics(params, batch)
-    return metrics, jnp.sum(batch.weight)
-
-  return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+def probe(batch: GroupBatch, cfg) -> RewardOutputs:
+  return probe_logps(batch, cfg)

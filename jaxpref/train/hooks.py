@@ -1,0 +1,200 @@
+"""What the loop does beside stepping, as hooks called at fixed points of every step.
+
+A hook is an object with any of: `start()` (after the restore, before step `start`),
+`before_step(step)`, `on_batch(step)` (the batch is built, not yet stepped),
+`after_update(done)` (the state is updated), `after_step(done)` (metrics logged) and
+`finish()` (after the loop, also after a SIGTERM stop). The loop object they share holds
+the program, the writers and the rows logged so far.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any, Callable
+
+import jax
+
+from jaxpref.data import passes
+from jaxpref.models import hf_export
+from jaxpref.train import plots, reference, rounds as rounds_lib
+from jaxpref.train.metrics import RecordLog, read_metrics
+from jaxpref.train.setup import say
+
+
+PREEMPTED_EXIT = 3  # the exit code of a run stopped by SIGTERM (done: 0, crashed: 1)
+
+
+class Preempted(Exception):
+  """SIGTERM stopped the run after saving a checkpoint; re-running the command resumes it.
+  No final_metrics.json is written, so a scheduler does not read the run as finished."""
+
+
+class Loop:
+  """The state the hooks share: the program, the metric writers (one per member), the rows
+  last logged and whether the loop must stop."""
+
+  def __init__(self, cfg, prog, writers: list, start: int, saved: Callable[[], Any], ckpt):
+    self.cfg, self.prog, self.writers, self.start = cfg, prog, writers, start
+    self.saved, self.ckpt = saved, ckpt
+    self.last_train: list[dict] | None = None
+    self.last_eval: list[dict] | None = None
+    self.stop = False  # a hook asks the loop to end after this step (SIGTERM)
+    self.preempted = False
+    self._closers: list[Callable[[], None]] = [ckpt.wait, ckpt.close] + [w.close for w in writers]
+
+  @property
+  def final(self) -> list[dict] | None:
+    return self.last_eval or self.last_train
+
+  def write(self, step: int, split: str, rows: list[dict]) -> list[dict]:
+    return [w.write(step, split, r) for w, r in zip(self.writers, rows)]
+
+  def call(self, hooks: list, event: str, *args) -> None:
+    for h in hooks:
+      fn = getattr(h, event, None)
+      if fn is not None:
+        fn(*args)
+
+  def on_close(self, fn: Callable[[], None]) -> None:
+    self._closers.append(fn)
+
+  def close(self) -> None:
+    for fn in self._closers:
+      fn()
+
+
+class Eval:
+  """Held-out metrics at step 0 (a fresh run), every --eval_every steps and at the end."""
+
+  def __init__(self, loop: Loop, eval_ds):
+    self.loop, self.ds = loop, eval_ds
+
+  def run(self, step: int) -> None:
+    if self.ds is None:
+      return
+    prog, cfg = self.loop.prog, self.loop.cfg
+    means = passes.weighted_means(lambda b: prog.eval_step(prog.state.params, prog.ref, b),
+                                  self.ds, cfg.data.eval_batch_size, prog.put_eval)
+    rows = self.loop.last_eval = self.loop.write(step, "eval", prog.rows(means))
+    if len(rows) == 1:
+      r = rows[0]
+      say(f"step {step:>6} eval  loss {r['loss']:.4f}  accuracy {r['rewards/accuracy']:.3f}  "
+          f"margin {r['rewards/margin']:.3f}")
+    else:
+      say(f"step {step:>6} eval  accuracy " + " ".join(f"{r['rewards/accuracy']:.3f}"
+                                                       for r in rows))
+
+  def start(self) -> None:
+    if self.loop.start == 0:
+      self.run(0)
+
+  def after_step(self, done: int) -> None:
+    cfg = self.loop.cfg
+    if done % cfg.eval_every == 0 or done == cfg.steps:
+      self.run(done)
+
+
+class Checkpoint:
+  """Saves every --checkpoint_every steps and at the end; SIGTERM (a TPU VM preemption
+  notice) saves at once and stops the loop."""
+
+  def __init__(self, loop: Loop):
+    self.loop = loop
+    self.requested = False
+    try:
+      old = signal.signal(signal.SIGTERM, self._handle)
+      loop.on_close(lambda: signal.signal(signal.SIGTERM, old))
+    except ValueError:  # not the main thread (e.g. inside a test runner thread)
+      pass
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def after_step(self, done: int) -> None:
+    loop, cfg = self.loop, self.loop.cfg
+    position = {"seed": cfg.data.seed, "step": done, "order": loop.prog.order()}
+    if self.requested:
+      loop.ckpt.save(done, loop.saved(), position, force=True)
+      say(f"SIGTERM: saved a checkpoint at step {done} and stopped")
+      loop.stop = loop.preempted = True
+      return
+    loop.ckpt.save(done, loop.saved(), position, force=done == cfg.steps)
+
+
+class Records:
+  """--log_records: each step's groups, per host and member (exact-resume checks)."""
+
+  def __init__(self, loop: Loop):
+    self.loop = loop
+    self.logs = [RecordLog(w, jax.process_index(), loop.start) for w in loop.prog.workdirs]
+    for log in self.logs:
+      loop.on_close(log.close)
+
+  def on_batch(self, step: int) -> None:
+    for log, b in zip(self.logs, self.loop.prog.batchers):
+      log.write(step + 1, b.last_indices)
+
+
+class Rounds:
+  """--rounds: a fresh reference (and re-ranked groups) at each round's first step."""
+
+  def __init__(self, loop: Loop, s):
+    self.loop = loop
+    prog = loop.prog
+    self.rounds = rounds_lib.Rounds(s.cfg, prog.batchers[0], prog.graphdef, s.train_ds,
+                                    prog.put_eval, s.mesh, say, loop.start)
+
+  def before_step(self, step: int) -> None:
+    prog = self.loop.prog
+    params = self.rounds.begin(step, prog.state.params, prog.ref.params,
+                               lambda p, r, a: reference.sync(p, prog.ref, a).params)
+    prog.ref = prog.ref.replace(params=params)
+
+
+class RefSync:
+  """TR-DPO: every --ref_sync_every steps, ref <- alpha * policy + (1 - alpha) * ref."""
+
+  def __init__(self, loop: Loop):
+    self.loop = loop
+
+  def after_update(self, done: int) -> None:
+    cfg, prog = self.loop.cfg, self.loop.prog
+    if done % cfg.ref_sync_every == 0:
+      prog.ref = reference.sync(prog.state.params, prog.ref, cfg.ref_sync_alpha)
+
+
+class Finish:
+  """After the loop: the plot, the Hugging Face export and final_metrics.json."""
+
+  def __init__(self, loop: Loop):
+    self.loop = loop
+
+  def finish(self) -> None:
+    loop, cfg = self.loop, self.loop.cfg
+    process0 = jax.process_index() == 0
+    if cfg.plot and process0:
+      for w in loop.writers:
+        plots.plot_run(read_metrics(w.path), os.path.join(os.path.dirname(w.path),
+                                                          "metrics.png"),
+                       title=f"{cfg.loss} on {os.path.basename(cfg.data.train_data)}")
+    if cfg.export_hf and not loop.preempted:  # all processes gather; process 0 writes
+      hf_export.export(cfg, loop.prog.state.params, loop.prog.ref, say)
+    if process0 and not loop.preempted:
+      for w, row in zip(loop.prog.workdirs, loop.final or [{}] * len(loop.prog.workdirs)):
+        with open(os.path.join(w, "final_metrics.json"), "w") as f:
+          json.dump(row, f, indent=1)
+
+
+def default_hooks(cfg, prog, s, loop: Loop) -> list:
+  """The hooks a run's flags ask for, in the order they act within a step."""
+  hooks: list = []
+  if cfg.rounds > 1:
+    hooks.append(Rounds(loop, s))
+  if cfg.log_records:
+    hooks.append(Records(loop))
+  if cfg.ref_sync_every:
+    hooks.append(RefSync(loop))
+  hooks += [Eval(loop, s.eval_ds), Checkpoint(loop), Finish(loop)]
+  return hooks

@@ -1,0 +1,61 @@
+"""The reference: one strategy, resolved once from `--reference`, that a step holds fixed.
+
+- `model`: a frozen copy of the initial policy, sharded like it (its own buffers: the step
+  donates the policy's, never the reference's); under LoRA, a copy of the base.
+- `precomputed`: no reference model in the step; the batches carry the reference's
+  sequence log-probs (computed once before training, or read from the records).
+- `lora_base`: the frozen base under the LoRA adapters is the reference (no second copy).
+- `none`: the role has no reference (the reward model).
+
+With LoRA the trained params are adapters, and `base` is the frozen base they sit on, kept
+here so that it is neither donated nor saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from jaxpref.models import lora
+
+KINDS = ("model", "precomputed", "lora_base", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  kind: str
+  params: Any = None  # the reference model's params (kind "model"); None otherwise
+  base: Any = None  # LoRA's frozen base; None without LoRA
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"--reference must be one of {', '.join(KINDS[:3])}, got {self.kind!r}")
+
+  def policy(self, params: Any, lora_scale: float | None) -> Any:
+    """The policy's full params: `params`, or the base with the adapters `params` merged."""
+    return params if lora_scale is None else lora.merge(self.base, params, lora_scale)
+
+  @property
+  def model(self) -> Any:
+    """The params of the reference forward pass (None: there is none)."""
+    if self.kind == "model":
+      return self.params
+    return self.base if self.kind == "lora_base" else None
+
+  def replace(self, **kw) -> "Reference":
+    return dataclasses.replace(self, **kw)
+
+
+jax.tree_util.register_dataclass(Reference, data_fields=["params", "base"], meta_fields=["kind"])
+
+
+def sync(policy_params: Any, ref: Reference, alpha) -> Reference:
+  """TR-DPO's soft update ref <- alpha * policy + (1 - alpha) * ref (alpha 1: a copy)."""
+  return ref.replace(params=_mix(policy_params, ref.params, alpha))
+
+
+@jax.jit
+def _mix(p, r, alpha):
+  return jax.tree.map(lambda a, b: (alpha * a + (1 - alpha) * b).astype(b.dtype), p, r)
