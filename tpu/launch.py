@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Launch jaxpref on a Cloud TPU VM slice with gcloud: create, install, run, logs, copy, delete.
+"""Launch jaxpref on a Cloud TPU VM slice with gcloud: create, install, run, stop, logs, copy,
+delete, and up (create + install + run, or one unattended startup script).
 
   python tpu/launch.py up --name=dpo --zone=us-west4-a --accelerator=v5litepod-8 \
       --git=https://github.com/OWNER/jaxpref.git \
@@ -7,33 +8,35 @@
 
 Every subcommand takes --dry-run: it prints the exact commands, one per line, and runs
 nothing. Stdlib only (no jax), so it runs on a laptop that has nothing but gcloud.
-See tpu/README.md.
+What runs on the workers is in tpu/worker_shell.py. See tpu/README.md and docs/cloud.md.
 """
 
 from __future__ import annotations
 
-import argparse
+import base64
+import io
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tarfile
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tpu/ is not a package
+import worker_shell  # noqa: E402
+from launch_flags import (BOOT_REMOTE_DIR, BOOT_VENV, REMOTE_DIR, VENV,  # noqa: E402
+                          build_parser)
 
 # Runtime (software) versions for JAX, per TPU generation (cloud.google.com/tpu/docs/runtimes).
 RUNTIMES = {
-    "v2": "tpu-ubuntu2204-base",
-    "v3": "tpu-ubuntu2204-base",
-    "v4": "tpu-ubuntu2204-base",
+    "v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base", "v4": "tpu-ubuntu2204-base",
     "v5litepod": "v2-alpha-tpuv5-lite",  # v5e
-    "v5p": "v2-alpha-tpuv5",
-    "v6e": "v2-alpha-tpuv6e",
+    "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e",
 }
-REMOTE_DIR = "jaxpref_run"         # on every worker, relative to the ssh user's home
 REMOTE_BUNDLE = "jaxpref-bundle.tar.gz"
 LOG = "train.log"                  # one per worker: each worker has its own disk
-# Non-interactive ssh shells do not read ~/.profile, and pip --user installs scripts there.
-PATH_FIX = 'export PATH="$HOME/.local/bin:$PATH"'
+METADATA_LIMIT = 256 * 1024  # bytes in one metadata value (the startup script)
 
 
 class LaunchError(Exception):
@@ -49,6 +52,24 @@ def runtime_version(accelerator: str) -> str:
   return RUNTIMES[m.group(1)]
 
 
+def hosts(accelerator: str) -> int:
+  """TPU VM workers in a slice. The number in the type counts TensorCores on v2-v4 and v5p
+  (8 per host) and chips on v5e and v6e (8 on a one-host slice, 4 per host beyond)."""
+  runtime_version(accelerator)
+  gen, n = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", accelerator).groups()
+  if gen in ("v5litepod", "v6e"):
+    return 1 if int(n) <= 8 else int(n) // 4
+  return max(1, int(n) // 8)
+
+
+def seconds(value: str) -> int:
+  """'90', '30s', '20m', '6h', '2d' -> seconds."""
+  m = re.fullmatch(r"(\d+)([smhd]?)", value.strip())
+  if not m:
+    raise LaunchError(f"not a duration: {value!r} (e.g. 90, 30s, 20m, 6h, 2d)")
+  return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
 # ---- gcloud command builders: each returns one argv list ----
 
 def _scope(args) -> list[str]:
@@ -62,61 +83,115 @@ def tpu_vm(args, verb: str, *rest: str) -> list[str]:
   return ["gcloud", "compute", "tpus", "tpu-vm", verb, args.name, *_scope(args), *rest]
 
 
-def queued(args, verb: str, *rest: str) -> list[str]:
-  return ["gcloud", "compute", "tpus", "queued-resources", verb, args.name, *_scope(args), *rest]
+def queued(args, verb: str, *rest: str, alpha: bool = False) -> list[str]:
+  gcloud = ["gcloud", "alpha"] if alpha else ["gcloud"]
+  return [*gcloud, "compute", "tpus", "queued-resources", verb, args.name, *_scope(args), *rest]
 
 
 def ssh(args, command: str, worker: str = "all") -> list[str]:
   return tpu_vm(args, "ssh", f"--worker={worker}", "--command", command)
 
 
-def scp_to_workers(args, local: str, remote: str) -> list[str]:
-  return ["gcloud", "compute", "tpus", "tpu-vm", "scp", local, f"{args.name}:{remote}",
-          *_scope(args), "--worker=all"]
+def scp(args, src: str, dest: str, worker: str = "all") -> list[str]:
+  return ["gcloud", "compute", "tpus", "tpu-vm", "scp", src, dest, *_scope(args),
+          f"--worker={worker}"]
 
 
 # ---- subcommands: each returns the list of commands it would run ----
 
+def _capacity(args) -> str:
+  """One of on-demand (default), spot, preemptible, reserved, best-effort."""
+  chosen = [c for c in ("spot", "preemptible", "reserved", "best_effort") if getattr(args, c)]
+  if len(chosen) > 1:
+    raise LaunchError(f"--{' and --'.join(c.replace('_', '-') for c in chosen)} exclude each "
+                      "other: pick one kind of capacity")
+  kind = chosen[0].replace("_", "-") if chosen else "on-demand"
+  if kind == "preemptible" and args.queued:
+    raise LaunchError("--preemptible: queued resources take --spot instead")
+  if kind == "best-effort" and not args.queued:
+    raise LaunchError("--best-effort is a queued resource option: add --queued")
+  if args.valid_until and not args.queued:
+    raise LaunchError("--valid-until is a queued resource option: add --queued")
+  return kind
+
+
+def _vm_flags(args) -> list[str]:
+  """Flags both kinds of create take: who the VM acts as, and what it runs at boot."""
+  out = []
+  if args.service_account:
+    out.append(f"--service-account={args.service_account}")
+  if args.scopes:
+    out.append(f"--scopes={args.scopes}")
+  if args.startup_script:
+    out.append(f"--metadata-from-file=startup-script={args.startup_script}")
+  return out
+
+
 def create_cmds(args) -> list[list[str]]:
   default = runtime_version(args.accelerator)  # validates the type even with --version
   version = args.version or default
-  if args.spot and args.preemptible:
-    raise LaunchError("--spot and --preemptible exclude each other (spot is the newer model)")
+  kind = _capacity(args)
+  if args.startup_script and not os.path.isfile(args.startup_script):
+    raise LaunchError(f"--startup-script: no such file {args.startup_script!r}")
+  extra = [] if kind == "on-demand" else [f"--{kind}"]
   if not args.queued:
-    cmd = tpu_vm(args, "create", f"--accelerator-type={args.accelerator}", f"--version={version}")
-    return [cmd + (["--spot"] if args.spot else []) + (["--preemptible"] if args.preemptible else [])]
-  if args.preemptible:
-    raise LaunchError("--preemptible: queued resources take --spot instead")
+    return [tpu_vm(args, "create", f"--accelerator-type={args.accelerator}",
+                   f"--version={version}", *extra, *_vm_flags(args)), ssh_ready_cmd(args)]
+  if args.valid_until:
+    extra.append(f"--valid-until-duration={args.valid_until}")
   # The queued resource and the TPU VM it provisions share one name, so every other
   # subcommand (ssh, scp) addresses the node by --name whichever way it was created.
+  # --best-effort exists only in the alpha command group.
   cmd = queued(args, "create", f"--node-id={args.name}", f"--accelerator-type={args.accelerator}",
-               f"--runtime-version={version}")
-  return [cmd + (["--spot"] if args.spot else []), wait_cmd(args)]
+               f"--runtime-version={version}", *extra, *_vm_flags(args),
+               alpha=kind == "best-effort")
+  return [cmd, wait_cmd(args), ssh_ready_cmd(args)]
 
 
 def wait_cmd(args) -> list[str]:
-  """A queued request returns at once; install must wait until the slice is ACTIVE."""
+  """A queued request returns at once; wait, at most --wait-timeout, until it is ACTIVE."""
+  limit = seconds(args.wait_timeout)
   describe = shlex.join(queued(args, "describe", "--format=value(state.state)"))
   loop = (f's=""; until [ "$s" = ACTIVE ]; do s=$({describe}) || exit 1; '
           f'echo "queued resource {args.name}: $s"; '
-          'case "$s" in FAILED|SUSPENDED) exit 1;; ACTIVE) ;; *) sleep 30;; esac; done')
+          'case "$s" in FAILED|SUSPENDED) exit 1;; ACTIVE) ;; *) '
+          f'if [ $SECONDS -ge {limit} ]; then echo "still $s after {args.wait_timeout}: '
+          f'giving up (the request stays queued; delete it with delete --queued)"; exit 1; fi; '
+          f'sleep {args.poll_every};; esac; done')
   return ["bash", "-c", loop]
 
 
-def install_cmds(args) -> list[list[str]]:
+def ssh_ready_cmd(args) -> list[str]:
+  """ACTIVE is not ready: sshd and the ssh keys gcloud pushes reach the workers a little
+  later. Retry a no-op ssh on every worker, a bounded number of times."""
+  probe = shlex.join(ssh(args, "true"))
+  tries, wait = args.ssh_retries, seconds(args.ssh_retry_wait)
+  loop = (f"for i in $(seq {tries}); do {probe} && exit 0; "
+          f'echo "ssh to {args.name} not ready (try $i of {tries}); retrying in {wait}s"; '
+          f'sleep {wait}; done; echo "no ssh to {args.name} after {tries} tries"; exit 1')
+  return ["bash", "-c", loop]
+
+
+def _spec(args) -> str:
+  """What pip installs: the git URL or the copied sdist, with the --extra."""
   if bool(args.git) == bool(args.sdist):
     raise LaunchError("install: give exactly one of --git=URL or --sdist=FILE "
                       "(python setup.py sdist writes dist/jaxpref-VERSION.tar.gz)")
-  pip = "python3 -m pip install --upgrade pip && python3 -m pip install "
   if args.git:
     url = args.git if args.git.startswith("git+") else "git+" + args.git
-    return [ssh(args, pip + shlex.quote(f"jaxpref[{args.extra}] @ {url}"))]
+    return f"jaxpref[{args.extra}] @ {url}"
   if not os.path.isfile(args.sdist):
     raise LaunchError(f"--sdist: no such file {args.sdist!r}")
-  base = os.path.basename(args.sdist)
   # pip accepts extras after a local archive path: ./jaxpref-0.1.0.tar.gz[tpu]
-  return [scp_to_workers(args, args.sdist, base),
-          ssh(args, pip + shlex.quote(f"./{base}[{args.extra}]"))]
+  return f"./{os.path.basename(args.sdist)}[{args.extra}]"
+
+
+def install_cmds(args) -> list[list[str]]:
+  spec = _spec(args)
+  script = worker_shell.install(args.venv, args.python_via, spec)
+  if args.git:
+    return [ssh(args, script)]
+  return [scp(args, args.sdist, f"{args.name}:{os.path.basename(args.sdist)}"), ssh(args, script)]
 
 
 def _include_path(base: str, value: str) -> str:
@@ -175,28 +250,44 @@ def _inside_cwd(path: str) -> str:
   return rel
 
 
-def run_cmds(args, extra: list[str]) -> list[list[str]]:
+def _train(args, extra: list[str]) -> tuple[list[str], list[str]]:
+  """(files to bundle, the jaxpref-train argv)."""
   if any(a.startswith(("--workdir=", "-workdir=")) for a in extra):
     raise LaunchError("give the work dir as run's own --workdir, not after --")
   top = _inside_cwd(args.flagfile)
-  files = flag_files(top, extra)
+  return flag_files(top, extra), ["jaxpref-train", f"--flagfile={top}",
+                                  f"--workdir={args.workdir}", *extra]
+
+
+def run_cmds(args, extra: list[str]) -> list[list[str]]:
+  files, train = _train(args, extra)
   bundle = os.path.join(tempfile.gettempdir(), f"jaxpref-{args.name}.tar.gz")
-  train = ["jaxpref-train", f"--flagfile={top}", f"--workdir={args.workdir}", *extra]
-  rdir = shlex.quote(args.remote_dir)
-  remote = (f"mkdir -p {rdir} && tar -xzf {REMOTE_BUNDLE} -C {rdir} && cd {rdir} || exit 1; "
-            f"{PATH_FIX}; "
-            f"nohup {shlex.join(train)} > {LOG} 2>&1 < /dev/null & "
-            f'echo "started on $(hostname): pid $!, log ~/{args.remote_dir}/{LOG}"')
+  rdir = worker_shell.path(args.remote_dir)
+  remote = (f"mkdir -p {rdir} && tar -xzf {REMOTE_BUNDLE} -C {rdir} || exit 1; "
+            + worker_shell.start(args.remote_dir, args.venv, train, LOG))
   cmds = [["tar", "-czf", bundle, *files],
-          scp_to_workers(args, bundle, REMOTE_BUNDLE),
+          scp(args, bundle, f"{args.name}:{REMOTE_BUNDLE}"),
           ssh(args, remote)]
   return cmds + (logs_cmds(args) if args.follow else [])
 
 
+def stop_cmds(args) -> list[list[str]]:
+  return [ssh(args, worker_shell.stop(args.remote_dir, seconds(args.grace)))]
+
+
 def logs_cmds(args) -> list[list[str]]:
-  # -F keeps following across a restart that recreates the log.
-  log = shlex.quote(f"{args.remote_dir}/{LOG}")
-  return [ssh(args, f"tail -n +1 -F {log}", worker=str(getattr(args, "worker", "0")))]
+  log = worker_shell.path(f"{args.remote_dir}/{LOG}")
+  gather = getattr(args, "gather", None)
+  if gather:  # one file per worker, copied back: worker-0.log, worker-1.log, ...
+    if not getattr(args, "accelerator", None):
+      raise LaunchError("logs --gather needs --accelerator (to know how many workers)")
+    return [["mkdir", "-p", gather]] + [
+        scp(args, f"{args.name}:{args.remote_dir}/{LOG}", f"{gather}/worker-{w}.log", str(w))
+        for w in range(hosts(args.accelerator))]
+  worker = str(getattr(args, "worker", "0"))
+  if worker == "all":  # every worker's lines, each prefixed with its host name
+    return [ssh(args, f'tail -n +1 -F {log} | sed -u "s/^/$(hostname): /"')]
+  return [ssh(args, f"tail -n +1 -F {log}", worker=worker)]  # -F: survives a log re-created
 
 
 def copy_cmds(args) -> list[list[str]]:
@@ -214,8 +305,42 @@ def delete_cmds(args) -> list[list[str]]:
   return [tpu_vm(args, "delete", "--quiet")]
 
 
+def startup_script(args, extra: list[str]) -> str:
+  """The boot script of an unattended run: install, unpack the embedded bundle, start."""
+  if args.sdist:
+    raise LaunchError("--unattended installs from --git (a startup script cannot scp)")
+  files, train = _train(args, extra)
+  buf = io.BytesIO()
+  with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    for path in files:
+      tar.add(path)
+  b64 = base64.b64encode(buf.getvalue()).decode()
+  try:
+    script = worker_shell.startup_script(
+        via=args.python_via, spec=_spec(args), bundle_b64=b64, train=train, log=LOG,
+        rdir=args.remote_dir if args.remote_dir != REMOTE_DIR else BOOT_REMOTE_DIR,
+        venv_dir=args.venv if args.venv != VENV else BOOT_VENV)
+  except ValueError as e:
+    raise LaunchError(str(e)) from None
+  if len(script.encode()) > METADATA_LIMIT:
+    raise LaunchError(f"the startup script is {len(script.encode())} bytes, over the "
+                      f"{METADATA_LIMIT}-byte metadata limit: the bundled flag and data "
+                      "files are too large; put the data on a path every worker can read")
+  return script
+
+
 def up_cmds(args, extra: list[str]) -> list[list[str]]:
-  return create_cmds(args) + install_cmds(args) + run_cmds(args, extra)
+  if not args.unattended:
+    return create_cmds(args) + install_cmds(args) + run_cmds(args, extra)
+  if args.startup_script:
+    raise LaunchError("--unattended writes its own startup script; drop --startup-script")
+  script = startup_script(args, extra)
+  args.startup_script = os.path.join(tempfile.gettempdir(), f"jaxpref-{args.name}-startup.sh")
+  with open(args.startup_script, "w") as f:
+    f.write(script)
+  print(f"note: startup script written to {args.startup_script} (view it with the "
+        "startup-script subcommand)", file=sys.stderr)
+  return create_cmds(args)[:-1]  # nothing to ssh into: no readiness probe
 
 
 # ---- running ----
@@ -235,73 +360,16 @@ def execute(cmds: list[list[str]], dry_run: bool) -> None:
       raise LaunchError(f"stopped: exit status {rc} from: {line}")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--name", required=True, help="TPU VM (and queued resource) name")
-  p.add_argument("--zone", required=True, help="e.g. us-west4-a (v5e), us-east5-a (v5p)")
-  p.add_argument("--project", help="GCP project (default: gcloud config's)")
-  p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-
-
-def _create_flags(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--accelerator", required=True, help="e.g. v5litepod-8, v5litepod-256, v5p-64")
-  p.add_argument("--version", help="TPU runtime version (default: per generation, see RUNTIMES)")
-  p.add_argument("--queued", action="store_true", help="request a queued resource")
-  p.add_argument("--spot", action="store_true", help="Spot capacity (can be preempted)")
-  p.add_argument("--preemptible", action="store_true", help="preemptible TPU VM (older model)")
-
-
-def _install_flags(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--git", help="git URL to pip install from, e.g. https://github.com/O/jaxpref.git@main")
-  p.add_argument("--sdist", help="local sdist to copy and pip install (python setup.py sdist)")
-  p.add_argument("--extra", default="tpu", help="setup.py extra to install (default tpu)")
-
-
-def _run_flags(p: argparse.ArgumentParser, run: bool = True) -> None:
-  if run:
-    p.add_argument("--flagfile", required=True, help="experiment flag file, relative to the cwd")
-    p.add_argument("--follow", action="store_true", help="then stream worker 0's log")
-  p.add_argument("--workdir", required=True, help="jaxpref-train --workdir (relative: under --remote-dir)")
-  p.add_argument("--remote-dir", default=REMOTE_DIR, help="folder on each worker (default %(default)s)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="tpu/launch.py", description=__doc__.split("\n")[0],
-      epilog="Flags after -- go to jaxpref-train on every worker (run, up).")
-  sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-  adders = {
-      "create": ("create a TPU VM or queued resource", [_create_flags]),
-      "install": ("pip install jaxpref[tpu] on every worker", [_install_flags]),
-      "run": ("start jaxpref-train on every worker", [_run_flags]),
-      "logs": ("stream a worker's log", []),
-      "copy": ("copy the work dir from worker 0 to GCS", [lambda p: _run_flags(p, run=False)]),
-      "delete": ("delete the TPU VM or queued resource", []),
-      "up": ("create + install + run", [_create_flags, _install_flags, _run_flags]),
-  }
-  for name, (help_, adds) in adders.items():
-    p = sub.add_parser(name, help=help_, description=help_)
-    _common(p)
-    for add in adds:
-      add(p)
-    if name == "logs":
-      p.add_argument("--worker", default="0", help="worker index (default 0)")
-      p.add_argument("--remote-dir", default=REMOTE_DIR)
-    if name == "copy":
-      p.add_argument("--dest", required=True, help="gs://BUCKET/PATH")
-    if name == "delete":
-      p.add_argument("--queued", action="store_true", help="it was created with --queued")
-  return parser
-
-
 def plan(args, extra: list[str]) -> list[list[str]]:
   if "--dry-run" in extra:  # a typo that would run everything for real
     raise LaunchError("--dry-run must come before --, not among jaxpref-train's flags")
-  if extra and args.cmd not in ("run", "up"):
-    raise LaunchError(f"{args.cmd}: flags after -- are only for run and up")
+  if extra and args.cmd not in ("run", "up", "startup-script"):
+    raise LaunchError(f"{args.cmd}: flags after -- are only for run, up and startup-script")
   return {
       "create": lambda: create_cmds(args),
       "install": lambda: install_cmds(args),
       "run": lambda: run_cmds(args, extra),
+      "stop": lambda: stop_cmds(args),
       "logs": lambda: logs_cmds(args),
       "copy": lambda: copy_cmds(args),
       "delete": lambda: delete_cmds(args),
@@ -316,7 +384,10 @@ def main(argv: list[str] | None = None) -> int:
   argv = argv[:argv.index("--")] if "--" in argv else argv
   args = build_parser().parse_args(argv)
   try:
-    execute(plan(args, extra), args.dry_run)
+    if args.cmd == "startup-script":  # the script itself, not commands
+      print(startup_script(args, extra), end="")
+    else:
+      execute(plan(args, extra), args.dry_run)
   except LaunchError as e:
     print(f"tpu/launch.py {args.cmd}: error: {e}", file=sys.stderr)
     return 1

@@ -41,7 +41,10 @@ def sbatch_script(args, extra: list[str], cwd: str) -> str:
             f"cd {shlex.quote(cwd)}"]
   if args.setup:
     lines.append(args.setup)
-  lines += ["srun " + shlex.join(train), ""]
+  # JAX preallocates 75% of each GPU's memory by default; a training job owns its GPUs, so
+  # it may take more (set after --setup, which might otherwise override it).
+  lines += [f"export XLA_PYTHON_CLIENT_MEM_FRACTION={args.mem_fraction}",
+            "srun " + shlex.join(train), ""]
   return "\n".join(lines)
 
 
@@ -52,13 +55,16 @@ def check(args) -> None:
     raise ValueError(f"--time: expected [D-]HH:MM:SS or minutes, got {args.time!r}")
   if not os.path.isfile(args.flagfile):
     raise ValueError(f"--flagfile: no such file {args.flagfile!r}")
+  if not 0 < args.mem_fraction <= 1:
+    raise ValueError(f"--mem-fraction must be in (0, 1], got {args.mem_fraction}")
 
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="tpu/slurm.py", description=__doc__.split("\n")[0],
                               epilog="Flags after -- go to jaxpref-train.")
   p.add_argument("--flagfile", required=True, help="experiment flag file, relative to the cwd")
-  p.add_argument("--workdir", required=True, help="jaxpref-train --workdir (on a shared filesystem)")
+  p.add_argument("--workdir", required=True,
+                 help="jaxpref-train --workdir (on a shared filesystem)")
   p.add_argument("--nodes", type=int, default=1)
   p.add_argument("--gpus-per-node", type=int, default=8)
   p.add_argument("--cpus-per-task", type=int, default=16)
@@ -66,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--partition", help="SLURM partition (default: the cluster's)")
   p.add_argument("--account", help="SLURM account to charge")
   p.add_argument("--job-name", default="jaxpref")
+  p.add_argument("--mem-fraction", type=float, default=0.9, help="XLA_PYTHON_CLIENT_MEM_FRACTION: "
+                 "the share of each GPU's memory JAX preallocates (default %(default)s)")
   p.add_argument("--setup", help="a shell line run before srun, e.g. 'source .venv/bin/activate'")
   p.add_argument("--script", help="where to write the script (default: JOB_NAME.sbatch)")
   p.add_argument("--dry-run", action="store_true", help="print the script and sbatch command only")
