@@ -372,3 +372,19 @@ def expand_flagfiles(argv: Sequence[str], base: str = "", _seen: tuple = ()) -> 
     lines = [_relative_to(os.path.dirname(path), ln) for ln in lines if ln and not ln.startswith(("#", "//"))]
     out.extend(expand_flagfiles(lines, os.path.dirname(path), _seen + (os.path.abspath(path),)))
   return out
+
+
+def parse(argv: list[str]) -> list[str]:
+  """absl's flags parser for every jaxpref CLI that takes the training flags: flag files
+  expanded (relative includes against their folder), loss modules imported first so their
+  `--loss.*` flags exist, and a parsing error as one FATAL line with a hint."""
+  args = []
+  try:
+    args = expand_flagfiles(argv[1:])
+    import_loss_modules(args)
+    return FLAGS(argv[:1] + args)
+  except flags.Error as e:
+    hint = loss_flag_hint(str(e), args)
+    print(f"FATAL flags parsing error: {e}{hint}\nPass --helpfull to see all flags.",
+          file=sys.stderr)
+    sys.exit(1)

@@ -15,19 +15,6 @@ from jaxpref import flags as jflags
 FLAGS = flags.FLAGS
 
 
-def parse(argv: list[str]) -> list[str]:
-  args = []
-  try:
-    args = jflags.expand_flagfiles(argv[1:])
-    jflags.import_loss_modules(args)
-    return FLAGS(argv[:1] + args)
-  except flags.Error as e:
-    hint = jflags.loss_flag_hint(str(e), args)
-    print(f"FATAL flags parsing error: {e}{hint}\nPass --helpfull to see all flags.",
-          file=sys.stderr)
-    sys.exit(1)
-
-
 def main(argv: list[str]) -> None:
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and jax are chatty at INFO; -v=0 restores it
@@ -73,7 +60,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  app.run(main, flags_parser=parse)
+  app.run(main, flags_parser=jflags.parse)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,15 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxpref import data as data_lib
+from jaxpref.data import sources
+from jaxpref.data.records import RankedRecord, _is_number
+from jaxpref.parallel import mesh as mesh_lib
+from jaxpref.train.roles import reward as reward_step
 
 
 def _where(path: str, line: int) -> str:
@@ -25,8 +33,6 @@ def _where(path: str, line: int) -> str:
 
 def read_candidates(path: str) -> tuple[list[dict], list]:
   """The raw objects and their `RankedRecord`s (candidates kept in file order)."""
-  from jaxpref.data import sources
-  from jaxpref.data.records import RankedRecord, _is_number
 
   objs, records = [], []
   for file, line, obj, problem in sources.rows(path):
@@ -97,12 +103,7 @@ def format_summary(res: dict) -> str:
 
 def score_groups(graphdef, params, ds, batch_size: int, mesh) -> np.ndarray:
   """float32[N, K]: the scalar reward of every group member (pairs: chosen, rejected)."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from jaxpref import data as data_lib
-  from jaxpref.parallel import mesh as mesh_lib
-  from jaxpref.train.roles import reward as reward_step
 
   fn = jax.jit(lambda p, b: reward_step.score(graphdef, p, b)[..., 0])
   put = lambda b: jax.device_put(b, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
@@ -117,8 +118,6 @@ def best_of_n(cfg, path: str, restore, out: str = "") -> dict:
   """Scores every candidate of `path` with the run's latest checkpoint (`restore(cfg, mesh)`,
   passed in by the CLI: importing `reward_eval` here would define its flags twice when it
   runs as __main__); writes the picks."""
-  from jaxpref import data as data_lib
-  from jaxpref.parallel import mesh as mesh_lib
 
   if cfg.role != "reward" or cfg.reward_dim != 1:
     raise ValueError(f"{cfg.workdir}: best-of-N needs a scalar reward model (--role=reward "

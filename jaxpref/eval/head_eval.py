@@ -19,7 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxpref import data as data_lib
+from jaxpref import losses
+from jaxpref.losses.pal import pal_rewards
+from jaxpref.losses.reward import gpm_score
+from jaxpref.parallel import mesh as mesh_lib
+from jaxpref.train.roles import reward as reward_step
 
 UNSEEN = ("error", "uniform", "mean")
 
@@ -31,11 +42,7 @@ def outcome(margin: np.ndarray) -> np.ndarray:
 
 def batched(fn, params, ds, batch_size: int, mesh) -> np.ndarray:
   """fn(params, batch) -> [B, ...] over every record once, in order: a numpy [N, ...]."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from jaxpref import data as data_lib
-  from jaxpref.parallel import mesh as mesh_lib
 
   jitted = jax.jit(fn)
   put = lambda b: jax.device_put(b, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
@@ -48,8 +55,6 @@ def batched(fn, params, ds, batch_size: int, mesh) -> np.ndarray:
 
 def gated_gpm_margins(graphdef, params, ds, batch_size: int, mesh) -> np.ndarray:
   """float32[N]: s(y_w, y_l) = sum_b lambda_b(x) (R v_w . v_l)_b."""
-  from jaxpref.losses.reward import gpm_score
-  from jaxpref.train.roles import reward as reward_step
 
   def margin(p, batch):
     lp = reward_step.model_logps(graphdef, p, batch)
@@ -60,7 +65,6 @@ def gated_gpm_margins(graphdef, params, ds, batch_size: int, mesh) -> np.ndarray
 
 def attribute_margins(graphdef, params, ds, batch_size: int, mesh) -> np.ndarray:
   """float32[N, A]: zeta_a(y_w) - zeta_a(y_l)."""
-  from jaxpref.train.roles import reward as reward_step
 
   def margin(p, batch):
     lp = reward_step.model_logps(graphdef, p, batch)
@@ -96,13 +100,7 @@ def pal_margins(graphdef, params, ds, batch_size: int, mesh, hparams: dict, unse
                 ) -> np.ndarray:
   """float32[N]: r(y_w) - r(y_l) under each record's user's mixture (an unseen user's: the
   `unseen` fallback), r from `losses.pal.pal_rewards` with the run's hyperparameters."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
 
-  from jaxpref import losses
-  from jaxpref.losses.pal import pal_rewards
-  from jaxpref.train.roles import reward as reward_step
 
   hp = {**losses.hparams("pal"), **hparams}
 

@@ -40,7 +40,12 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxpref import flags as jflags
-from jaxpref import main as jaxpref_main
+from jaxpref import data as data_lib
+from jaxpref.data import sources
+from jaxpref.eval import best_of_n, reward_eval
+from jaxpref.eval import ensemble
+from jaxpref.parallel import mesh as mesh_lib
+from jaxpref.train import loop
 
 flags.DEFINE_integer("ensemble_size", 5, "jaxpref-strength: reward models in the ensemble (M).")
 flags.DEFINE_string("strength_data", "", "jaxpref-strength: the pairs to score (default "
@@ -140,8 +145,6 @@ def member_config(cfg, j: int):
 def read_records(path: str, fields: str) -> tuple[list[dict], list]:
   """The file's raw objects (to copy every field) and the parsed pairs, in the same order;
   any bad record is an error naming its file and line (nothing is skipped here)."""
-  from jaxpref import data as data_lib
-  from jaxpref.data import sources
 
   records, _ = data_lib.read_pairs(path, fields=fields)
   objs = [obj for _, _, obj, _ in sources.rows(path)]
@@ -158,10 +161,6 @@ def run_ensemble(cfg, records: list, data_path: str, m: int, say=print,
   """Trains (or reuses) the M members and scores `records` (read from `data_path`):
   rewards [M, N, 2]. `vectorize`: the unfinished members train together
   (`ensemble.train`), else one after another."""
-  from jaxpref import data as data_lib
-  from jaxpref.eval import best_of_n, reward_eval
-  from jaxpref.parallel import mesh as mesh_lib
-  from jaxpref.train import loop
 
   tok = data_lib.Tokenizer.load(cfg.data.tokenizer)
   ds = data_lib.PairDataset(records, tok, cfg.data.max_len,
@@ -171,7 +170,6 @@ def run_ensemble(cfg, records: list, data_path: str, m: int, say=print,
   members = [member_config(cfg, j) for j in range(m)]
   trained = {}
   if vectorize:
-    from jaxpref.eval import ensemble
     trained = ensemble.train(cfg, members, say)
     reused = [str(j) for j in range(m) if j not in trained]
     if reused:
@@ -210,7 +208,6 @@ def strength(cfg, m: int, data_path: str = "", out: str = "", drop_below: float 
   if m < 1:
     raise ValueError(f"--ensemble_size must be >= 1, got {m}")
   if vectorize:
-    from jaxpref.eval import ensemble
     ensemble.check(cfg)  # before reading anything
   data_path = data_path or cfg.data.train_data
   objs, records = read_records(data_path, cfg.data.fields)
@@ -259,7 +256,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  app.run(main, flags_parser=jaxpref_main.parse)  # the train CLI's flags and hints
+  app.run(main, flags_parser=jflags.parse)  # the train CLI's flags and hints
 
 
 if __name__ == "__main__":

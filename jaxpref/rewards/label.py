@@ -23,11 +23,11 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxpref.data import sources
 from jaxpref.rewards import model_rewards as mr
 
 
 def read_candidates(path: str) -> list[dict]:
-  from jaxpref.data import sources
   out = []
   for file, line, obj, problem in sources.rows(path):
     if problem is not None:

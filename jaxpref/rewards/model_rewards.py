@@ -23,6 +23,13 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from jaxpref.data import Tokenizer
+from jaxpref.data.pairs import tokenize_sequence
+from jaxpref.models import convert
+from jaxpref.models.logps import token_logps
+from jaxpref.types import GroupBatch
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 
@@ -40,10 +47,7 @@ class LM:
   @classmethod
   def load(cls, path: str, tokenizer: str = "", max_len: int = 256) -> "LM":
     """A jaxpref-convert or Hugging Face folder; the tokenizer defaults to the folder's."""
-    from flax import nnx
 
-    from jaxpref.data import Tokenizer
-    from jaxpref.models import convert
     decoder = convert.load_pretrained(path, convert.run_config(path, {}))
     graphdef, params = nnx.split(decoder)
     return cls(graphdef, params, Tokenizer.load(tokenizer or path), max_len)
@@ -56,9 +60,6 @@ def _check(prompts: Sequence[str], responses: Sequence[str]) -> None:
 
 def sequence_logps(lm: LM, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
   """float64[N]: log p(response | prompt) summed over the response's tokens and EOS."""
-  from jaxpref.data.pairs import tokenize_sequence
-  from jaxpref.models.logps import token_logps
-  from jaxpref.types import GroupBatch
 
   _check(prompts, responses)
   fn = jax.jit(lambda p, b: token_logps(lm.graphdef, p, b).sum(-1)[:, 0])
@@ -106,7 +107,6 @@ def flr(lm: LM, prompts: Sequence[str], responses: Sequence[str], positive: Sequ
 
 def embed(lm: LM, texts: Sequence[str]) -> np.ndarray:
   """float64[N, D]: the decoder's final hidden states averaged over each text's tokens."""
-  from flax import nnx
 
   @jax.jit
   def fn(params, tokens, seg):

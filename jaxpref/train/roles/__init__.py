@@ -25,6 +25,6 @@ def get(name: str) -> ModuleType:
 def forward(cfg, graphdef):
   """The run's forward pass for the step builder, from its config."""
   if cfg.role == "reward":
-    return reward.forward(graphdef, cfg.loss_spec)
-  return policy.forward(graphdef, cfg.loss_spec, cfg.logps,
+    return reward.forward(graphdef, cfg.loss_spec.needs)
+  return policy.forward(graphdef, cfg.loss_spec.needs, cfg.logps,
                         cfg.lora.scale if cfg.lora is not None else None)

@@ -85,9 +85,10 @@ def step_logps(graphdef: nnx.GraphDef, params: Any, ref_params: Any,
   return group_logps(token_logps(graphdef, params, batch, opts), ref_tok, batch, with_tokens)
 
 
-def forward(graphdef: nnx.GraphDef, spec, opts: LogpsOptions, lora_scale: float | None):
-  """The role's `forward(params, ref, batch) -> Logps` for the step builder."""
-  needs = spec.needs
+def forward(graphdef: nnx.GraphDef, needs: Any = False, opts: LogpsOptions = LogpsOptions(),
+            lora_scale: float | None = None):
+  """The role's `forward(params, ref, batch) -> Logps` for the step builder; `needs` (a
+  losses.TokenNeeds) says what the loss reads beyond sequence log-probs."""
 
   def fn(params, ref: Reference, batch):
     return step_logps(graphdef, ref.policy(params, lora_scale), ref.model, batch, needs, opts)

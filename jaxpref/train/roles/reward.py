@@ -137,9 +137,9 @@ def probe_logps(batch: GroupBatch, cfg) -> RewardOutputs:
   return jax.eval_shape(lambda p: model_logps(graphdef, p, batch, cfg.loss_spec.needs), params)
 
 
-def forward(graphdef: nnx.GraphDef, spec):
-  """The role's `forward(params, ref, batch) -> RewardOutputs` (`ref` unused)."""
-  needs = spec.needs
+def forward(graphdef: nnx.GraphDef, needs: Any = False):
+  """The role's `forward(params, ref, batch) -> RewardOutputs` (`ref` unused); `needs`: the
+  loss reads per-token LM log-probs."""
   return lambda params, ref, batch: model_logps(graphdef, params, batch, needs)
 
 
