@@ -4,7 +4,10 @@ A folder is `base.flags` plus one small file per row that includes it; files inc
 another file of the folder are not rows. Each row runs as its own `jaxpref-train` process
 in `WORKDIR_ROOT/<row>` (a finished row is skipped on a second call: it resumes at its
 last step). Writes `WORKDIR_ROOT/results.md` (final eval metrics per row) and
-`WORKDIR_ROOT/comparison.png`.
+`WORKDIR_ROOT/comparison.png`. A row whose run exited with the preempted code
+(`cli_errors.PREEMPTED_EXIT`: SIGTERM, checkpoint saved) is reported as "preempted", not
+failed; calling the sweep again resumes it. Exit code: 1 when a row failed, else 3 when one
+was preempted, else 0.
 
   jaxpref-sweep experiments/dpo_beta [--workdir_root=DIR] [-- --steps=100 ...]
 """
@@ -17,6 +20,7 @@ import os
 import subprocess
 import sys
 
+from jaxpref import cli_errors
 from jaxpref.eval import plots
 from jaxpref.train.metrics import read_metrics
 
@@ -27,7 +31,7 @@ def rows_of(folder: str) -> list[str]:
   """The folder's flag files that no other file of the folder includes, sorted."""
   files = sorted(glob.glob(os.path.join(folder, "*.flags")))
   if not files:
-    raise SystemExit(f"jaxpref-sweep: no *.flags files in {folder}")
+    raise cli_errors.FlagError(f"jaxpref-sweep: no *.flags files in {folder}")
   included = set()
   for f in files:
     with open(f) as fh:
@@ -49,6 +53,9 @@ def markdown_table(results: dict[str, dict]) -> str:
   head = "| run | step | " + " | ".join(TABLE_KEYS) + " |"
   lines = [head, "|" + "---|" * (len(TABLE_KEYS) + 2)]
   for name, row in results.items():
+    if row.get("status") == "preempted":
+      lines.append(f"| {name} | preempted |" + " |" * len(TABLE_KEYS))
+      continue
     if not row:
       lines.append(f"| {name} | failed |" + " |" * len(TABLE_KEYS))
       continue
@@ -75,6 +82,11 @@ def main(argv: list[str]) -> int:
            f"--workdir={workdir}", "--noprogress", *extra]
     code = subprocess.call(cmd)
     metrics = os.path.join(workdir, "metrics.jsonl")
+    if code == cli_errors.PREEMPTED_EXIT:  # stopped by SIGTERM after a checkpoint, not failed
+      print(f"    {name} preempted (exit code {code}); run the sweep again to resume it",
+            file=sys.stderr)
+      results[name] = {"status": "preempted"}
+      continue
     if code != 0 or not os.path.exists(metrics):
       print(f"    {name} failed (exit code {code})", file=sys.stderr)
       results[name] = {}
@@ -88,11 +100,15 @@ def main(argv: list[str]) -> int:
     plots.plot_runs(histories, os.path.join(root, "comparison.png"))
   print(table)
   print(f"wrote {root}/results.md and {root}/comparison.png")
-  return 1 if any(not r for r in results.values()) else 0
+  if any(not r for r in results.values()):
+    return 1
+  preempted = any(r.get("status") == "preempted" for r in results.values())
+  return cli_errors.PREEMPTED_EXIT if preempted else 0
 
 
-def run() -> None:
-  sys.exit(main(sys.argv[1:]))
+@cli_errors.entry_point
+def run() -> int:
+  return main(sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@
                               [--skip_invalid_records] [--truncation=...] [--max_prompt_len=N]
 
 validate: exit status 0 when training would read the data, 1 when it would stop (a bad
-record or a file-wide problem), 2 for a usage error (a bad flag, an unknown field name, no
-tokenizer). prepare (docs/data.md): 0 when written, 1 for bad data, 2 for a usage error.
+record, a file-wide problem, or --truncation=drop dropping every group), 2 for a usage error
+(a bad flag, an unknown field name, no tokenizer). prepare (docs/data.md): 0 when written, 1
+for bad data, 2 for a usage error. Errors are one `FATAL:` line; an unexpected exception
+keeps its traceback, then one summary line, and exits 1 (`jaxpref.cli_errors`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from jaxpref import cli_errors
 from jaxpref.data import records
 from jaxpref.data import validate as validate_lib
 from jaxpref.data.pairs import TRUNCATION_MODES, Truncation
@@ -62,6 +65,10 @@ def _truncation_args(p: argparse.ArgumentParser) -> None:
                  help="as training's --max_prompt_len: cut the prompt to N tokens first (0: no)")
 
 
+def _fatal(e: Exception) -> None:
+  print(f"FATAL: {cli_errors.one_line(e)}", file=sys.stderr)
+
+
 def _prepare(args) -> int:
   from jaxpref.data import prepare  # TFDS is imported only by this subcommand
   try:
@@ -72,15 +79,15 @@ def _prepare(args) -> int:
                       group_size=args.group_size,
                       truncation=Truncation(args.truncation, args.max_prompt_len))
   except (ValueError, FileNotFoundError) as e:
-    print(f"jaxpref-data: error: {e}", file=sys.stderr)
+    _fatal(e)
     return 2
   try:
     stats = prepare.prepare(job, args.out)
   except records.DataError as e:
-    print(f"jaxpref-data: error: {e}", file=sys.stderr)
+    _fatal(e)
     return 1
   except (ValueError, FileNotFoundError) as e:
-    print(f"jaxpref-data: error: {e}", file=sys.stderr)
+    _fatal(e)
     return 2
   print(prepare.summary(stats, args.out))
   return 0
@@ -95,14 +102,15 @@ def main(argv: Sequence[str]) -> int:
     result = validate_lib.validate(args.path, args.format, args.fields, tok, args.max_len,
                                    Truncation(args.truncation, args.max_prompt_len))
   except (ValueError, FileNotFoundError) as e:
-    print(f"jaxpref-data: error: {e}", file=sys.stderr)
+    _fatal(e)
     return 2
   print(result.render())
   return 0 if result.ok else 1
 
 
-def run() -> None:
-  sys.exit(main(sys.argv[1:]))
+@cli_errors.entry_point
+def run() -> int:
+  return main(sys.argv[1:])
 
 
 if __name__ == "__main__":

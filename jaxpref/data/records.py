@@ -3,26 +3,25 @@
 Nothing is dropped silently: a bad record stops the read with a `DataError`, or, with
 `skip_invalid=True`, is skipped and counted by reason in the returned `ReadReport`.
 
-A path is a JSONL file, a Parquet file, a folder of them or a glob of shards
-(`sources.py`); a "line" is a JSONL line or a 1-based Parquet row. A pair record is one
-JSON object (or row) with string fields `prompt`, `chosen` and `rejected`, and optionally
-numbers `weight` (>= 0, default 1: the pair's weight in the loss) and
-`chosen_score` / `rejected_score` (both or neither, and then in every record: ratings that
-strength-aware losses and score margins read as `Logps.scores`) and `label_smoothing` (in
-[0, 0.5], in every record or in none: the pair's assumed flip rate, which `dpo` uses
-instead of its scalar `--loss.label_smoothing`), `user` (an int >= 0) and `attribute_prefs`
-(a list of 1/-1/0), both in every record or in none (docs/reward_models.md); `rationale`,
-`rejected_prompt` and `source_logps` for the losses that read extra group members
-(`extra_members.py`); other fields are ignored, but for the one a
-`--curriculum` names (`keep`). Chat layouts
-(message lists, HH-RLHF transcripts) are turned into these three strings first
-(`chat.py`). All three must hold some non-whitespace text: an empty response has no
-tokens to score but the EOS, and an empty prompt almost always means a field was
-mislabelled upstream, so both are reported rather than trained on. A pair whose chosen and
-rejected texts are identical is read (its loss gradient is zero for DPO-style losses) and
-counted by `jaxpref-data validate`. Blank lines are ignored and not counted. A JSONL file
-is read as bytes and decoded line by line, so one non-UTF-8 line is reported with its
-number instead of failing the whole read.
+A path is a JSONL file, a Parquet file, a folder of them or a glob of shards (`sources.py`);
+a "line" is a JSONL line or a 1-based Parquet row. A pair record is one JSON object (or row)
+with string fields `prompt`, `chosen` and `rejected`, and optionally numbers `weight` (>= 0,
+default 1: the pair's weight in the loss) and `chosen_score` / `rejected_score` (both or
+neither, and then in every record: ratings that strength-aware losses and score margins read
+as `Logps.scores`) and `label_smoothing` (in [0, 0.5], in every record or in none: the pair's
+assumed flip rate, which `dpo` uses instead of its scalar `--loss.label_smoothing`), `user`
+(an int >= 0) and `attribute_prefs` (a list of 1/-1/0), both in every record or in none
+(docs/reward_models.md); `rationale`, `rejected_prompt` and `source_logps` for the losses
+that read extra group members (`extra_members.py`); other fields are ignored, but for the one
+a `--curriculum` names (`keep`). Every number read must fit float32 (user ids int32): 1e308
+or a 400-digit integer is a bad record, not an inf in the loss. Chat layouts (message lists,
+HH-RLHF transcripts) are turned into these three strings first (`chat.py`). All three must
+hold some non-whitespace text: an empty response has no tokens to score but the EOS, and an
+empty prompt almost always means a field was mislabelled upstream, so both are reported
+rather than trained on. A pair whose chosen and rejected texts are identical is read (its
+loss gradient is zero for DPO-style losses) and counted by `jaxpref-data validate`. Blank
+lines are ignored and not counted. A JSONL file is read as bytes and decoded line by line,
+so one non-UTF-8 line is reported with its number instead of failing the whole read.
 
 `scan` is the one reading pass: training (`read_*`) and the validator both consume it.
 
@@ -34,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from typing import Iterator, Mapping
 
 from jaxpref.data import chat
@@ -48,6 +48,10 @@ PAIR_FIELDS = ("prompt", "chosen", "rejected")
 MAX_FIRST_ERRORS = 5
 SCORE_FIELDS = ("chosen_score", "rejected_score")
 MAX_LABEL_SMOOTHING = 0.5  # a flip rate above 1/2 would mean the labels are mostly wrong
+FLOAT32_MAX = 3.4028234663852886e38
+INT32_MAX = 2**31 - 1
+_NUMBER_FIELDS = ("weight", "chosen_score", "rejected_score", "label_smoothing",
+                  *extra_members.REF_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +142,30 @@ def _check_numbers(obj) -> tuple[str, str] | None:
   return None
 
 
+def _numbers(name: str, v):
+  """(path, number) for every number in a field's value (lists and objects walked)."""
+  if isinstance(v, (dict, list)):
+    for k, x in (v.items() if isinstance(v, dict) else enumerate(v)):
+      yield from _numbers(f"{name}.{k}" if isinstance(v, dict) else f"{name}[{k}]", x)
+  elif isinstance(v, (int, float)) and not isinstance(v, bool):
+    yield name, v
+
+
+def _check_range(obj, keep: str = "") -> tuple[str, str] | None:
+  """(reason, message) for the first number read that float32 (user ids: int32) cannot
+  hold, or None. Ints are compared exactly (float() would raise OverflowError); NaN and inf
+  are left to the fields' own checks, which run after this one."""
+  for field in (*_NUMBER_FIELDS, keep, "user", "completions", extra_members.SOURCE_FIELD):
+    for name, v in _numbers(field, obj.get(field)) if field else ():
+      kind, limit, bound = (("int32", INT32_MAX, "2**31 - 1") if field == "user" else
+                            ("float32", FLOAT32_MAX, "3.4e38: training would compute with inf"))
+      if (isinstance(v, int) or math.isfinite(v)) and abs(v) > limit:
+        shown = f"an integer of {len(str(abs(v)))} digits" if isinstance(v, int) else repr(v)
+        return (f"field '{name}' is beyond {kind}'s range",
+                f"field '{name}' is {shown}, beyond {kind}'s range (|x| <= {bound})")
+  return None
+
+
 def _check_pair_extras(obj) -> tuple[str, str] | None:
   """(reason, message) for a bad `user` (an int >= 0) or `attribute_prefs` (a non-empty list
   of 1 = chosen better, -1 = rejected better, 0 = don't care), or None."""
@@ -181,11 +209,12 @@ def scan(path: str, kind: str, fields: str | Mapping[str, str] = "", keep: str =
   `curriculum_value` (`--curriculum=FIELD`)."""
   mapping, parse = parse_fields(fields), KINDS[kind]
   for file, line, obj, problem in sources.rows(path):
-    record = None
+    record, obj = None, _remap(obj, mapping) if problem is None else obj
+    problem = problem or (_check_range(obj, keep) if isinstance(obj, dict) else None)
     if problem is None:
-      record, problem = parse(_remap(obj, mapping))
+      record, problem = parse(obj)
       if problem is None and keep:
-        value, problem = curriculum.record_value(_remap(obj, mapping), keep)
+        value, problem = curriculum.record_value(obj, keep)
         record = None if problem else dataclasses.replace(record, curriculum_value=value)
     if problem is not None:
       problem = rename(problem[0], mapping), rename(problem[1], mapping)

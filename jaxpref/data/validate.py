@@ -10,7 +10,8 @@ fail the check: pairs whose chosen and rejected texts are identical (no preferen
 learn, a zero gradient for DPO-style losses), records whose prompt and responses repeat an
 earlier record's, and, with a tokenizer and `max_len`, responses that
 BOS + prompt + response + EOS does not fit (training truncates them, `pairs._layout`, or
-with --truncation=drop drops their group) and prompts over --max_prompt_len.
+with --truncation=drop drops their group) and prompts over --max_prompt_len; when
+--truncation=drop would drop every group, training stops, and so the check fails.
 Lengths are in tokens with a tokenizer and in characters without.
 """
 
@@ -166,6 +167,12 @@ def validate(path: str, kind: str = "pairs", fields: str | Mapping[str, str] = "
     out.fatal = f"{path}: no valid records ({len(out.errors)} skipped{first})"
   elif valid:
     out.fatal = rec.consistency_error(kind, valid, where, mapping)
+  tr = out.truncation
+  if (out.fatal is None and valid and out.max_len and tr.mode == "drop"
+      and out.n_over_length == len(valid)):  # as `pairs._finish`: training would stop
+    out.fatal = (f"{path}: every one of the {len(valid)} groups is over "
+                 f"{tr.limits(out.max_len)} and --truncation=drop would drop them all: raise "
+                 "the limit, or cut them with --truncation=keep_end or keep_start")
   return out
 
 

@@ -296,7 +296,8 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  app.run(main, flags_parser=parse)
+  from jaxpref.cli_errors import entry_point  # one error path and exit codes for every CLI
+  entry_point(app.run)(main, flags_parser=parse)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,25 @@
 """An on-disk cache of precomputed reference log-probs, keyed by everything they depend on.
 
-The key hashes the reference weights (their bytes), the data files (every shard's bytes
-and name), the field mapping, the tokenizer file the run actually loads (a folder's
-tokenizer.json or .model), the chat template it renders message lists with, and every
-setting that changes the token layout or the numbers (format, max_len, group_size,
-shared-prompt packing, log-prob path). A run with any of these
-different computes afresh and writes a new entry; it never reuses a stale one. Each entry
-stores its key's parts beside the array, and a read checks them again.
+The key hashes the reference weights (their bytes), the whole model config (the same
+weights under another rope_theta, activation or softcap give other log-probs), the data
+files (every shard's bytes and name), the field mapping, the tokenizer file the run
+actually loads (a folder's tokenizer.json or .model), the chat template it renders message
+lists with, and every setting that changes the token layout or the numbers (format,
+max_len, truncation, max_prompt_len, group_size, shared-prompt packing, batching, log-prob
+path). A run with any of these different computes afresh and writes a new entry; it never
+reuses a stale one. Each entry stores its key's parts beside the array, and a read checks
+them again. An entry that cannot be read (a torn or garbled file) is a miss: `load` says so
+in `notes` and the run recomputes and rewrites it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-from typing import Any
+import zipfile
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -64,25 +69,40 @@ def _tokenization(cfg) -> tuple[str, str]:
   return file_digest(tok.path), hashlib.sha256(source.encode()).hexdigest()
 
 
+def _jsonable(value: Any) -> Any:
+  """A config value as JSON (dataclasses as dicts, anything else exotic by repr)."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+
 def key_parts(cfg, data_path: str, weights: str) -> dict:
   tokenizer, template = _tokenization(cfg)
+  d = cfg.data
   return {
       "weights": weights,
+      # Weights alone do not fix the numbers: rope_theta, the activation, softcaps,
+      # norm_eps... change the forward pass over the same bytes.
+      "model": _jsonable(cfg.model),
       "data": data_digest(data_path),
-      "fields": cfg.data.fields,
+      "fields": d.fields,
       "tokenizer": tokenizer,
       "chat_template": template,
-      "format": cfg.data.format,
-      "skip_invalid": cfg.data.skip_invalid,
-      "max_len": cfg.data.max_len,
-      "group_size": cfg.data.group_size,
-      "shared_prompt": cfg.data.shared_prompt,
+      "format": d.format,
+      "skip_invalid": d.skip_invalid,
+      "max_len": d.max_len,
+      "group_size": d.group_size,
+      "shared_prompt": d.shared_prompt,
+      "batching": [d.batching, d.bucket_multiple, d.pack_groups],
       "logps": [cfg.logps.impl, cfg.logps.fused_lm_head],
-      "version": 2,
-      # Another --truncation/--max_prompt_len lays out (or keeps) other rows; the default
-      # adds nothing, so caches written before these flags existed stay valid.
-      **({} if (cfg.data.truncation, cfg.data.max_prompt_len) == ("keep_end", 0) else
-         {"truncation": [cfg.data.truncation, cfg.data.max_prompt_len]}),
+      "version": 3,  # 2 keyed on the weights' bytes only: its entries are never reused
+      # The default policy adds nothing (the key of a default run keeps its shape).
+      **({} if (d.truncation, d.max_prompt_len) == ("keep_end", 0) else
+         {"truncation": [d.truncation, d.max_prompt_len]}),
   }
 
 
@@ -91,16 +111,27 @@ def _entry(cache_dir: str, parts: dict) -> str:
   return os.path.join(cache_dir, f"ref_logps_{digest}.npz")
 
 
-def load(cache_dir: str, parts: dict, shape: tuple[int, ...]) -> np.ndarray | None:
-  """The cached array for these key parts, or None (absent, or stored under other parts)."""
+def load(cache_dir: str, parts: dict, shape: tuple[int, ...],
+         notes: Optional[list] = None) -> np.ndarray | None:
+  """The cached array for these key parts, or None (absent, stored under other parts, or
+  unreadable: then a line saying so is appended to `notes`, and the caller recomputes)."""
   path = _entry(cache_dir, parts)
   if not os.path.exists(path):
     return None
-  with np.load(path) as z:
-    stored = json.loads(str(z["key"]))
-    if stored != parts or z["ref_logps"].shape != tuple(shape):
-      return None
-    return z["ref_logps"]
+  try:
+    with np.load(path) as z:
+      stored = json.loads(str(z["key"]))
+      if stored != parts or z["ref_logps"].shape != tuple(shape):
+        return None
+      return np.asarray(z["ref_logps"])
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    note = (f"{path}: unreadable reference cache entry ({type(e).__name__}: {e}); "
+            "recomputing it")
+    if notes is not None:
+      notes.append(note)
+    from absl import logging
+    logging.warning(note)
+    return None
 
 
 def save(cache_dir: str, parts: dict, ref_logps: np.ndarray) -> str:

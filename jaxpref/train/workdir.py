@@ -1,0 +1,271 @@
+"""Workdir integrity: one run at a time per workdir, and a record of what the run is.
+
+`WorkdirLock` holds an exclusive `fcntl.flock` on WORKDIR/.lock for the whole run; the file
+names the holder (pid, host), so a second run is refused with who holds it. The kernel
+drops the lock when its process dies (also on SIGKILL), so a lock left behind by a dead run
+is simply taken, and said so (its file still names the dead holder). flock works across
+hosts on local disks and NFS (Linux emulates it with POSIX locks there), not on every
+network filesystem; there the lock is advisory at best.
+
+`run.json` records the settings that change a run's result (`settings_of`): a resume
+compares them (`check_resume`) and refuses a mismatch listing each differing setting, or,
+allowed (`--allow_flag_changes`), appends a segment to the run's `history`. It is written
+atomically (temp file + rename), so a killed run leaves the old record or the new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import errno
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import socket
+from typing import Any, Optional
+
+from jaxpref.cli_errors import WorkdirError
+
+LOCK_FILE = ".lock"
+RUN_FILE = "run.json"
+_FIRST_MB = 1 << 20
+_FULL_HASH_BELOW = 64 << 20  # files up to this size are hashed whole (cheap next to training)
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, another user's
+    return True
+  return True
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir: `with WorkdirLock(workdir) as lock: ...`, or
+  `acquire()` / `release()`. `note` says when a dead run's lock was taken over."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self.note: Optional[str] = None
+    self._fd: Optional[int] = None
+
+  def acquire(self) -> "WorkdirLock":
+    os.makedirs(self.workdir, exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      holder = _read_holder(fd)
+      os.close(fd)
+      if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        raise WorkdirError(f"{self.path}: cannot lock the workdir ({e.strerror})") from e
+      raise WorkdirError(
+          f"{self.workdir} is in use by another run (pid {holder.get('pid', '?')} on host "
+          f"{holder.get('host', '?')}, since {holder.get('started', '?')}); wait for it to "
+          "finish or stop it, or use another --workdir") from None
+    previous = _read_holder(fd)
+    if previous.get("pid") is not None:  # a holder that ended without releasing: it died
+      host = previous.get("host", "?")
+      state = ("not running" if host == socket.gethostname()
+               and not _alive(int(previous["pid"])) else "its lock was free")
+      self.note = (f"{self.workdir}: took over the lock of pid {previous['pid']} on host {host} "
+                   f"(since {previous.get('started', '?')}; {state}): that run ended without "
+                   "releasing it")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                              "started": _now()}).encode() + b"\n", 0)
+    os.fsync(fd)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    """Empties the file (a clean end) and unlocks; the file stays, so that a run waiting on
+    the same inode and a new one never lock two different files."""
+    if self._fd is None:
+      return
+    try:
+      os.ftruncate(self._fd, 0)
+    except OSError:  # a full or read-only disk must not stop the release
+      pass
+    fcntl.flock(self._fd, fcntl.LOCK_UN)
+    os.close(self._fd)
+    self._fd = None
+
+  @property
+  def held(self) -> bool:
+    return self._fd is not None
+
+  def __enter__(self) -> "WorkdirLock":
+    return self.acquire() if self._fd is None else self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def _read_holder(fd: int) -> dict:
+  try:
+    text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+    return json.loads(text) if text else {}
+  except (OSError, ValueError):
+    return {}
+
+
+def file_fingerprint(path: str) -> dict:
+  """size and sha256 of a file up to 64 MiB; above, size, mtime and the sha256 of its first
+  MiB (a change past it is then caught by size or mtime only). A small file's mtime is left
+  out: a copy or a checkout of the same bytes is the same data."""
+  st = os.stat(path)
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    if st.st_size <= _FULL_HASH_BELOW:
+      while block := f.read(1 << 24):
+        h.update(block)
+      return {"size": st.st_size, "sha256": h.hexdigest()}
+    h.update(f.read(_FIRST_MB))
+  return {"size": st.st_size, "mtime": int(st.st_mtime), "sha256_first_mib": h.hexdigest()}
+
+
+def path_fingerprint(path: str) -> Any:
+  """{name: fingerprint} of every file a path names (a file, a folder, walked, or a glob);
+  None for "" (no such input)."""
+  if not path:
+    return None
+  if os.path.isdir(path):
+    files = sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names)
+    base = path
+  else:
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(path))
+    base = os.path.dirname(path)
+  return {os.path.relpath(f, base): file_fingerprint(f) for f in files if os.path.isfile(f)}
+
+
+# Settings that do not change the numbers a run produces: how often it logs, where it
+# writes, how it shows progress. Everything else in a RunConfig is compared on resume.
+IGNORED = frozenset({"workdir", "progress", "plot", "log_every", "eval_every",
+                     "checkpoint_every", "keep_checkpoints", "log_records", "export_hf",
+                     "reference_cache", "mesh", "data.eval_batch_size", "logps.impl"})
+
+
+def _flatten(prefix: str, value: Any, out: dict) -> None:
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+  if isinstance(value, dict):
+    for k in sorted(value):
+      _flatten(f"{prefix}.{k}" if prefix else str(k), value[k], out)
+    return
+  if isinstance(value, tuple):
+    value = list(value)
+  if not isinstance(value, (str, int, float, bool, list, type(None))):
+    value = repr(value)
+  out[prefix] = value
+
+
+# RunConfig fields whose flag (jaxpref/flags.py) has another name; keys become flag names.
+_FLAG_NAMES = {"model_preset": "model", "data.seed": "data_seed",
+               "data.skip_invalid": "skip_invalid_records", "data.format": "data_format",
+               "data.fields": "data_fields", "optim.b1": "adam_b1", "optim.b2": "adam_b2",
+               "logps.fused_lm_head": "fused_lm_head", "lora.rank": "lora_rank",
+               "lora.alpha": "lora_alpha", "lora.targets": "lora_targets"}
+
+
+def _flag_name(key: str) -> str:
+  if key in _FLAG_NAMES:
+    return _FLAG_NAMES[key]
+  head, _, rest = key.partition(".")
+  if head == "loss_hparams":
+    return f"loss.{rest}"
+  return rest if head in ("data", "optim", "logps") and rest else key
+
+
+def settings_of(cfg, fingerprints: bool = True) -> dict:
+  """The result-changing settings of a RunConfig as a flat {flag name: value} dict (
+  "loss.beta", "model.rope_theta", "max_len"): model, loss and its hparams, optimizer, data
+  layout and batch size, seeds, steps, and (with `fingerprints`, as "train_data files"...)
+  the size and sha256 of the data, tokenizer and --init_from files."""
+  flat: dict = {}
+  _flatten("", cfg, flat)
+  out = {_flag_name(k): v for k, v in flat.items()
+         if k not in IGNORED and k.split(".")[0] not in IGNORED}
+  if fingerprints:
+    for key, path in (("train_data", cfg.data.train_data), ("eval_data", cfg.data.eval_data),
+                      ("tokenizer", cfg.data.tokenizer), ("init_from", cfg.init_from)):
+      out[f"{key} files"] = path_fingerprint(path)
+  return out
+
+
+def differences(old: dict, new: dict) -> dict:
+  """{setting: [recorded, now]} for every setting whose value differs (or is new/gone)."""
+  return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)}
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_record(workdir: str) -> Optional[dict]:
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise WorkdirError(f"{path}: not a readable run record ({e}); move it aside to start "
+                       "the record afresh") from None
+
+
+def record(workdir: str, settings: dict) -> None:
+  """Writes WORKDIR/run.json for a run that starts at step 0: its settings, one segment."""
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(os.path.join(workdir, RUN_FILE), {
+      "settings": settings,
+      "history": [{"segment": 0, "started": _now(), "host": socket.gethostname(),
+                   "pid": os.getpid(), "changed": {}}]})
+
+
+def _show(value: Any) -> str:
+  text = json.dumps(value, sort_keys=True)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_resume(workdir: str, settings: dict, allow_changes: bool = False,
+                 step: Optional[int] = None) -> list[str]:
+  """Compares a resumed run's settings with WORKDIR/run.json. Equal: returns []. Different:
+  raises WorkdirError listing each differing setting, or with `allow_changes` records a new
+  segment (its changes, the step it starts at) and returns the differences as lines. A
+  workdir without a record (written before run.json existed) is recorded now and said."""
+  rec = read_record(workdir)
+  if rec is None:
+    record(workdir, settings)
+    return [f"{workdir}: no {RUN_FILE} (an older run); recorded this run's settings"]
+  diff = differences(rec.get("settings", {}), settings)
+  if not diff:
+    return []
+  lines = [f"--{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in diff.items()]
+  if not allow_changes:
+    raise WorkdirError(
+        f"{workdir}: resuming with settings other than the run's ({RUN_FILE}): "
+        + "; ".join(lines) + ". Use the run's flags (its flags.txt), another --workdir, or "
+        "--allow_flag_changes to continue with these and record the change")
+  history = rec.setdefault("history", [])
+  history.append({"segment": len(history), "started": _now(), "host": socket.gethostname(),
+                  "pid": os.getpid(), "step": step, "changed": diff})
+  rec["settings"] = settings
+  _write_json(os.path.join(workdir, RUN_FILE), rec)
+  return lines
