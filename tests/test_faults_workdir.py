@@ -163,3 +163,11 @@ def test_large_file_fingerprint_hashes_its_first_mib(tmp_path, monkeypatch):
   assert set(fp) == {"size", "mtime", "sha256_first_mib"}
   os.utime(f, (time.time() + 100, time.time() + 100))
   assert wd.file_fingerprint(str(f)) != fp  # past the first MiB only size/mtime tell
+
+
+def test_begin_records_a_fresh_run_and_checks_a_resumed_one(tmp_path):
+  assert wd.begin(_cfg(tmp_path), resuming=False) == []
+  assert wd.begin(_cfg(tmp_path), resuming=True, step=2) == []
+  with pytest.raises(WorkdirError, match="--max_len: 32 -> 48"):
+    wd.begin(_cfg(tmp_path, data={"max_len": 48}), resuming=True)
+  assert wd.begin(_cfg(tmp_path, data={"max_len": 48}), resuming=False) == []  # a fresh start

@@ -269,3 +269,14 @@ def check_resume(workdir: str, settings: dict, allow_changes: bool = False,
   rec["settings"] = settings
   _write_json(os.path.join(workdir, RUN_FILE), rec)
   return lines
+
+
+def begin(cfg, resuming: bool, allow_changes: bool = False,
+          step: Optional[int] = None) -> list[str]:
+  """The run record for a run about to train: a fresh run (no checkpoint) writes run.json;
+  a resumed one is checked against it (`check_resume`). Returns the lines to say."""
+  settings = settings_of(cfg)
+  if resuming:
+    return check_resume(cfg.workdir, settings, allow_changes, step)
+  record(cfg.workdir, settings)
+  return []
