@@ -19,6 +19,7 @@ from jaxpref.data import (PairDataset, RankedDataset, Tokenizer, UnpairedDataset
                           read_unpaired, tokenize_sequence)
 from jaxpref.data import chat_template  # noqa: E402
 from jaxpref.data.records import DataError  # noqa: E402
+from test_chat_tokenization import pipeline_frames  # noqa: E402
 from jaxpref.train import loop  # noqa: E402
 from jaxpref.train.config import DataConfig, RunConfig  # noqa: E402
 
@@ -101,7 +102,9 @@ def test_pair_renders_and_tokenizes_as_apply_chat_template(tmp_path, style, in_c
     assert bos + out["prompt"] + out[name] + closing == full
     tokens, mask, _, truncated = tokenize_sequence(tok, out["prompt"], out[name], 256)
     want = hf_ids(theirs.apply_chat_template(conversation, tokenize=True))
-    if not closing:  # jaxpref closes every response with EOS
+    # A turn that ends otherwise gets no EOS (`Tokenizer.frame`), once pairs.py frames rows.
+    assert tok.add_eos == bool(closing)
+    if not closing and not pipeline_frames():
       want = want + [tok.eos_id]
     assert list(tokens[:len(want)]) == want and not truncated
     assert (tokens[len(want):] == tok.pad_id).all()

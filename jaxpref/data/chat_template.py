@@ -7,9 +7,12 @@ special tokens), so the text is the text transformers renders for the same templ
 
 A pair's prompt is the conversation rendered with `add_generation_prompt=True`; a response
 is what rendering the conversation with the assistant's turn appended adds after it (its
-end-of-turn marker included). jaxpref places BOS and EOS as token ids (`pairs.py`), so a
-BOS token the template writes first and an EOS token it writes last are left to those ids
-rather than doubled.
+end-of-turn marker included). jaxpref places BOS and EOS as token ids (`Tokenizer.frame`),
+so a BOS token the template writes first and an EOS token it writes last are left to those
+ids rather than doubled; and a template that writes no BOS (ChatML, Zephyr) or ends the
+assistant's turn with something else than EOS (ChatML's "<|im_end|>\n", Gemma's
+"<end_of_turn>\n") gets none placed (`resolve` sets the tokenizer's `add_bos`/`add_eos`),
+so the ids are those `apply_chat_template` gives for the whole conversation.
 """
 
 from __future__ import annotations
@@ -81,6 +84,17 @@ class ChatTemplate:
     except jinja2.TemplateError as e:
       raise ValueError(f"the chat template ({self.where}) failed: {e}") from None
 
+  def framing(self) -> tuple[bool, bool]:
+    """(writes BOS first, ends the assistant's turn with EOS), read off a one-turn
+    conversation; (True, True) if the template refuses it."""
+    bos, eos = self.special.get("bos_token"), self.special.get("eos_token")
+    user = [{"role": "user", "content": "hi"}]
+    try:
+      full = self.render(user + [{"role": "assistant", "content": "hello"}], False)
+    except ValueError:
+      return True, True
+    return bool(bos) and full.startswith(bos), bool(eos) and full.endswith(eos)
+
   def split(self, prompt: list[dict], response: str) -> tuple[str, str]:
     """(prompt text, response text) of one conversation and its final assistant turn."""
     head = self.render(prompt, add_generation_prompt=True)
@@ -108,7 +122,8 @@ def resolve(setting: str, tok) -> ChatTemplate | None:
   if setting == "auto":
     if not tok.chat_template:
       return None
-    return ChatTemplate(tok.chat_template, f"{tok.folder}'s chat template", special)
+    return _framed(ChatTemplate(tok.chat_template, f"{tok.folder}'s chat template", special),
+                   tok)
   if not os.path.isfile(setting):
     raise FileNotFoundError(f"--chat_template: {setting!r} is neither auto, none nor a file")
   with open(setting) as f:
@@ -120,4 +135,11 @@ def resolve(setting: str, tok) -> ChatTemplate | None:
       source = None
     if not isinstance(source, str):
       raise ValueError(f"--chat_template: {setting} holds no \"chat_template\" string")
-  return ChatTemplate(source, setting, special)
+  return _framed(ChatTemplate(source, setting, special), tok)
+
+
+def _framed(template: ChatTemplate, tok) -> ChatTemplate:
+  """`template`, with `tok` placing BOS and EOS only where the template writes them."""
+  tok.add_bos, tok.add_eos = template.framing()
+  tok.bos_in_text = tok.add_bos
+  return template

@@ -34,6 +34,15 @@ class Tokenizer:
   # What a chat template sees (`chat.py`); set by the Hugging Face loader.
   chat_template: str | None = None
   folder: str = ""
+  # Whether a sequence gets the BOS id first and the EOS id last (`frame`). A chat template
+  # that writes no BOS (ChatML) or ends a turn with something else than EOS ("<|im_end|>\n",
+  # Gemma's "<end_of_turn>\n") turns them off (`chat_template.resolve`), so the ids are the
+  # ones `apply_chat_template` gives.
+  add_bos: bool = True
+  add_eos: bool = True
+  # The BOS is part of the rendered text (the template wrote it): the text after it is
+  # encoded as following it, which a tokenizer that marks a text's first word can tell.
+  bos_in_text: bool = False
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
@@ -75,6 +84,19 @@ class Tokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
+
+  def encode_pair(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids). sentencepiece encodes each on its own (jaxpref's own
+    tokenizers put a word boundary there); `HFTokenizer` splits the whole text's ids."""
+    return self.encode(prompt), self.encode(response)
+
+  def frame(self, prompt_ids: list[int], response_ids: list[int],
+            eos: bool = True) -> tuple[list[int], int]:
+    """(BOS + prompt + response + EOS as `add_bos`/`add_eos` say, the position of the first
+    response token); `eos=False` leaves the EOS off a response cut short."""
+    head = [self.bos_id] if self.add_bos else []
+    tail = [self.eos_id] if self.add_eos and eos else []
+    return head + prompt_ids + response_ids + tail, len(head) + len(prompt_ids)
 
   @property
   def vocab_size(self) -> int:
@@ -207,6 +229,21 @@ class HFTokenizer(Tokenizer):
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tk.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def encode_pair(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """The ids of prompt + response encoded as one text, split where the response starts:
+    what `apply_chat_template` gives for the whole conversation. Encoded apart they can
+    differ at the seam: byte-level BPE merges a prompt's trailing "\n\n" that the whole
+    text splits before the next word, and a Metaspace tokenizer prefixes "▁" to the response.
+    A token that straddles the seam goes to the response."""
+    bos = self.token(self.bos_id) if self.bos_in_text else ""
+    enc = self._tk.encode(bos + prompt + response, add_special_tokens=False)
+    ids, offsets = list(enc.ids), enc.offsets
+    if bos and ids[:1] == [self.bos_id]:
+      ids, offsets = ids[1:], offsets[1:]
+    n = len(bos) + len(prompt)
+    cut = next((i for i, (_, end) in enumerate(offsets) if end > n), len(ids))
+    return ids[:cut], ids[cut:]
 
   @property
   def vocab_size(self) -> int:
