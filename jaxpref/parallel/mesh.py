@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; FSDP also shards weights
+# Device kinds whose physical axes a mesh axis may split (as jax.make_mesh allows).
+SPLIT_AXIS_KINDS = ("TPU v5 lite", "TPU v5e")
 
 
 def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
@@ -43,10 +47,34 @@ def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
   return sizes
 
 
+def device_grid(shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
+  """`devices` laid out as `shape`, following the hardware's topology where JAX knows it.
+
+  TPU: `mesh_utils.create_device_mesh` maps the mesh axes onto the chips' torus so each
+  axis's collectives run over neighbouring links (`np.reshape` of `jax.devices()` can put
+  a ring's neighbours hops apart); v5e/v5litepod may split a physical axis, as
+  `jax.make_mesh` allows there. GPU: devices sorted by id. CPU: the plain reshape, so
+  results there are unchanged. A shape the topology cannot take (or several slices) falls
+  back to the plain reshape, with a warning. Not `jax.make_mesh` itself: it would make
+  every axis Explicit, and jaxpref shards by annotation (Auto axes).
+  """
+  split = devices[0].device_kind in SPLIT_AXIS_KINDS
+  if len({getattr(d, "slice_index", 0) for d in devices}) == 1:
+    try:
+      return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      reason = str(e)
+  else:
+    reason = "several slices (a hybrid mesh is not built yet)"
+  logging.warning("mesh %s: devices in jax.devices() order, not the topology's: %s",
+                  tuple(shape), reason)
+  return np.asarray(devices).reshape(shape)
+
+
 def make_mesh(spec: str, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   sizes = parse_mesh(spec, len(devices))
-  return Mesh(np.asarray(devices).reshape([sizes[a] for a in AXES]), AXES)
+  return Mesh(device_grid([sizes[a] for a in AXES], devices), AXES)
 
 
 def batch_axis_size(mesh: Mesh) -> int:
