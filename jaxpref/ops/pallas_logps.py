@@ -10,6 +10,13 @@ Two forward layouts share `online_update` with the XLA twin:
 Both run in interpret mode on the CPU, which is how the tests check them against the twin.
 The backward (`g * (onehot - softmax)`, recomputed from the saved lse) is elementwise per
 block, so one (row, vocab)-gridded kernel serves both backends.
+
+Every pallas_call names its compiler explicitly (`compiler_params`): on GPU the Triton
+params select Triton (jax 0.10 otherwise picks Mosaic GPU, whose lowering of these
+kernels asks for more shared memory than an H100 has); on TPU the Mosaic params mark the
+row axis parallel (megacore chips split it between their TensorCores) and the vocabulary
+axis of the forward "arbitrary" (sequential: it carries the accumulators), and set a VMEM
+limit sized from the blocks. tests/test_kernel_lowering.py lowers all of them for both.
 """
 
 from __future__ import annotations
@@ -25,6 +32,30 @@ from jaxpref.ops.xla_logps import NEG_INF, online_update, with_vjp
 
 def _iota(shape, dim):
   return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+# Triton: 4 warps for a (16, 1024) tile; 2 stages let the next vocab block's load overlap
+# the current block's exp and sums.
+TRITON_WARPS, TRITON_STAGES = 4, 2
+MIB = 1 << 20
+
+
+def vmem_limit(bn: int, bv: int, itemsize: int) -> int:
+  """Scoped VMEM for one (bn, bv) block: the input double-buffered, ~6 float32 temporaries
+  of the block (upcast, iota, exp, selects), 50% headroom, in whole MiB, at least the
+  16 MiB default: (256, 2048) bf16 gets 21 MiB."""
+  need = 2 * bn * bv * itemsize + 6 * bn * bv * 4
+  return max(16 * MIB, -(-need * 3 // 2 // MIB) * MIB)
+
+
+def compiler_params(layout: str, semantics: tuple[str, ...], bn: int, bv: int, itemsize: int):
+  """The explicit compiler of a kernel: Mosaic TPU for "grid", Triton for "loop"."""
+  if layout == "grid":
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.CompilerParams(dimension_semantics=semantics,
+                                vmem_limit_bytes=vmem_limit(bn, bv, itemsize))
+  from jax.experimental.pallas import triton as pltriton
+  return pltriton.CompilerParams(num_warps=TRITON_WARPS, num_stages=TRITON_STAGES)
 
 
 def _grid_fwd_kernel(t_ref, x_ref, m_ref, s_ref, p_ref, *, v, bv):
@@ -53,6 +84,8 @@ def _grid_forward(logits, targets, *, bn, bv, interpret):
       in_specs=[row, pl.BlockSpec((bn, bv), lambda i, j: (i, j))],
       out_specs=[row, row, row],
       out_shape=[stat, stat, stat],
+      compiler_params=compiler_params("grid", ("parallel", "arbitrary"), bn, bv,
+                                      logits.dtype.itemsize),
       interpret=interpret,
   )(targets[:, None], logits)
   return p[:, 0], m[:, 0] + jnp.log(s[:, 0])
@@ -85,6 +118,7 @@ def _loop_forward(logits, targets, *, bn, bv, interpret):
       functools.partial(_loop_fwd_kernel, n=n, v=v, bn=bn, bv=bv),
       grid=(pl.cdiv(n, bn),),
       out_shape=[stat, stat, stat],
+      compiler_params=compiler_params("loop", ("parallel",), bn, bv, logits.dtype.itemsize),
       interpret=interpret,
   )(targets, logits)
   return p, m + jnp.log(s)
@@ -98,7 +132,7 @@ def _bwd_kernel(t_ref, lse_ref, gp_ref, gl_ref, x_ref, dx_ref, *, bv):
   dx_ref[...] = grad.astype(dx_ref.dtype)
 
 
-def _backward(logits, targets, lse, g_logp, g_lse, *, bn, bv, interpret):
+def _backward(logits, targets, lse, g_logp, g_lse, *, bn, bv, interpret, layout):
   n, v = logits.shape
   row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
   block = pl.BlockSpec((bn, bv), lambda i, j: (i, j))
@@ -109,6 +143,10 @@ def _backward(logits, targets, lse, g_logp, g_lse, *, bn, bv, interpret):
       in_specs=[row, row, row, row, block],
       out_specs=block,
       out_shape=jax.ShapeDtypeStruct(logits.shape, logits.dtype),
+      # Elementwise per block: both axes parallel. The output block is as large as the
+      # input's, so the VMEM estimate counts it among the temporaries.
+      compiler_params=compiler_params(layout, ("parallel", "parallel"), bn, bv,
+                                      logits.dtype.itemsize),
       interpret=interpret,
   )(col(targets), col(lse), col(g_logp), col(g_lse), logits)
 
@@ -128,4 +166,5 @@ def kernel(layout: str, bn: int, bv: int, interpret: bool):
   """The Pallas `(logits, targets, mask) -> (logp, lse)` with its recomputing backward."""
   forward = {"grid": _grid_forward, "loop": _loop_forward}[layout]
   opts = dict(bn=bn, bv=bv, interpret=interpret)
-  return with_vjp(functools.partial(forward, **opts), functools.partial(_backward, **opts))
+  return with_vjp(functools.partial(forward, **opts),
+                  functools.partial(_backward, layout=layout, **opts))
