@@ -150,19 +150,24 @@ def nca_pair(lp: Logps, *, beta: float = 0.1):
 
 
 @register("bco_pair")
-def bco_pair(lp: Logps, *, beta: float = 0.1):
+def bco_pair(lp: Logps, *, beta: float = 0.1, delta: str = "batch_mean"):
   """Binary Classifier Optimization (Jung et al. 2024), pairwise form.
 
-  l = -logsig(r_w - delta) - logsig(-(r_l - delta)), r = beta rho. TRL's delta is a running
-  mean of rewards across steps; a pure function takes the batch's mean reward
-  (stop-gradient, over the whole sharded batch) instead.
+  l = -logsig(r_w - delta) - logsig(-(r_l - delta)), r = beta rho. The paper's delta is a
+  running mean of rewards across steps; `delta="batch_mean"` (a pure function's stand-in)
+  takes the batch's mean reward (stop-gradient, over the whole sharded batch), and
+  `delta="none"` is delta = 0, TRL's form since its DPO refactor (docs/trl.md).
   """
   check_pairs(lp)
+  if delta not in ("batch_mean", "none"):
+    raise ValueError(f"bco_pair: delta must be batch_mean or none, got {delta!r}")
   r = beta * logratios(lp)
   w = lp.weight[:, None]
-  delta = jax.lax.stop_gradient(jnp.sum(r * w) / jnp.maximum(2.0 * jnp.sum(lp.weight), 1e-8))
-  per = -logsig(r[:, 0] - delta) - logsig(-(r[:, 1] - delta))
-  return pair_loss(lp, per, r, delta=delta)
+  d = 0.0
+  if delta == "batch_mean":
+    d = jax.lax.stop_gradient(jnp.sum(r * w) / jnp.maximum(2.0 * jnp.sum(lp.weight), 1e-8))
+  per = -logsig(r[:, 0] - d) - logsig(-(r[:, 1] - d))
+  return pair_loss(lp, per, r, delta=jnp.asarray(d, jnp.float32))
 
 
 @register("sppo_hard")
@@ -340,27 +345,42 @@ def _cap_exp(x: jax.Array) -> jax.Array:
 
 @register("f_dpo")
 def f_dpo(lp: Logps, *, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 1.0,
-          label_smoothing: float = 0.0):
-  """Beyond Reverse KL: Generalizing DPO with Diverse Divergence Constraints (f-DPO), as TRL.
+          label_smoothing: float = 0.0, convention: str = "jaxpref"):
+  """Beyond Reverse KL: Generalizing DPO with Diverse Divergence Constraints (f-DPO).
 
   The DPO logit under an f-divergence with u = pi/pi_ref (so log u = rho): `reverse_kl`
   h (DPO); `js_divergence` h - (softplus(rho_w) - softplus(rho_l)) (from log(2u/(1+u)));
-  `alpha_divergence` (u_l^-alpha - u_w^-alpha) / alpha (alpha = 1: forward KL). Then cDPO's
-  loss on beta * logit.
+  `alpha_divergence` (u_l^-alpha - u_w^-alpha) / alpha (alpha = 1: forward KL, also named
+  `forward_kl`). Then cDPO's loss on beta * logit.
+
+  `convention="trl"` reads `alpha` as TRL's f_alpha_divergence_coef a, whose score is
+  u^(a-1) / (a-1) (a = 1: reverse KL): the same logit at alpha = 1 - a; TRL's sigmoid loss
+  reads no label_smoothing, so it must be 0 (docs/trl.md).
   """
   check_pairs(lp)
+  if convention not in ("jaxpref", "trl"):
+    raise ValueError(f"f_dpo: convention must be jaxpref or trl, got {convention!r}")
+  if convention == "trl":
+    if label_smoothing:
+      raise ValueError("f_dpo: convention=trl is TRL's sigmoid loss, which has no "
+                       f"label_smoothing; got {label_smoothing}")
+    if divergence == "alpha_divergence" and abs(alpha - 1.0) < 1e-6:
+      divergence = "reverse_kl"  # TRL's limit case
+    alpha = 1.0 - alpha
+  if divergence == "forward_kl":
+    divergence, alpha = "alpha_divergence", 1.0
   rho = logratios(lp)
   if divergence == "reverse_kl":
     logit = rho[:, 0] - rho[:, 1]
   elif divergence == "js_divergence":
     logit = (rho[:, 0] - rho[:, 1]) - (jax.nn.softplus(rho[:, 0]) - jax.nn.softplus(rho[:, 1]))
   elif divergence == "alpha_divergence":
-    if alpha <= 0:
+    if convention == "jaxpref" and alpha <= 0:  # TRL's a > 1 (alpha < 0) is a valid logit
       raise ValueError(f"f_dpo: alpha must be > 0, got {alpha}")
     logit = (_cap_exp(-alpha * rho[:, 1]) - _cap_exp(-alpha * rho[:, 0])) / alpha
   else:
-    raise ValueError(f"f_dpo: divergence must be reverse_kl, js_divergence or alpha_divergence, "
-                     f"got {divergence!r}")
+    raise ValueError(f"f_dpo: divergence must be reverse_kl, forward_kl, js_divergence or "
+                     f"alpha_divergence, got {divergence!r}")
   return pair_loss(lp, smoothed_logistic(beta * logit, label_smoothing), beta * rho)
 
 

@@ -17,13 +17,16 @@ from jaxpref.types import Logps
 
 
 @register("ld_dpo", needs_tokens=True)
-def ld_dpo(lp: Logps, *, beta: float = 0.1, ld_alpha: float = 0.5, label_smoothing: float = 0.0):
+def ld_dpo(lp: Logps, *, beta: float = 0.1, ld_alpha: float = 0.5, label_smoothing: float = 0.0,
+           ref_weighted: bool = False):
   """LD-DPO: Length Desensitization in Direct Preference Optimization (Liu et al. 2024).
 
   The policy's sequence log-prob keeps the first l_p = min(L_w, L_l) response tokens
   whole and scales the longer response's tail by ld_alpha:
   S'(y) = sum_{t <= l_p} lp_t + ld_alpha sum_{t > l_p} lp_t; the reference keeps its full
-  sum (TRL's `ld_alpha`). Then cDPO's loss on beta (rho'_w - rho'_l). ld_alpha = 1 is DPO.
+  sum (the paper's form), or with `ref_weighted` is weighted alike (TRL's `ld_alpha` since
+  its DPO refactor, docs/trl.md; needs the per-token reference log-probs, so not with
+  precomputed ones). Then cDPO's loss on beta (rho'_w - rho'_l). ld_alpha = 1 is DPO.
   """
   check_pairs(lp)
   chex.assert_rank(lp.policy_tok, 3)
@@ -31,8 +34,14 @@ def ld_dpo(lp: Logps, *, beta: float = 0.1, ld_alpha: float = 0.5, label_smoothi
   public = jnp.min(lp.length, axis=1)[:, None, None]  # [B, 1, 1]
   front = lp.mask * (position <= public)
   tail = lp.mask - front
-  policy = jnp.sum(lp.policy_tok * front, -1) + ld_alpha * jnp.sum(lp.policy_tok * tail, -1)
-  rho = policy - lp.ref  # [B, 2]
+  weighted = lambda tok: jnp.sum(tok * front, -1) + ld_alpha * jnp.sum(tok * tail, -1)
+  ref = lp.ref
+  if ref_weighted:
+    if lp.ref_tok is None:
+      raise ValueError("ld_dpo: ref_weighted=True weights the reference's tail tokens, but "
+                       "this run has only sequence-level reference log-probs (precomputed)")
+    ref = weighted(lp.ref_tok)
+  rho = weighted(lp.policy_tok) - ref  # [B, 2]
   return pair_loss(lp, smoothed_logistic(beta * (rho[:, 0] - rho[:, 1]), label_smoothing), beta * rho)
 
 
