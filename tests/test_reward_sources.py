@@ -66,6 +66,10 @@ def test_load_user_fn_errors_name_the_file(user_file, tmp_path):
     S.load_user_fn(f"{user_file}:NOT_A_FUNCTION")
   with pytest.raises(S.RewardError, match="expected FILE.py:FUNCTION"):
     S.load_user_fn("rewards.txt")
+  broken = tmp_path / "broken.py"
+  broken.write_text("import numpy as np\nraise RuntimeError('needs a GPU')\n")
+  with pytest.raises(S.RewardError, match=f"importing {broken} failed: RuntimeError: needs a GPU"):
+    S.load_user_fn(f"{broken}:reward")
 
 
 def test_weighted_sum_of_user_fn_and_overlong(user_file):

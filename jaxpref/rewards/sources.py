@@ -67,7 +67,12 @@ def load_user_fn(spec: str, base: str = "") -> Source:
   module_name = "jaxpref_reward_" + hashlib.sha1(full.encode()).hexdigest()[:12]
   module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(module_name,
                                                                                   full))
-  module.__spec__.loader.exec_module(module)
+  try:
+    module.__spec__.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 - a broken user file, reported with its path
+    first = (str(e).splitlines() or [""])[0]
+    raise RewardError(f"--reward_fn={spec!r}: importing {full} failed: "
+                      f"{type(e).__name__}: {first}") from e
   fn = getattr(module, attr, None)
   if not callable(fn):
     found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
