@@ -23,7 +23,10 @@ from jaxpref import models
 from jaxpref import ops
 from jaxpref.data.pairs import TRUNCATION_MODES
 from jaxpref.data.records import parse_fields
+from jaxpref.data.tokenizer import find
 from jaxpref.models import lora
+from jaxpref.models import hf_reward
+from jaxpref.models import convert
 from jaxpref.train.config import DATA_FORMATS, DataConfig, LogpsOptions, OptimConfig, RunConfig
 
 FLAGS = flags.FLAGS
@@ -180,6 +183,11 @@ flags.DEFINE_integer("checkpoint_every", _R.checkpoint_every, "Checkpoint every 
 flags.DEFINE_integer("keep_checkpoints", _R.keep_checkpoints, "Checkpoints kept on disk.")
 flags.DEFINE_bool("progress", _R.progress, "Show a progress bar.")
 flags.DEFINE_bool("plot", _R.plot, "Write WORKDIR/metrics.png at the end.")
+flags.DEFINE_enum("nonfinite", _R.nonfinite, ["stop", "skip"], "A step whose loss or gradient "
+                  "is not finite never updates the model; stop: the run stops naming the step "
+                  "and its groups; skip: such steps are skipped and counted.")
+flags.DEFINE_bool("allow_flag_changes", False, "Resume a run whose result-changing flags "
+                  "differ from its run.json record (the change is recorded as a new segment).")
 flags.DEFINE_bool("log_records", _R.log_records, "Write WORKDIR/records/process_P.jsonl: the "
                   "train groups (dataset indices) each host read at every step, to audit a "
                   "resumed run's data against an uninterrupted one.")
@@ -261,7 +269,6 @@ def _dotted_values(prefix: str) -> dict[str, Any]:
 
 def _tokenizer() -> str:
   """--tokenizer, or the --init_from folder when it holds a tokenizer and none was given."""
-  from jaxpref.data.tokenizer import find
   if FLAGS.init_from and not FLAGS["tokenizer"].present and os.path.isdir(FLAGS.init_from):
     # The file, not the folder: --reference_cache keys on the tokenizer file's bytes. A
     # re-run from flags.txt resolves it again from the same --init_from.
@@ -271,7 +278,6 @@ def _tokenizer() -> str:
 
 def _reward_dim() -> int:
   if FLAGS.role == "reward" and FLAGS.init_from:
-    from jaxpref.models import hf_reward  # a sequence-classification folder's num_labels
     return hf_reward.reward_dim(FLAGS.init_from, FLAGS.reward_dim, FLAGS["reward_dim"].present)
   return FLAGS.reward_dim
 
@@ -283,7 +289,6 @@ def to_config() -> RunConfig:
   loss_hparams = _dotted_values("loss")
   parse_fields(FLAGS.data_fields)  # unknown target names -> error listing valid ones
   if FLAGS.init_from:  # the checkpoint's config replaces the --model preset (often in a flag file)
-    from jaxpref.models import convert  # orbax: imported only when needed, keeps --help fast
     model = convert.run_config(FLAGS.init_from, _dotted_values("model"))
   else:
     model = models.get_config(FLAGS.model, **_dotted_values("model"))
@@ -325,12 +330,20 @@ def to_config() -> RunConfig:
       steps=FLAGS.steps, log_every=FLAGS.log_every, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       progress=FLAGS.progress, plot=FLAGS.plot,
-      log_records=FLAGS.log_records)
+      log_records=FLAGS.log_records, nonfinite=FLAGS.nonfinite)
   _ = cfg.loss_spec  # resolved here: an unknown loss or --loss.X is an error listing valid ones
+  conflicts = models.decoder.scan_layers_conflicts(model, lora_rank=FLAGS.lora_rank,
+                                                   init_from=FLAGS.init_from,
+                                                   export_hf=FLAGS.export_hf)
+  if conflicts:
+    raise ValueError(conflicts[0])
+  if FLAGS.learning_rate <= 0:
+    raise ValueError(f"--learning_rate must be > 0, got {FLAGS.learning_rate}")
   return cfg
 
 
-_PER_LAUNCH = ("workdir", "coordinator_address", "num_processes", "process_id")
+_PER_LAUNCH = ("workdir", "coordinator_address", "num_processes", "process_id",
+               "allow_flag_changes")
 
 
 def resolved_flags() -> str:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 from jaxpref import cli_errors
-from jaxpref.eval import plots
+from jaxpref.train import plots
 from jaxpref.train.metrics import read_metrics
 
 TABLE_KEYS = ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected")

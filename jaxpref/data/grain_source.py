@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from jaxpref.data import batching
+from jaxpref.data import curriculum
 from jaxpref.data.pairs import Truncation
 from jaxpref.types import GroupBatch
 
@@ -128,7 +129,6 @@ class PreparedDataset:
 
   def curriculum(self, spec: str, n_stages: int, seed: int):
     """The `curriculum.Curriculum` of `spec` from the stored values (no record is read)."""
-    from jaxpref.data import curriculum
     field, descending = curriculum.parse(spec)
     stored = self.info.get("curriculum_fields", [])
     missing = self.info.get("curriculum_missing", {})

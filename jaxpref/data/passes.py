@@ -9,6 +9,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxpref import cli_errors
 from jaxpref.data.pairs import eval_batches
 
 
@@ -38,5 +39,6 @@ def weighted_means(step: Callable[[Any], tuple[dict, Any]], ds, batch_size: int,
       totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64) * w
     weight = weight + w
   if np.any(np.asarray(weight) == 0):
-    raise ValueError("every group of the evaluation data has weight 0: nothing to average")
+    raise cli_errors.DataError("every group of the data has weight 0 (the records' 'weight' "
+                               "field): nothing to average")
   return {k: v / weight for k, v in totals.items()}

@@ -140,9 +140,9 @@ def restore(cfg, mesh):
 
   from jaxpref.parallel import sharding
   from jaxpref.train import checkpoint as ckpt_lib
-  from jaxpref.train import reward_step
+  from jaxpref.train.roles import reward as reward_step
   from jaxpref.train.optimizer import make_optimizer
-  from jaxpref.train.policy_step import TrainState
+  from jaxpref.train.step import TrainState
 
   directory = os.path.join(cfg.workdir, "checkpoints")
   if not os.path.isdir(directory):
@@ -171,7 +171,7 @@ def margins(graphdef, params, ds, batch_size: int, mesh, first_channel: bool = F
   from jaxpref import data as data_lib
   from jaxpref.losses.reward import gpm_score
   from jaxpref.parallel import mesh as mesh_lib
-  from jaxpref.train import reward_step
+  from jaxpref.train.roles import reward as reward_step
 
   def margin(p, batch):
     out = reward_step.score(graphdef, p, batch)  # [B, 2, E]

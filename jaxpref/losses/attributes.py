@@ -38,7 +38,7 @@ def attribute_prefs(lp: RewardOutputs, n_attr: int) -> jax.Array:
   return lp.attribute_prefs.astype(jnp.float32)
 
 
-@register("attribute_bt", role="reward")
+@register("attribute_bt", role="reward", ranges={"tau": "> 0"})
 def attribute_bt(lp: RewardOutputs, *, tau: float = 1.0):
   """AlignDiff's attribute-strength model (docs/reward_models.md#attribute_bt), with don't-care masks.
 

@@ -53,7 +53,7 @@ def _rationale_term(s: jax.Array, gamma: float, rationale_term: str) -> jax.Arra
   raise ValueError(f"rationale_term must be one of {RATIONALE_TERMS}, got {rationale_term!r}")
 
 
-@register("rdpo")
+@register("rdpo", ranges={"beta": "> 0"})
 def rdpo(lp: Logps, *, beta: float = 0.1, gamma: float = 0.1, rationale_term: str = "logsig"):
   """Data-Centric Preference Optimization with Rationales, RDPO (docs/losses.md#rdpo).
 
@@ -71,7 +71,7 @@ def rdpo(lp: Logps, *, beta: float = 0.1, gamma: float = 0.1, rationale_term: st
   return loss, metrics
 
 
-@register("rorpo")
+@register("rorpo", ranges={"beta": "> 0"})
 def rorpo(lp: Logps, *, beta: float = 0.1, gamma: float = 1.0, rationale_term: str = "linear"):
   """Data-Centric Preference Optimization with Rationales, R-ORPO (docs/losses.md#rorpo).
 
@@ -106,7 +106,7 @@ def condition_dpo(lp: Logps, loss: str, beta: float, condition_weight: float):
   return loss_value, metrics
 
 
-@register("mapl")
+@register("mapl", ranges={"beta": "> 0"})
 def mapl(lp: Logps, *, beta: float = 0.1, condition_weight: float = 1.0):
   """Multi-level Aware Preference Learning (MAPL), a reading of the abstract (docs/losses.md#mapl).
 
@@ -118,7 +118,7 @@ def mapl(lp: Logps, *, beta: float = 0.1, condition_weight: float = 1.0):
   return condition_dpo(lp, "mapl", beta, condition_weight)
 
 
-@register("omnidpo")
+@register("omnidpo", ranges={"beta": "> 0"})
 def omnidpo(lp: Logps, *, beta: float = 0.1, condition_weight: float = 1.0):
   """OmniDPO (omni-modal hallucination), a reading (docs/losses.md#omnidpo).
 
@@ -131,7 +131,7 @@ def omnidpo(lp: Logps, *, beta: float = 0.1, condition_weight: float = 1.0):
 FUSIONS = ("mean", "max_margin")
 
 
-@register("infifpo")
+@register("infifpo", ranges={"beta": "> 0"})
 def infifpo(lp: Logps, *, beta: float = 2.5, length_normalize: bool = True, fusion: str = "mean",
             with_reference: bool = False, clip: bool = True, ref_offset: float = 5.0):
   """InfiFPO: Implicit Model Fusion via Preference Optimization (Gu et al. 2025), a reading

@@ -56,7 +56,7 @@ def _plackett_luce(s: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(valid, tail_lse - s, 0.0), axis=1)
 
 
-@register("listmle")
+@register("listmle", ranges={"beta": "> 0"})
 def listmle(lp: Logps, *, beta: float = 0.1):
   """Listwise Approach to Learning to Rank (ListMLE) on DPO's implicit rewards.
 
@@ -68,7 +68,7 @@ def listmle(lp: Logps, *, beta: float = 0.1):
   return weighted_mean(_plackett_luce(s, lp.valid), lp.weight), list_metrics(lp, s)
 
 
-@register("ranknet")
+@register("ranknet", ranges={"beta": "> 0"})
 def ranknet(lp: Logps, *, beta: float = 0.1):
   """Learning to Rank using Gradient Descent (RankNet), all pairs, on DPO's implicit rewards.
 
@@ -120,7 +120,7 @@ def pro(lp: Logps, *, sft_weight: float = 0.05):
   return weighted_mean(rank + sft_weight * sft, lp.weight), metrics
 
 
-@register("ranklist")
+@register("ranklist", ranges={"beta": "> 0"})
 def ranklist(lp: Logps, *, beta: float = 0.1, skip: int = 0):
   """RankList: listwise ranking with log-sum-exp and skip-wise comparisons (docs/losses.md#ranklist).
 
@@ -147,7 +147,7 @@ def ranklist(lp: Logps, *, beta: float = 0.1, skip: int = 0):
   return weighted_mean(jnp.sum(terms, axis=1), lp.weight), list_metrics(lp, s)
 
 
-@register("hierarchical_pairwise")
+@register("hierarchical_pairwise", ranges={"beta": "> 0", "tau": "> 0"})
 def hierarchical_pairwise(lp: Logps, *, beta: float = 0.1, tau: float = 1.0, margin: float = 0.0):
   """VideoComp's hierarchical pairwise preference loss, logistic reading (docs/losses.md#hierarchical_pairwise).
 
@@ -199,7 +199,7 @@ def lambda_weights(psi: jax.Array, s: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.where(pairs, delta, 0.0)
 
 
-@register("lipo")
+@register("lipo", ranges={"beta": "> 0"})
 def lipo(lp: Logps, *, beta: float = 0.1):
   """LiPO-lambda (Liu et al. 2024, "LiPO: Listwise Preference Optimization through
   Learning-to-Rank"): RankNet's pairwise logistic on s = beta rho, each pair weighted by

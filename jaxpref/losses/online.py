@@ -157,7 +157,8 @@ def _per_sequence(lp: Logps):
   return lambda x: _group_mean(_seq_token_mean(x, lp), lp)
 
 
-@register("grpo", needs_tokens=True, role="online")
+@register("grpo", needs_tokens=True, role="online",
+          ranges={"beta": ">= 0", "epsilon_low": ">= 0", "epsilon_high": ">= 0"})
 def grpo(lp: Logps, *, epsilon_low: float = 0.2, epsilon_high: float = 0.2, delta: float = 0.0,
          beta: float = 0.04, kl_estimator: str = "k3", entropy_coef: float = 0.0):
   """GRPO (DeepSeekMath, Shao et al. 2024, eq. 3): the clipped surrogate averaged over each
@@ -168,7 +169,8 @@ def grpo(lp: Logps, *, epsilon_low: float = 0.2, epsilon_high: float = 0.2, delt
               entropy_coef)
 
 
-@register("bnpo", needs_tokens=True, role="online")
+@register("bnpo", needs_tokens=True, role="online",
+          ranges={"beta": ">= 0", "epsilon_low": ">= 0", "epsilon_high": ">= 0"})
 def bnpo(lp: Logps, *, epsilon_low: float = 0.2, epsilon_high: float = 0.2, delta: float = 0.0,
          beta: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0):
   """TRL's `bnpo`: the clipped surrogate as a token mean over the batch (what `dapo` does,
@@ -178,7 +180,8 @@ def bnpo(lp: Logps, *, epsilon_low: float = 0.2, epsilon_high: float = 0.2, delt
               kl_estimator, entropy_coef)
 
 
-@register("dr_grpo", needs_tokens=True, role="online")
+@register("dr_grpo", needs_tokens=True, role="online",
+          ranges={"beta": ">= 0", "epsilon_low": ">= 0", "epsilon_high": ">= 0"})
 def dr_grpo(lp: Logps, *, epsilon_low: float = 0.2, epsilon_high: float = 0.2, delta: float = 0.0,
             beta: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
             max_tokens: int = 0):
@@ -191,7 +194,8 @@ def dr_grpo(lp: Logps, *, epsilon_low: float = 0.2, epsilon_high: float = 0.2, d
   return _ppo(lp, reduce, epsilon_low, epsilon_high, delta, beta, kl_estimator, entropy_coef)
 
 
-@register("dapo", needs_tokens=True, role="online")
+@register("dapo", needs_tokens=True, role="online",
+          ranges={"beta": ">= 0", "epsilon_low": ">= 0", "epsilon_high": ">= 0"})
 def dapo(lp: Logps, *, epsilon_low: float = 0.2, epsilon_high: float = 0.28, delta: float = 0.0,
          beta: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0):
   """DAPO (Yu et al. 2025): clip-higher (eps_high = 0.28 > eps_low = 0.2) and the
@@ -201,7 +205,8 @@ def dapo(lp: Logps, *, epsilon_low: float = 0.2, epsilon_high: float = 0.28, del
               kl_estimator, entropy_coef)
 
 
-@register("gspo", needs_tokens=True, role="online")
+@register("gspo", needs_tokens=True, role="online",
+          ranges={"beta": ">= 0", "epsilon_low": ">= 0", "epsilon_high": ">= 0"})
 def gspo(lp: Logps, *, epsilon_low: float = 3e-4, epsilon_high: float = 4e-4, delta: float = 0.0,
          beta: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0):
   """GSPO (Zheng et al. 2025, arXiv 2507.18071): one importance ratio per response,
@@ -223,7 +228,8 @@ def gspo(lp: Logps, *, epsilon_low: float = 3e-4, epsilon_high: float = 4e-4, de
   return _group_mean(policy_seq, lp) + reduce(reg), metrics
 
 
-@register("cispo", needs_tokens=True, role="online")
+@register("cispo", needs_tokens=True, role="online",
+          ranges={"beta": ">= 0", "epsilon_low": ">= 0", "epsilon_high": ">= 0"})
 def cispo(lp: Logps, *, epsilon_low: float = 1.0, epsilon_high: float = 4.0, beta: float = 0.0,
           kl_estimator: str = "k3", entropy_coef: float = 0.0):
   """CISPO (MiniMax-M1 report, arXiv 2506.13585): REINFORCE with the clipped importance
@@ -241,7 +247,7 @@ def cispo(lp: Logps, *, epsilon_low: float = 1.0, epsilon_high: float = 4.0, bet
                                  f(ratio < 1 - epsilon_low), f(ratio > 1 + epsilon_high))
 
 
-@register("sapo", needs_tokens=True, role="online")
+@register("sapo", needs_tokens=True, role="online", ranges={"beta": ">= 0"})
 def sapo(lp: Logps, *, tau_pos: float = 1.0, tau_neg: float = 1.05, beta: float = 0.0,
          kl_estimator: str = "k3", entropy_coef: float = 0.0):
   """SAPO ("Soft Adaptive Policy Optimization", Qwen, arXiv 2511.20347): a soft gate in place of

@@ -26,7 +26,7 @@ def score_gap(lp: Logps, who: str) -> jax.Array:
   return lp.scores[:, 0] - lp.scores[:, 1]
 
 
-@register("dpo")
+@register("dpo", ranges={"beta": "> 0", "label_smoothing": "[0, 0.5]"})
 def dpo(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.0, margin: float = 0.0,
         score_margin: float = 0.0):
   """Direct Preference Optimization: Your Language Model is Secretly a Reward Model.
@@ -50,7 +50,7 @@ def flip_rate(lp: Logps, label_smoothing: float):
   return label_smoothing if lp.label_smoothing is None else lp.label_smoothing
 
 
-@register("robust_dpo")
+@register("robust_dpo", ranges={"beta": "> 0", "label_smoothing": "[0, 0.5)"})
 def robust_dpo(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.1):
   """Provably Robust DPO (Chowdhury et al. 2024), docs/losses.md#robust_dpo.
 
@@ -66,7 +66,7 @@ def robust_dpo(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.1):
   return pair_loss(lp, per, beta * rho)
 
 
-@register("ipo")
+@register("ipo", ranges={"beta": "> 0"})
 def ipo(lp: Logps, *, beta: float = 0.1, length_normalize: bool = True):
   """A General Theoretical Paradigm to Understand Learning from Human Preferences (IPO).
 
@@ -80,7 +80,7 @@ def ipo(lp: Logps, *, beta: float = 0.1, length_normalize: bool = True):
   return pair_loss(lp, (h - 1.0 / (2.0 * beta)) ** 2, beta * rho)
 
 
-@register("hinge")
+@register("hinge", ranges={"beta": "> 0"})
 def hinge(lp: Logps, *, beta: float = 0.1):
   """SLiC-HF: Sequence Likelihood Calibration with Human Feedback; l = relu(1 - beta h)."""
   check_pairs(lp)
@@ -88,7 +88,7 @@ def hinge(lp: Logps, *, beta: float = 0.1):
   return pair_loss(lp, jax.nn.relu(1.0 - beta * (rho[:, 0] - rho[:, 1])), beta * rho)
 
 
-@register("sigmoid_norm")
+@register("sigmoid_norm", ranges={"beta": "> 0"})
 def sigmoid_norm(lp: Logps, *, beta: float = 0.1):
   """Length-normalised DPO (LN-DPO, TRL `sigmoid_norm`, OpenRLHF `dpo_norm`), docs/losses.md#sigmoid_norm.
 
@@ -100,7 +100,7 @@ def sigmoid_norm(lp: Logps, *, beta: float = 0.1):
   return pair_loss(lp, -logsig(beta * (r[:, 0] - r[:, 1])), beta * r)
 
 
-@register("rpo")
+@register("rpo", ranges={"beta": "> 0"})
 def rpo(lp: Logps, *, beta: float = 0.1, alpha: float = 1.0):
   """Iterative Reasoning Preference Optimization: DPO + alpha * NLL(y_w) (docs/losses.md#rpo).
 
@@ -114,13 +114,13 @@ def rpo(lp: Logps, *, beta: float = 0.1, alpha: float = 1.0):
   return loss + alpha * nll, metrics
 
 
-@register("sft_dpo")
+@register("sft_dpo", ranges={"beta": "> 0"})
 def sft_dpo(lp: Logps, *, beta: float = 0.1, alpha: float = 1.0):
   """SFT-DPO of "3D-Properties of DPO" (docs/losses.md#sft_dpo): DPO + alpha * NLL(y_w), as `rpo`."""
   return rpo(lp, beta=beta, alpha=alpha)
 
 
-@register("exo_pair")
+@register("exo_pair", ranges={"beta": "> 0", "label_smoothing": "[0, 0.5]"})
 def exo_pair(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 1e-3):
   """Towards Efficient Exact Optimization of Language Model Alignment (EXO), pairwise form.
 
@@ -136,7 +136,7 @@ def exo_pair(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 1e-3):
   return pair_loss(lp, per, beta * rho)
 
 
-@register("nca_pair")
+@register("nca_pair", ranges={"beta": "> 0"})
 def nca_pair(lp: Logps, *, beta: float = 0.1):
   """Noise Contrastive Alignment of Language Models with Explicit Rewards (NCA), pairwise.
 
@@ -149,7 +149,7 @@ def nca_pair(lp: Logps, *, beta: float = 0.1):
   return pair_loss(lp, per, r)
 
 
-@register("bco_pair")
+@register("bco_pair", ranges={"beta": "> 0"})
 def bco_pair(lp: Logps, *, beta: float = 0.1, delta: str = "batch_mean"):
   """Binary Classifier Optimization (Jung et al. 2024), pairwise form.
 
@@ -170,7 +170,7 @@ def bco_pair(lp: Logps, *, beta: float = 0.1, delta: str = "batch_mean"):
   return pair_loss(lp, per, r, delta=jnp.asarray(d, jnp.float32))
 
 
-@register("sppo_hard")
+@register("sppo_hard", ranges={"beta": "> 0"})
 def sppo_hard(lp: Logps, *, beta: float = 0.1):
   """Self-Play Preference Optimization, hard-label form (TRL `sppo_hard`, docs/losses.md#sppo_hard).
 
@@ -197,7 +197,7 @@ def _aot(lp: Logps, a: jax.Array, b: jax.Array, beta: float, label_smoothing: fl
   return jnp.sum(jnp.where(keep, per, 0.0)) / jnp.maximum(n_real, 1)
 
 
-@register("aot")
+@register("aot", ranges={"beta": "> 0", "label_smoothing": "[0, 0.5]"})
 def aot(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.0):
   """Distributional Preference Alignment of LLMs via Optimal Transport (AOT), paired form.
 
@@ -209,7 +209,7 @@ def aot(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.0):
   return loss, pair_metrics(lp, beta * logratios(lp))
 
 
-@register("aot_pair")
+@register("aot_pair", ranges={"beta": "> 0", "label_smoothing": "[0, 0.5]"})
 def aot_pair(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.0):
   """AOT, unpaired form: delta = sort_batch(rho(y_w)) - sort_batch(rho(y_l))."""
   check_pairs(lp)
@@ -217,7 +217,7 @@ def aot_pair(lp: Logps, *, beta: float = 0.1, label_smoothing: float = 0.0):
   return _aot(lp, rho[:, 0], rho[:, 1], beta, label_smoothing), pair_metrics(lp, beta * rho)
 
 
-@register("apo_zero")
+@register("apo_zero", ranges={"beta": "> 0"})
 def apo_zero(lp: Logps, *, beta: float = 0.1):
   """Anchored Preference Optimization (D'Oosterlinck et al. 2024), APO-zero.
 
@@ -229,7 +229,7 @@ def apo_zero(lp: Logps, *, beta: float = 0.1):
   return pair_loss(lp, 1.0 - jax.nn.sigmoid(r[:, 0]) + jax.nn.sigmoid(r[:, 1]), r)
 
 
-@register("apo_down")
+@register("apo_down", ranges={"beta": "> 0"})
 def apo_down(lp: Logps, *, beta: float = 0.1):
   """Anchored Preference Optimization, APO-down: l = sig(beta rho_w) + 1 - sig(beta h)."""
   check_pairs(lp)
@@ -237,7 +237,7 @@ def apo_down(lp: Logps, *, beta: float = 0.1):
   return pair_loss(lp, jax.nn.sigmoid(r[:, 0]) + 1.0 - jax.nn.sigmoid(r[:, 0] - r[:, 1]), r)
 
 
-@register("discopop")
+@register("discopop", ranges={"beta": "> 0", "tau": "> 0"})
 def discopop(lp: Logps, *, beta: float = 0.1, tau: float = 0.05):
   """Discovering Preference Optimization Algorithms with and for LLMs (DiscoPOP, LRML).
 
@@ -252,7 +252,7 @@ def discopop(lp: Logps, *, beta: float = 0.1, tau: float = 0.05):
   return pair_loss(lp, per, beta * rho)
 
 
-@register("gamma_dpo")
+@register("gamma_dpo", ranges={"beta": "> 0"})
 def gamma_dpo(lp: Logps, *, beta: float = 0.1, gamma: float = 1.0):
   """gamma-attenuated DPO of "Preference Learning Algorithms Do Not Learn Preference Rankings".
 
@@ -277,7 +277,7 @@ def flex_dpo(lp: Logps, *, beta_chosen: float = 0.1, beta_rejected: float = 0.1)
   return pair_loss(lp, -logsig(rewards[:, 0] - rewards[:, 1]), rewards)
 
 
-@register("osp")
+@register("osp", ranges={"beta": "> 0", "temperature": "> 0"})
 def osp(lp: Logps, *, beta: float = 0.1, temperature: float = 1.0):
   """Online Self-Preferring Language Models: soft-preference cross-entropy (docs/losses.md#osp).
 
@@ -309,7 +309,7 @@ def degree_cross_entropy(z: jax.Array, degree: jax.Array, num_degrees: int,
   return jax.nn.logsumexp(logits, axis=1) - own
 
 
-@register("spo")
+@register("spo", ranges={"beta": "> 0"})
 def spo(lp: Logps, *, beta: float = 0.1, degree_weight: float = 0.1, num_degrees: int = 4,
         degree_margin: float = 1.0):
   """Self-supervised Preference Optimization (SPO, Li et al. 2024), docs/losses.md#spo.
@@ -343,7 +343,7 @@ def _cap_exp(x: jax.Array) -> jax.Array:
   return jnp.exp(jnp.minimum(x, jnp.log(jnp.finfo(x.dtype).max)))
 
 
-@register("f_dpo")
+@register("f_dpo", ranges={"beta": "> 0", "label_smoothing": "[0, 0.5]"})
 def f_dpo(lp: Logps, *, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 1.0,
           label_smoothing: float = 0.0, convention: str = "jaxpref"):
   """Beyond Reverse KL: Generalizing DPO with Diverse Divergence Constraints (f-DPO).

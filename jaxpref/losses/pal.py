@@ -65,7 +65,7 @@ def _check(lp: RewardOutputs) -> None:
     raise ValueError(f"pal needs pairs (K=2, chosen first), got groups of {lp.embed.shape[1]}")
 
 
-@register("pal", role="reward")
+@register("pal", role="reward", ranges={"tau": "> 0"})
 def pal(lp: RewardOutputs, *, scorer: str = "dist", tau: float = 1.0,
         logit_scale: float = math.log(1 / 0.07), proto_bound: float = 4.0,
         proto_penalty: float = 1.0, per_user_weighting: bool = False):

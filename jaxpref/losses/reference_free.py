@@ -16,7 +16,7 @@ from jaxpref.types import Logps
 logsig = jax.nn.log_sigmoid
 
 
-@register("simpo")
+@register("simpo", ranges={"beta": "> 0", "label_smoothing": "[0, 0.5]"})
 def simpo(lp: Logps, *, beta: float = 2.0, gamma_beta_ratio: float = 0.25,
           label_smoothing: float = 0.0, hinge: bool = False, sft_weight: float = 0.0,
           length_normalize: bool = True):
@@ -40,7 +40,7 @@ def simpo(lp: Logps, *, beta: float = 2.0, gamma_beta_ratio: float = 0.25,
   return weighted_mean(per, lp.weight) + sft_weight * nll, metrics
 
 
-@register("orpo")
+@register("orpo", ranges={"beta": "> 0"})
 def orpo(lp: Logps, *, beta: float = 0.1):
   """ORPO: Monolithic Preference Optimization without Reference Model (docs/losses.md#orpo).
 
@@ -57,7 +57,7 @@ def orpo(lp: Logps, *, beta: float = 0.1):
   return nll - beta * weighted_mean(ratio, lp.weight), metrics
 
 
-@register("cpo")
+@register("cpo", ranges={"beta": "> 0", "label_smoothing": "[0, 0.5]"})
 def cpo(lp: Logps, *, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0):
   """Contrastive Preference Optimization (Xu et al. 2024), TRL's sigmoid form.
 

@@ -52,11 +52,25 @@ class TokenNeeds:
 _LOSSES: dict[str, LossFn] = {}
 _NEEDS: dict[str, TokenNeeds] = {}
 _ROLES: dict[str, str] = {}
+_RANGES: dict[str, dict[str, str]] = {}
+
+
+def _in_range(value: Any, spec: str) -> bool:
+  """`spec` is "> a", ">= a", "< a", "<= a" or an interval "[a, b)", "(a, b]", ..."""
+  spec = spec.replace(" ", "")
+  for op, test in ((">=", lambda v, a: v >= a), ("<=", lambda v, a: v <= a),
+                   (">", lambda v, a: v > a), ("<", lambda v, a: v < a)):
+    if spec.startswith(op):
+      return test(value, float(spec[len(op):]))
+  lo, hi = (float(x) for x in spec[1:-1].split(","))
+  return ((value >= lo) if spec[0] == "[" else (value > lo)) and (
+      (value <= hi) if spec[-1] == "]" else (value < hi))
 
 
 def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = False,
              token_mask: Optional[str] = None, needs_prob_sq: bool = False,
-             role: str = "policy") -> Callable[[LossFn], LossFn]:
+             role: str = "policy",
+             ranges: Optional[dict[str, str]] = None) -> Callable[[LossFn], LossFn]:
   """Decorator adding `fn` to the registry under `name` (a user's file may use it too).
 
   `needs_tokens=True` asks the train step for the per-token log-probs
@@ -66,7 +80,8 @@ def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = Fa
   the losses that ask (either implies `needs_tokens`). `needs_prob_sq` asks for
   `Logps.prob_sq` [B, K], a policy-side full-vocabulary pass without per-token arrays.
   `role` (one of ROLES) is the step the loss is written for; a run under another role is
-  refused at start-up.
+  refused at start-up. `ranges` maps hyperparameters to the values the paper allows
+  ("> 0", "[0, 0.5)"); `bind` refuses others at start-up, naming the flag.
   """
   if role not in ROLES:
     raise ValueError(f"loss {name!r}: role must be one of {ROLES}, got {role!r}")
@@ -84,14 +99,23 @@ def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = Fa
       if p.kind is not p.KEYWORD_ONLY or p.default is p.empty:
         raise TypeError(f"loss {name!r}: hyperparameter {p.name!r} must be keyword-only "
                         "with a default (the paper's)")
+    unknown = sorted(set(ranges or {}) - {p.name for p in params[1:]})
+    if unknown:
+      raise TypeError(f"loss {name!r}: ranges for unknown hyperparameters {unknown}")
     _LOSSES[name] = fn
     _ROLES[name] = role
+    _RANGES[name] = dict(ranges or {})
     if needs_tokens or needs_vocab_kl or token_mask or needs_prob_sq:
       _NEEDS[name] = TokenNeeds(bool(needs_tokens or needs_vocab_kl or token_mask),
                                 needs_vocab_kl, token_mask, needs_prob_sq)
     return fn
 
   return add
+
+
+def ranges(name: str) -> dict[str, str]:
+  """The declared ranges of the hyperparameters of `name`'s terms."""
+  return {hp: spec for _, loss in _terms(name) for hp, spec in _RANGES[loss].items()}
 
 
 def _terms(name: str) -> list[tuple[float, str]]:
@@ -173,6 +197,15 @@ def bind(name: str, overrides: dict[str, Any]) -> Callable[..., Any]:
     listing = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "(none)"
     raise ValueError(f"loss {name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
                      f"valid ones (with defaults): {listing}")
+  for _, loss in _terms(name):
+    for hp, spec in _RANGES[loss].items():
+      value = overrides.get(hp, hparams(loss).get(hp))
+      if isinstance(value, (int, float)) and not _in_range(float(value), spec):
+        raise ValueError(f"--loss.{hp}={value!r} is out of range for loss {loss!r}: it must be "
+                         f"{spec}")
+  for weight, _ in _terms(name):
+    if not weight > 0:
+      raise ValueError(f"loss {name!r}: a term's weight must be > 0, got {weight}")
   fn = get(name)
   # A single loss gets every hyperparameter; the terms of a sum pick theirs from overrides
   # and keep their own defaults otherwise.

@@ -102,7 +102,7 @@ def _bt_result(lp: RewardOutputs, per_pair: jax.Array, r: jax.Array, tau: float,
   return weighted_mean(per_pair, lp.weight), metrics
 
 
-@register("bt", role="reward")
+@register("bt", role="reward", ranges={"label_smoothing": "[0, 0.5]", "tau": "> 0"})
 def bt(lp: RewardOutputs, *, margin: float = 0.0, tau: float = 1.0, label_smoothing: float = 0.0,
        center_rewards: float = 0.0):
   """Bradley-Terry reward-model loss (docs/reward_models.md#bt; Secrets of RLHF II smoothing).
@@ -120,7 +120,7 @@ def bt(lp: RewardOutputs, *, margin: float = 0.0, tau: float = 1.0, label_smooth
   return _bt_result(lp, per, r, tau, center=weighted_mean(centre, lp.weight))
 
 
-@register("bt_adaptive_margin", role="reward")
+@register("bt_adaptive_margin", role="reward", ranges={"tau": "> 0"})
 def bt_adaptive_margin(lp: RewardOutputs, *, margin_scale: float = 1.0, margin_clip: float = 0.0,
                        tau: float = 1.0):
   """Secrets of RLHF in LLMs Part II: Reward Modeling, adaptive margin (docs/reward_models.md#bt_adaptive_margin, a reading).
@@ -137,7 +137,7 @@ def bt_adaptive_margin(lp: RewardOutputs, *, margin_scale: float = 1.0, margin_c
   return _bt_result(lp, per, r, tau)
 
 
-@register("bt_flip", role="reward")
+@register("bt_flip", role="reward", ranges={"tau": "> 0"})
 def bt_flip(lp: RewardOutputs, *, flip_below: float = 0.0, tau: float = 1.0):
   """Secrets of RLHF in LLMs Part II, label flipping (docs/reward_models.md#bt_flip, a reading).
 
@@ -154,7 +154,7 @@ def bt_flip(lp: RewardOutputs, *, flip_below: float = 0.0, tau: float = 1.0):
   return loss, metrics
 
 
-@register("bt_soft", role="reward")
+@register("bt_soft", role="reward", ranges={"tau": "> 0"})
 def bt_soft(lp: RewardOutputs, *, tau: float = 1.0, score_temperature: float = 1.0):
   """Soft-label BT for judge strengths (Self-Reference AI feedback, docs/reward_models.md#bt_soft, a reading).
 
@@ -179,7 +179,7 @@ def gpm_score(v_w: jax.Array, v_l: jax.Array, gate: jax.Array | None = None) -> 
   return jnp.sum(per_block if gate is None else gate * per_block, axis=-1)
 
 
-@register("gpm", role="reward")
+@register("gpm", role="reward", ranges={"tau": "> 0"})
 def gpm(lp: RewardOutputs, *, tau: float = 0.1, margin: float = 0.0, normalize: bool = False):
   """Beyond Bradley-Terry Models: A General Preference Model for Language Model Alignment
   (GPM, docs/reward_models.md#gpm).
@@ -245,7 +245,7 @@ def _dropout_views(z: jax.Array, rate: float, seed: int) -> tuple[jax.Array, jax
   return z * keep(k1), z * keep(k2)
 
 
-@register("bt_contrastive", role="reward")
+@register("bt_contrastive", role="reward", ranges={"tau": "> 0", "temperature": "> 0"})
 def bt_contrastive(lp: RewardOutputs, *, contrastive_weight: float = 0.1, temperature: float = 0.05,
                    dropout: float = 0.1, tau: float = 1.0, seed: int = 0):
   """Secrets of RLHF in LLMs Part II, contrastive auxiliary (SimCSE variant; docs/reward_models.md#bt_contrastive, a reading).

@@ -19,7 +19,7 @@ from jaxpref.losses.reward import _bt_result, _rewards
 LM_ON = ("chosen", "both")
 
 
-@register("themis", needs_tokens=True, role="reward")
+@register("themis", needs_tokens=True, role="reward", ranges={"tau": "> 0"})
 def themis(lp, *, bt_weight: float = 0.5, tau: float = 1.0, lm_on: str = "chosen"):
   """Tool-augmented reward modeling (Themis, docs/reward_models.md#themis).
 

@@ -16,7 +16,7 @@ from jaxpref.losses.registry import register
 from jaxpref.types import Logps
 
 
-@register("ld_dpo", needs_tokens=True)
+@register("ld_dpo", needs_tokens=True, ranges={"beta": "> 0", "label_smoothing": "[0, 0.5]"})
 def ld_dpo(lp: Logps, *, beta: float = 0.1, ld_alpha: float = 0.5, label_smoothing: float = 0.0,
            ref_weighted: bool = False):
   """LD-DPO: Length Desensitization in Direct Preference Optimization (Liu et al. 2024).
@@ -86,7 +86,8 @@ def _token_pair_loss(lp: Logps, beta: float, m_u: jax.Array, m_d: jax.Array, pen
   return loss, metrics
 
 
-@register("sparse_po", needs_tokens=True, needs_vocab_kl=True, token_mask="learned")
+@register("sparse_po", needs_tokens=True, needs_vocab_kl=True, token_mask="learned",
+          ranges={"beta": "> 0"})
 def sparse_po(lp: Logps, *, beta: float = 0.1, lambda_u: float = 0.001,
               lambda_d: float = 0.001, independent: bool = True):
   """SparsePO (docs/losses.md#sparse_po, huawei-noah/HEBO SparsePO): DPO's log-ratio and a per-token
@@ -131,7 +132,8 @@ def zn_rescale(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(on, jnp.clip(out, 0.0, 1.0), 0.0)
 
 
-@register("mapo", needs_tokens=True, needs_vocab_kl=True, token_mask="activations")
+@register("mapo", needs_tokens=True, needs_vocab_kl=True, token_mask="activations",
+          ranges={"beta": "> 0"})
 def mapo(lp: Logps, *, beta: float = 0.1, layers: str = "all"):
   """MaPO (docs/losses.md#mapo, huawei-noah/HEBO SparsePO repo): SparsePO's u - d with a fixed mask
   a_t from the reference's residual stream: per layer, the feature mean z-normalised and

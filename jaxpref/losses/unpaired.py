@@ -62,7 +62,7 @@ def _kto_form(lp: Logps, beta: float, desirable_weight: float, undesirable_weigh
   return weighted_mean(per, lp.weight), _unpaired_metrics(lp, beta * rho, beta * z)
 
 
-@register("kto")
+@register("kto", ranges={"beta": "> 0"})
 def kto(lp: Logps, *, beta: float = 0.1, desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0):
   """KTO: Model Alignment as Prospect Theoretic Optimization (docs/losses.md#kto), as TRL computes it.
@@ -75,7 +75,7 @@ def kto(lp: Logps, *, beta: float = 0.1, desirable_weight: float = 1.0,
   return _kto_form(lp, beta, desirable_weight, undesirable_weight, z)
 
 
-@register("apo")
+@register("apo", ranges={"beta": "> 0"})
 def apo(lp: Logps, *, beta: float = 0.1, desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0, kl_min: float = -5.0, kl_max: float = 5.0):
   """Action Preference Optimization for VLA policies (docs/losses.md#apo), KTO form.
@@ -89,7 +89,7 @@ def apo(lp: Logps, *, beta: float = 0.1, desirable_weight: float = 1.0,
   return _kto_form(lp, beta, desirable_weight, undesirable_weight, z)
 
 
-@register("apo_zero_unpaired")
+@register("apo_zero_unpaired", ranges={"beta": "> 0"})
 def apo_zero_unpaired(lp: Logps, *, beta: float = 0.1):
   """Anchored Preference Optimization, unpaired APO-zero (TRL): KTO's form without z0.
 
@@ -102,7 +102,7 @@ def apo_zero_unpaired(lp: Logps, *, beta: float = 0.1):
   return weighted_mean(per, lp.weight), _unpaired_metrics(lp, beta * rho, jnp.zeros(()))
 
 
-@register("bco")
+@register("bco", ranges={"beta": "> 0"})
 def bco(lp: Logps, *, beta: float = 0.1):
   """Binary Classifier Optimization for LLM Alignment (Jung et al. 2024), unpaired.
 

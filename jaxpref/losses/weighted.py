@@ -43,7 +43,7 @@ def weighted_dpo(lp: Logps, weight: jax.Array, beta: float, label_smoothing: flo
   return loss, metrics
 
 
-@register("wpo", needs_prob_sq=True)
+@register("wpo", needs_prob_sq=True, ranges={"beta": "> 0", "label_smoothing": "[0, 0.5]"})
 def wpo(lp: Logps, *, beta: float = 0.01, label_smoothing: float = 0.0, align: bool = True):
   """WPO: Enhancing RLHF with Weighted Preference Optimization (Zhou et al. 2024).
 
@@ -68,7 +68,7 @@ def visit_count_flip_rate(lp: Logps) -> jax.Array:
   return jnp.minimum(n[:, 1] / (jnp.maximum(n[:, 0], 1.0) + n[:, 1]), 0.5)
 
 
-@register("mcts_dpo")
+@register("mcts_dpo", ranges={"beta": "> 0"})
 def mcts_dpo(lp: Logps, *, beta: float = 0.1, conservative: bool = True, ipo: bool = False,
              length_normalize: bool = False, length_penalty: float = 1.0):
   """Monte Carlo Tree Search Boosts Reasoning via Iterative Preference Learning

@@ -89,6 +89,7 @@ class RunConfig:
   progress: bool = True
   plot: bool = True
   log_records: bool = False  # WORKDIR/records/process_P.jsonl: each step's groups (exact resume)
+  nonfinite: str = "stop"  # a non-finite loss or gradient: stop | skip (the update is dropped)
 
   @functools.cached_property
   def loss_spec(self) -> losses.LossSpec:

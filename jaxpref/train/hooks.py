@@ -9,26 +9,37 @@ the program, the writers and the rows logged so far.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from jaxpref import cli_errors
 from jaxpref.data import passes
 from jaxpref.models import hf_export
 from jaxpref.train import plots, reference, rounds as rounds_lib
+from jaxpref.train.step import NONFINITE
 from jaxpref.train.metrics import RecordLog, read_metrics
 from jaxpref.train.setup import say
 
 
-PREEMPTED_EXIT = 3  # the exit code of a run stopped by SIGTERM (done: 0, crashed: 1)
+PREEMPTED_EXIT = cli_errors.PREEMPTED_EXIT  # a run stopped by SIGTERM (done: 0, crashed: 1)
+ZERO_GRAD_STEPS = 10  # this many steps in a row with a gradient norm of exactly 0 warns
 
 
-class Preempted(Exception):
+class Preempted(cli_errors.Preempted):
   """SIGTERM stopped the run after saving a checkpoint; re-running the command resumes it.
   No final_metrics.json is written, so a scheduler does not read the run as finished."""
+
+
+class NonFinite(cli_errors.RunError):
+  """A step's loss or gradient was not finite (its update was dropped) under
+  --nonfinite=stop."""
 
 
 class Loop:
@@ -40,6 +51,9 @@ class Loop:
     self.saved, self.ckpt = saved, ckpt
     self.last_train: list[dict] | None = None
     self.last_eval: list[dict] | None = None
+    self.metrics: dict = {}  # the last step's metrics, on device
+    self.guard = None  # the numeric guard, which the checkpoint hook asks before saving
+    self.sinks: list = list(writers)  # what a checkpoint syncs to disk
     self.stop = False  # a hook asks the loop to end after this step (SIGTERM)
     self.preempted = False
     self._closers: list[Callable[[], None]] = [ckpt.wait, ckpt.close] + [w.close for w in writers]
@@ -96,6 +110,67 @@ class Eval:
       self.run(done)
 
 
+class Guard:
+  """The numeric guard. The step drops a non-finite update and flags it (`NONFINITE`);
+  the flags are summed on device, with the first flagged step and the run of zero
+  gradient norms, and read on the host only at log and checkpoint steps. Under
+  --nonfinite=stop the run then stops naming the step, its groups and the culprit
+  (before any checkpoint of a later step); under skip, skipped steps are counted."""
+
+  def __init__(self, loop: Loop):
+    self.loop = loop
+    loop.guard = self
+    self.state = (jnp.zeros((), jnp.float32), jnp.full((), -1, jnp.int32),
+                  jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    self.ids = collections.deque(maxlen=loop.cfg.log_every + loop.cfg.checkpoint_every + 1)
+    self.seen, self.warned = 0.0, False
+
+  def on_batch(self, step: int) -> None:
+    self.ids.append((step + 1, np.ravel(self.loop.prog.batchers[0].last_indices)
+                     if hasattr(self.loop.prog.batchers[0], "last_indices") else None))
+
+  def after_update(self, done: int) -> None:
+    m = self.loop.metrics
+    self.state = _track(self.state, m.pop(NONFINITE), m["grad_norm"], done)
+
+  def after_step(self, done: int) -> None:
+    if done % self.loop.cfg.log_every == 0:
+      self.verify(done)
+
+  def verify(self, done: int) -> None:
+    """Reads the device counters (a host sync): at log steps, and before every checkpoint."""
+    cfg = self.loop.cfg
+    count, first, bits, zeros = (np.asarray(x) for x in jax.device_get(self.state))
+    if count > self.seen:
+      what = " and ".join(n for b, n in ((1, "the loss"), (2, "the gradient norm"))
+                          if int(bits) & b)
+      ids = dict(self.ids).get(int(first))
+      groups = "" if ids is None else f" (its groups: {', '.join(map(str, ids[:16].tolist()))}"
+      groups += ", ..." if ids is not None and len(ids) > 16 else ""
+      groups += ")" if ids is not None else ""
+      if cfg.nonfinite == "stop":
+        raise NonFinite(f"step {int(first)}: {what} is not finite{groups}; its update was "
+                        f"dropped and no checkpoint holds it. Lower --learning_rate or the "
+                        f"loss's hyperparameters, check the records' weights and scores, or "
+                        f"pass --nonfinite=skip to skip such steps")
+      say(f"step {done}: {int(count - self.seen)} non-finite step(s) skipped (--nonfinite=skip; "
+          f"first at step {int(first)}: {what}{groups}); {int(count)} in all")
+      self.seen = float(count)
+    if int(zeros) >= ZERO_GRAD_STEPS and not self.warned:
+      say(f"warning: the gradient norm has been exactly 0 for {int(zeros)} steps (to step "
+          f"{done}): the model has stopped learning (a --learning_rate too large for it?)")
+      self.warned = True
+
+
+@jax.jit
+def _track(state, flag, grad_norm, step):
+  count, first, bits, zeros = state
+  flag = jnp.sum(flag)  # an ensemble flags each member
+  new = (flag > 0) & (first < 0)
+  return (count + (flag > 0), jnp.where(new, step, first), jnp.where(new, flag, bits),
+          jnp.where(jnp.all(grad_norm == 0), zeros + 1, 0))
+
+
 class Checkpoint:
   """Saves every --checkpoint_every steps and at the end; SIGTERM (a TPU VM preemption
   notice) saves at once and stops the loop."""
@@ -114,13 +189,22 @@ class Checkpoint:
 
   def after_step(self, done: int) -> None:
     loop, cfg = self.loop, self.loop.cfg
-    position = {"seed": cfg.data.seed, "step": done, "order": loop.prog.order()}
+    force = self.requested or done == cfg.steps
+    if not force and done % cfg.checkpoint_every:
+      return
+    if loop.guard is not None:
+      loop.guard.verify(done)  # never checkpoint past a non-finite step under stop
+    self.save(done, force)
     if self.requested:
-      loop.ckpt.save(done, loop.saved(), position, force=True)
       say(f"SIGTERM: saved a checkpoint at step {done} and stopped")
       loop.stop = loop.preempted = True
-      return
-    loop.ckpt.save(done, loop.saved(), position, force=done == cfg.steps)
+
+  def save(self, done: int, force: bool) -> None:
+    loop, cfg = self.loop, self.loop.cfg
+    position = {"seed": cfg.data.seed, "step": done, "order": loop.prog.order()}
+    if loop.ckpt.save(done, loop.saved(), position, force=force):
+      for sink in loop.sinks:  # rows up to a checkpoint reach the disk with it
+        sink.sync()
 
 
 class Records:
@@ -131,6 +215,9 @@ class Records:
     self.logs = [RecordLog(w, jax.process_index(), loop.start) for w in loop.prog.workdirs]
     for log in self.logs:
       loop.on_close(log.close)
+      loop.sinks.append(log)
+      for note in log.notes:
+        say(note)
 
   def on_batch(self, step: int) -> None:
     for log, b in zip(self.logs, self.loop.prog.batchers):
@@ -196,5 +283,5 @@ def default_hooks(cfg, prog, s, loop: Loop) -> list:
     hooks.append(Records(loop))
   if cfg.ref_sync_every:
     hooks.append(RefSync(loop))
-  hooks += [Eval(loop, s.eval_ds), Checkpoint(loop), Finish(loop)]
+  hooks += [Guard(loop), Eval(loop, s.eval_ds), Checkpoint(loop), Finish(loop)]
   return hooks

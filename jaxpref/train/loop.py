@@ -9,6 +9,7 @@ metrics) is a hook of `hooks.py` called at fixed points of the loop.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable
@@ -18,6 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from jaxpref import cli_errors
 from jaxpref.data import batching, passes
 from jaxpref.losses.reward import finish_metrics
 from jaxpref.parallel import distributed, mesh as mesh_lib
@@ -127,11 +129,13 @@ def train(s: Setup, prog: Program | None = None) -> dict:
     else:
       prog.state = restored
     if position.get("seed") != cfg.data.seed:
-      raise ValueError(f"{cfg.workdir}: checkpoint was written with --data_seed="
-                       f"{position.get('seed')}, this run has --data_seed={cfg.data.seed}")
+      raise cli_errors.WorkdirError(
+          f"{cfg.workdir}: checkpoint was written with --data_seed={position.get('seed')}, "
+          f"this run has --data_seed={cfg.data.seed}")
     if position.get("order", prog.order()) != prog.order():
-      raise ValueError(f"{cfg.workdir}: checkpoint was written with {position['order']}, this "
-                       f"run has {prog.order()}: the batches after resuming would differ")
+      raise cli_errors.WorkdirError(
+          f"{cfg.workdir}: checkpoint was written with {position['order']}, this run has "
+          f"{prog.order()}: the batches after resuming would differ")
     say(f"resuming from step {start} ({cfg.workdir}/checkpoints)")
   if start >= cfg.steps:
     ckpt.close()
@@ -141,6 +145,8 @@ def train(s: Setup, prog: Program | None = None) -> dict:
   # A fresh start drops every row a run killed before its first checkpoint left behind.
   writers = [MetricWriter(w, resume_step=start if start else -1, enabled=process0)
              for w in prog.workdirs]
+  for note in [n for w in writers for n in w.notes] + ckpt.notes:
+    say(note)
   loop = hooks_lib.Loop(cfg, prog, writers, start, saved, ckpt)
   hooks = hooks_lib.default_hooks(cfg, prog, s, loop) + prog.hooks
   schedule = learning_rate_schedule(cfg.optim, cfg.steps)
@@ -155,6 +161,7 @@ def train(s: Setup, prog: Program | None = None) -> dict:
       loop.call(hooks, "on_batch", step)
       tokens += batching.padding_efficiency(host)
       prog.state, metrics = prog.train_step(prog.state, prog.ref, placed)
+      loop.metrics = metrics
       done = step + 1
       steps_done += 1
       loop.call(hooks, "after_update", done)
@@ -171,6 +178,9 @@ def train(s: Setup, prog: Program | None = None) -> dict:
       loop.call(hooks, "after_step", done)
       if loop.stop:
         break
+  except cli_errors.WriterError:
+    _save_after_writer_error(loop, hooks)
+    raise
   finally:
     if bar is not None:
       bar.close()
@@ -181,6 +191,19 @@ def train(s: Setup, prog: Program | None = None) -> dict:
                               f"of --steps={cfg.steps} after saving a checkpoint; run the same "
                               f"command again to resume ({cfg.workdir})")
   return loop.final[0] if loop.final else {}
+
+
+def _save_after_writer_error(loop, hooks) -> None:
+  """A metrics writer failed (a full disk?): try to checkpoint the last finished step."""
+  done = int(np.max(jax.device_get(loop.prog.state.step)))
+  for h in hooks:
+    if isinstance(h, hooks_lib.Checkpoint):
+      try:
+        h.save(done, force=True)
+        loop.ckpt.wait()
+        say(f"a writer failed: saved a checkpoint at step {done}")
+      except Exception as e:  # noqa: BLE001 (the writer's error is the one to report)
+        say(f"a writer failed, and so did the checkpoint at step {done}: {e}")
 
 
 def _show(bar, done: int, rows: list[dict]) -> None:
@@ -198,7 +221,12 @@ def _already_done(cfg: RunConfig, prog: Program, start: int) -> dict:
   rows = [r for r in read_metrics(path) if r["step"] <= start]
   say(f"{cfg.workdir} already finished {start} of --steps={cfg.steps}; nothing to do")
   evals = [r for r in rows if r["split"] == "eval"]
-  return evals[-1] if evals else rows[-1] if rows else {}
+  final = evals[-1] if evals else rows[-1] if rows else {}
+  path = os.path.join(prog.workdirs[0], "final_metrics.json")
+  if jax.process_index() == 0 and prog.members == 1 and not os.path.exists(path):
+    with open(path, "w") as f:  # killed after its last checkpoint: finish the record
+      json.dump(final, f, indent=1)
+  return final
 
 
 def _host_rows(batcher, batch_sharding):

@@ -131,6 +131,12 @@ def setup(cfg: RunConfig) -> Setup:
   if cfg.grad_accum < 1 or cfg.data.batch_size % (cfg.grad_accum * n_batch_shards):
     raise ValueError(f"--batch_size={cfg.data.batch_size} must be divisible by --grad_accum="
                      f"{cfg.grad_accum} times the mesh's data*fsdp size ({n_batch_shards})")
+  for split, ds, path in (("train", train_ds, cfg.data.train_data),
+                          ("eval", eval_ds, cfg.data.eval_data)):
+    weight = getattr(ds, "weight", None)
+    if weight is not None and not np.any(np.asarray(weight) > 0):
+      raise ValueError(f"{path}: every {split} group has weight 0 (the records' 'weight' "
+                       "field): there is nothing to learn from or average over")
   check_role(cfg)
   roles.get(cfg.role).check(cfg, train_ds, eval_ds)
   hf_export.check(cfg)

@@ -19,6 +19,16 @@ import optax
 from jaxpref.types import GroupBatch
 
 Forward = Callable[[Any, Any, Any], Any]  # (params, ref, batch) -> what the loss reads
+# The train step's per-step flag: 0 when the update was applied, else a bit per culprit
+# (1: the loss, 2: the gradient norm), the update having been dropped.
+NONFINITE = "guard/nonfinite"
+
+
+def nonfinite(metrics: dict) -> jax.Array:
+  """float32[] bits: 1 if the loss is not finite, 2 if the gradient norm is not."""
+  loss_bad = ~jnp.isfinite(metrics["loss"])
+  grad_bad = ~jnp.isfinite(metrics["grad_norm"])
+  return loss_bad.astype(jnp.float32) + 2.0 * grad_bad.astype(jnp.float32)
 
 
 @jax.tree_util.register_dataclass
@@ -93,6 +103,13 @@ def make_steps(forward: Forward, loss_fn: Callable[[Any], Any],
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    # A non-finite loss or gradient never reaches the parameters: the update is dropped on
+    # device (no host sync) and flagged, so no checkpoint ever holds a NaN; the loop stops
+    # (or, with --nonfinite=skip, counts) on the flag.
+    bad = nonfinite(metrics)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(bad > 0, b, a), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    metrics[NONFINITE] = bad
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def eval_step(params, ref, batch: GroupBatch):

@@ -280,3 +280,11 @@ def begin(cfg, resuming: bool, allow_changes: bool = False,
     return check_resume(cfg.workdir, settings, allow_changes, step)
   record(cfg.workdir, settings)
   return []
+
+
+def latest_checkpoint(workdir: str) -> Optional[int]:
+  """The newest WORKDIR/checkpoints/<step> folder's step (None: a fresh run). Which one
+  restores is the Checkpointer's question; this only says whether the run resumes."""
+  folder = os.path.join(workdir, "checkpoints")
+  steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+  return max(steps) if steps else None
