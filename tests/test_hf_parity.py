@@ -1,4 +1,5 @@
-"""jaxpref.models.hf against transformers' Llama, Qwen2, Gemma and Gemma 2 causal LMs: same
+"""jaxpref.models.hf against transformers' Llama, Mistral, Qwen2, Qwen3, Gemma and Gemma 2
+causal LMs: same
 logits on the same tokens, exact tensor round trips (single-file, sharded, bf16, the
 jaxpref-convert CLI), and clear errors for checkpoints the Decoder cannot represent."""
 
@@ -25,7 +26,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FAMILY_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "gemma": ("GemmaConfig", "GemmaForCausalLM"),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
 }
@@ -78,7 +81,14 @@ CASES = {
     "gqa_llama3_rope": dict(tie=True, kv_heads=2, theta=500000.0, scaling=dict(
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=64)),
+    # Llama's attention_bias (q/k/v and o biases) and linear RoPE scaling (positions / 4).
+    "llama_attention_bias": dict(tie=False, kv_heads=2, attention_bias=True),
+    "llama_linear_rope": dict(tie=True, kv_heads=2, scaling=dict(rope_type="linear", factor=4.0)),
+    # Every layer local, with a window (8) shorter than the 40 tokens.
+    "mistral_sliding": dict(family="mistral", tie=False, kv_heads=2, sliding_window=8),
     "qwen2_tied": dict(family="qwen2", tie=True, kv_heads=2, theta=1e6),
+    "qwen3_qk_norm": dict(family="qwen3", tie=True, kv_heads=2, theta=1e6),
+    "qwen3_attention_bias": dict(family="qwen3", tie=False, kv_heads=1, attention_bias=True),
     "gemma": dict(family="gemma", tie=True, kv_heads=1),
     # Three layers: local, global, local. The window (8) is shorter than the 40 tokens and
     # the caps are small enough for tanh to bend most scores and logits; the query scalar
@@ -109,7 +119,15 @@ def test_logits_match_transformers_and_round_trip(case, sharded, tmp_path):
   assert (cfg.tie_embeddings, cfg.n_kv_heads) == (want_cfg["tie"], want_cfg["kv_heads"])
   assert cfg.rope_theta == want_cfg.get("theta", 10000.0)
   assert cfg.rope_scaling_factor == (want_cfg.get("scaling") or {}).get("factor", 1.0)
+  assert (cfg.attn_bias, cfg.qk_norm) == (want_cfg.get("attention_bias", False),
+                                          want_cfg.get("family") == "qwen3")
   assert hf.family_of(cfg).model_type == want_cfg.get("family", "llama")
+  if case == "mistral_sliding":  # the window is read and matters
+    assert (cfg.sliding_window, cfg.sliding_window_pattern) == (8, 0)
+    other = hf.model_from_tensors(dataclasses.replace(cfg, sliding_window=0),
+                                  hf.read_tensors(str(tmp_path / "hf")))
+    assert np.abs(np.asarray(other(jnp.asarray(tokens(), jnp.int32))) -
+                  hf_logits(src, tokens())).max() > 1e-2
   if case.startswith("gemma2"):
     assert (cfg.sliding_window, cfg.attn_logit_softcap, cfg.final_logit_softcap,
             cfg.query_pre_attn_scalar) == (8, 3.0, 4.0, 24.0)
@@ -193,8 +211,9 @@ def saved(tmp_path, edit_config=None, edit_tensors=None, tie=False):
 def test_unsupported_architecture(tmp_path):
   gpt2 = lambda c: {**c, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
   with pytest.raises(hf.UnsupportedCheckpoint,
-                     match="model_type='gpt2'.*supported: llama \\(LlamaForCausalLM\\), qwen2 "
-                           "\\(Qwen2ForCausalLM\\), gemma \\(GemmaForCausalLM\\), gemma2"):
+                     match="model_type='gpt2'.*supported: llama \\(LlamaForCausalLM\\), mistral "
+                           "\\(MistralForCausalLM\\), qwen2 \\(Qwen2ForCausalLM\\), qwen3 "
+                           "\\(Qwen3ForCausalLM\\), gemma \\(GemmaForCausalLM\\), gemma2"):
     hf.load(saved(tmp_path, gpt2))
   # A family's model_type with another head (sequence classification) is refused too.
   cls = lambda c: {**c, "architectures": ["LlamaForSequenceClassification"]}
@@ -203,13 +222,12 @@ def test_unsupported_architecture(tmp_path):
 
 
 @pytest.mark.parametrize("edit,match", [
-    (lambda c: {**c, "attention_bias": True}, "attention_bias=True"),
     (lambda c: {**c, "mlp_bias": True}, "mlp_bias=True"),
     (lambda c: {**c, "hidden_act": "gelu"}, "hidden_act='gelu'"),
-    (lambda c: {**c, "rope_parameters": {"rope_type": "linear", "factor": 2.0,
-                                         "rope_theta": 1e4}}, "RoPE scaling.*linear"),
+    (lambda c: {**c, "rope_parameters": {"rope_type": "yarn", "factor": 2.0,
+                                         "rope_theta": 1e4}}, "RoPE scaling.*yarn"),
     (lambda c: {**c, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
-], ids=["attention_bias", "mlp_bias", "gelu", "linear_rope", "legacy_dynamic_rope"])
+], ids=["mlp_bias", "gelu", "yarn_rope", "legacy_dynamic_rope"])
 def test_unsupported_llama_features(tmp_path, edit, match):
   with pytest.raises(hf.UnsupportedCheckpoint, match=match):
     hf.load(saved(tmp_path, edit))

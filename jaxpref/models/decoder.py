@@ -1,6 +1,6 @@
-"""One decoder for the Llama, Qwen2, Gemma and Gemma 2 families in Flax NNX: RMSNorm, RoPE,
-gated MLP, grouped-query attention, and per-family switches in `ModelConfig` (all off for
-Llama) rather than a copy of the model per family."""
+"""One decoder for the Llama, Mistral, Qwen2, Qwen3, Gemma and Gemma 2 families in Flax NNX:
+RMSNorm, RoPE, gated MLP, grouped-query attention, and per-family switches in `ModelConfig`
+(all off for Llama) rather than a copy of the model per family."""
 
 from __future__ import annotations
 
@@ -53,13 +53,17 @@ class ModelConfig:
   # time stops growing with depth. Off by default: see scan_layers_conflicts.
   scan_layers: bool = False
   init_std: float = 0.02
-  # Llama 3.1 RoPE frequency scaling (HF rope_type "llama3"); factor 1.0 means none.
+  # RoPE frequency scaling (HF rope_type "llama3", Llama 3.1's, or "linear", every frequency
+  # divided by the factor); factor 1.0 means none.
+  rope_scaling_type: str = "llama3"
   rope_scaling_factor: float = 1.0
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
   # Family switches; the defaults are Llama. Which family sets which: docs/models.md.
   qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
+  attn_bias: bool = False  # Llama's attention_bias: biases on q/k/v and o
+  qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and of k, before RoPE
   embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model), in the compute dtype
   mlp_activation: str = "silu"  # silu (SwiGLU) | gelu_tanh (Gemma's GeGLU)
   norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + scale); Gemma stores scale-1
@@ -82,11 +86,14 @@ class ModelConfig:
                        f"n_kv_heads ({self.n_kv_heads})")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
-    if self.rope_scaling_factor != 1.0 and not (
-        0 < self.rope_low_freq_factor < self.rope_high_freq_factor
-        and self.rope_scaling_factor > 0 and self.rope_original_max_len >= 1):
-      raise ValueError("ModelConfig RoPE scaling needs rope_scaling_factor > 0, "
-                       "0 < rope_low_freq_factor < rope_high_freq_factor and "
+    if self.rope_scaling_type not in ("llama3", "linear"):
+      raise ValueError(f"ModelConfig.rope_scaling_type must be llama3 or linear, got "
+                       f"{self.rope_scaling_type!r}")
+    if self.rope_scaling_factor != 1.0 and not (self.rope_scaling_factor > 0 and (
+        self.rope_scaling_type == "linear" or self.rope_original_max_len >= 1
+        and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor)):
+      raise ValueError("ModelConfig RoPE scaling needs rope_scaling_factor > 0, and for "
+                       "llama3 0 < rope_low_freq_factor < rope_high_freq_factor and "
                        "rope_original_max_len >= 1")
     for name in ("rope_theta", "norm_eps", "init_std"):
       if not getattr(self, name) > 0:
@@ -151,13 +158,15 @@ def _llama3_scaled(inv_freq, factor, low, high, original_len):
 def rope(x: jax.Array, positions: jax.Array, theta: float, scaling=None) -> jax.Array:
   """Rotary embedding, rotate-half convention (as Hugging Face Llama). x: [N, T, H, Dh].
 
-  scaling: None or (factor, low_freq_factor, high_freq_factor, original_max_len), the
-  Llama 3.1 frequency scaling (`ModelConfig.rope_scaling_factor` and the fields after it).
+  scaling: None or (factor, low_freq_factor, high_freq_factor, original_max_len[, type]),
+  the Llama 3.1 frequency scaling (`ModelConfig.rope_scaling_factor` and the fields after
+  it), or with type "linear" every frequency divided by the factor.
   """
   half = x.shape[-1] // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
   if scaling is not None and scaling[0] != 1.0:
-    inv_freq = _llama3_scaled(inv_freq, *scaling)
+    linear = scaling[4:] == ("linear",)
+    inv_freq = inv_freq / scaling[0] if linear else _llama3_scaled(inv_freq, *scaling[:4])
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [N, T, Dh/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
@@ -203,14 +212,19 @@ class Attention(nnx.Module):
     self.k = _param(rngs, (cfg.d_model, cfg.n_kv_heads, cfg.head_dim), s)
     self.v = _param(rngs, (cfg.d_model, cfg.n_kv_heads, cfg.head_dim), s)
     self.o = _param(rngs, (cfg.n_heads, cfg.head_dim, cfg.d_model), s)
-    if cfg.qkv_bias:
+    if cfg.qkv_bias or cfg.attn_bias:
       self.q_bias = nnx.Param(jnp.zeros((cfg.n_heads, cfg.head_dim), jnp.float32))
       self.k_bias = nnx.Param(jnp.zeros((cfg.n_kv_heads, cfg.head_dim), jnp.float32))
       self.v_bias = nnx.Param(jnp.zeros((cfg.n_kv_heads, cfg.head_dim), jnp.float32))
+    if cfg.attn_bias:
+      self.o_bias = nnx.Param(jnp.zeros((cfg.d_model,), jnp.float32))
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+      self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
   def _project(self, x, name):
     y = jnp.einsum("ntd,dhk->nthk", x, getattr(self, name)[...].astype(x.dtype))
-    if self.cfg.qkv_bias:
+    if self.cfg.qkv_bias or self.cfg.attn_bias:
       y = y + getattr(self, name + "_bias")[...].astype(x.dtype)
     return y
 
@@ -223,9 +237,11 @@ class Attention(nnx.Module):
     `attend` so a KV cache (`jaxpref.models.kv_cache`) can keep k and v between calls."""
     cfg = self.cfg
     scaling = (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
-               cfg.rope_original_max_len)
-    q = rope(self._project(x, "q"), positions, cfg.rope_theta, scaling)
-    k = rope(self._project(x, "k"), positions, cfg.rope_theta, scaling)
+               cfg.rope_original_max_len, cfg.rope_scaling_type)
+    q, k = self._project(x, "q"), self._project(x, "k")
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = (rope(y, positions, cfg.rope_theta, scaling) for y in (q, k))
     return q, k, self._project(x, "v")
 
   def attend(self, q, k, v, mask):
@@ -241,7 +257,8 @@ class Attention(nnx.Module):
     scores = jnp.where(mask[:, :, None], scores, _MASK)  # mask: [N, 1, 1, T, T]
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("nhgqs,nshk->nqhgk", probs, v).reshape(n, t, cfg.n_heads, dh)
-    return jnp.einsum("nthk,hkd->ntd", out, self.o[...].astype(dt))
+    out = jnp.einsum("nthk,hkd->ntd", out, self.o[...].astype(dt))
+    return out + self.o_bias[...].astype(dt) if cfg.attn_bias else out
 
 
 class MLP(nnx.Module):
@@ -383,8 +400,9 @@ def param_count(config: ModelConfig) -> int:
   """Closed-form parameter count (for presets too large to instantiate)."""
   c = config
   attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
-  bias = c.head_dim * (c.n_heads + 2 * c.n_kv_heads) if c.qkv_bias else 0
-  norms = (4 if c.post_norms else 2) * c.d_model
+  bias = c.head_dim * (c.n_heads + 2 * c.n_kv_heads) if c.qkv_bias or c.attn_bias else 0
+  bias += c.d_model if c.attn_bias else 0
+  norms = (4 if c.post_norms else 2) * c.d_model + (2 * c.head_dim if c.qk_norm else 0)
   per_layer = attn + bias + 3 * c.d_model * c.d_ff + norms
   head = 0 if c.tie_embeddings else c.d_model * c.vocab_size
   return c.vocab_size * c.d_model + c.n_layers * per_layer + c.d_model + head

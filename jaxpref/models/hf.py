@@ -1,7 +1,7 @@
 """Hugging Face checkpoints (config.json + safetensors) to and from the jaxpref Decoder.
 
-The families in `hf_config.FAMILIES` (Llama, Qwen2, Gemma, Gemma 2) map onto `Decoder`
-exactly; anything else it cannot represent (other architectures, MLP biases, other RoPE
+The families in `hf_config.FAMILIES` (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2) map onto
+`Decoder` exactly; anything else it cannot represent (other architectures, MLP biases, other RoPE
 scalings or activations) is refused by name rather than loaded into a model that would
 silently compute something else. Our RoPE is the same rotate-half convention as HF's, so
 q/k weights need no permutation, only the transposes between torch's [out, in] Linear
@@ -133,9 +133,14 @@ def tensor_map(cfg: ModelConfig) -> list[Entry]:
     else:
       out.append((hf + "post_attention_layernorm.weight", us + ("mlp_norm", "scale"), _same,
                   _same))
-    if cfg.qkv_bias:
+    if cfg.qkv_bias or cfg.attn_bias:
       out += [(hf + f"self_attn.{n}_proj.bias", us + ("attn", f"{n}_bias"), *_bias(h, cfg.head_dim))
               for n, h in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads))]
+    if cfg.attn_bias:  # Llama's attention_bias also biases o_proj
+      out.append((hf + "self_attn.o_proj.bias", us + ("attn", "o_bias"), _same, _same))
+    if cfg.qk_norm:  # Qwen3: RMSNorm weights over head_dim
+      out += [(hf + f"self_attn.{n}_norm.weight", us + ("attn", f"{n}_norm", "scale"), _same,
+               _same) for n in ("q", "k")]
   out.append(("model.norm.weight", ("final_norm", "scale"), _same, _same))
   if not cfg.tie_embeddings:
     out.append(("lm_head.weight", ("lm_head",), _transpose, _transpose))

@@ -35,6 +35,9 @@ _GEMMA_DEFAULTS = dict(
     num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, head_dim=256,
     max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
     pad_token_id=0)
+_QWEN3_DEFAULTS = dict(_QWEN2_DEFAULTS, head_dim=128)
+_MISTRAL_DEFAULTS = dict(_LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
+                         max_position_embeddings=131072, sliding_window=4096)
 _GEMMA2_DEFAULTS = dict(
     _GEMMA_DEFAULTS, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
     num_attention_heads=8, num_key_value_heads=4, query_pre_attn_scalar=256,
@@ -53,9 +56,10 @@ def with_defaults(hf: dict, defaults: dict) -> dict:
 
 
 # The switches as Llama has them (the ModelConfig defaults).
-_LLAMA = dict(qkv_bias=False, embed_scale=False, mlp_activation="silu", norm_offset=0.0,
-              post_norms=False, attn_logit_softcap=0.0, final_logit_softcap=0.0,
-              sliding_window=0, query_pre_attn_scalar=0.0)
+# A tuple is a switch the family leaves to its config.json (`fields`): any of those values.
+_LLAMA = dict(qkv_bias=False, attn_bias=False, qk_norm=False, embed_scale=False,
+              mlp_activation="silu", norm_offset=0.0, post_norms=False, attn_logit_softcap=0.0,
+              final_logit_softcap=0.0, sliding_window=0, query_pre_attn_scalar=0.0)
 _GEMMA = dict(_LLAMA, embed_scale=True, mlp_activation="gelu_tanh", norm_offset=1.0,
               rope_scaling_factor=1.0)
 
@@ -65,6 +69,19 @@ def _gemma2_fields(hf: dict) -> dict:
   return dict(attn_logit_softcap=float(hf["attn_logit_softcapping"] or 0.0),
               final_logit_softcap=float(hf["final_logit_softcapping"] or 0.0),
               query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]))
+
+
+def _attention_bias(hf: dict) -> dict:
+  return dict(attn_bias=bool(hf.get("attention_bias", False)))
+
+
+def _mistral_fields(hf: dict) -> dict:
+  # Mistral's window, when it has one, applies to every layer (pattern 0: none global).
+  return dict(sliding_window=int(hf["sliding_window"] or 0), sliding_window_pattern=0)
+
+
+def _qwen_keys(cfg: ModelConfig) -> dict:
+  return {"hidden_act": "silu", "use_sliding_window": False, "max_window_layers": cfg.n_layers}
 
 
 def _gemma2_keys(cfg: ModelConfig) -> dict:
@@ -93,16 +110,29 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", "LlamaForCausalLM", _LLAMA,
-                    {"attention_bias": (False,), "mlp_bias": (False,), "hidden_act": ("silu",),
-                     "partial_rotary_factor": (1.0,)}, _LLAMA_DEFAULTS,
-                    keys=lambda cfg: {"hidden_act": "silu", "attention_bias": False,
+    # attention_bias: biases on q/k/v and o (the switch attn_bias).
+    "llama": Family("llama", "LlamaForCausalLM", dict(_LLAMA, attn_bias=(False, True)),
+                    {"mlp_bias": (False,), "hidden_act": ("silu",),
+                     "partial_rotary_factor": (1.0,)}, _LLAMA_DEFAULTS, fields=_attention_bias,
+                    keys=lambda cfg: {"hidden_act": "silu", "attention_bias": cfg.attn_bias,
                                       "mlp_bias": False}),
+    # Mistral: Llama with a sliding window on every layer (or none: sliding_window null).
+    "mistral": Family("mistral", "MistralForCausalLM",
+                      {k: v for k, v in _LLAMA.items() if k != "sliding_window"},
+                      {"hidden_act": ("silu",)}, _MISTRAL_DEFAULTS, fields=_mistral_fields,
+                      keys=lambda cfg: {"hidden_act": "silu",
+                                        "sliding_window": cfg.sliding_window or None}),
     # Qwen2 (and Qwen2.5, the same architecture): Llama with q/k/v biases.
-    "qwen2": Family("qwen2", "Qwen2ForCausalLM", dict(_LLAMA, qkv_bias=True, rope_scaling_factor=1.0),
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM",
+                    dict(_LLAMA, qkv_bias=True, rope_scaling_factor=1.0),
                     {"hidden_act": ("silu",), "use_sliding_window": (False,)}, _QWEN2_DEFAULTS,
-                    keys=lambda cfg: {"hidden_act": "silu", "use_sliding_window": False,
-                                      "max_window_layers": cfg.n_layers}),
+                    keys=_qwen_keys),
+    # Qwen3: Llama with RMSNorm on each head's q and k (attention_bias: on q/k/v and o).
+    "qwen3": Family("qwen3", "Qwen3ForCausalLM",
+                    dict(_LLAMA, qk_norm=True, attn_bias=(False, True), rope_scaling_factor=1.0),
+                    {"hidden_act": ("silu",), "use_sliding_window": (False,)}, _QWEN3_DEFAULTS,
+                    fields=_attention_bias,
+                    keys=lambda cfg: {**_qwen_keys(cfg), "attention_bias": cfg.attn_bias}),
     # Gemma's released configs say hidden_act "gelu", which transformers reads as the tanh
     # approximation (transformers PR 29402), so both mean gelu_tanh here.
     "gemma": Family("gemma", "GemmaForCausalLM", _GEMMA,
@@ -137,7 +167,8 @@ def _family(hf: dict) -> Family:
 def mismatches(cfg: ModelConfig, family: Family) -> list[str]:
   """The switches of `cfg` that `family` fixes otherwise, as 'field=ours (family: theirs)'."""
   return [f"{k}={getattr(cfg, k)!r} ({family.model_type}: {v!r})"
-          for k, v in family.switches.items() if getattr(cfg, k) != v]
+          for k, v in family.switches.items()
+          if (getattr(cfg, k) not in v if isinstance(v, tuple) else getattr(cfg, k) != v)]
 
 
 def family_of(cfg: ModelConfig) -> Family:
@@ -162,12 +193,17 @@ def _rope(hf: dict) -> tuple[float, dict]:
   return float(theta), ({} if kind == "default" else {**scaling, "rope_type": kind})
 
 
-def _llama3_fields(scaling: dict, max_len: int) -> dict:
+def _scaling_fields(scaling: dict, max_len: int) -> dict:
+  """The ModelConfig fields of an 'llama3' or 'linear' RoPE scaling dict."""
   if not scaling:
     return {}
-  missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in scaling]
+  linear = scaling["rope_type"] == "linear"
+  need = ("factor",) if linear else ("factor", "low_freq_factor", "high_freq_factor")
+  missing = [k for k in need if k not in scaling]
   if missing:
-    raise UnsupportedCheckpoint(f"'llama3' RoPE scaling {scaling} lacks {missing}")
+    raise UnsupportedCheckpoint(f"{scaling['rope_type']!r} RoPE scaling {scaling} lacks {missing}")
+  if linear:
+    return dict(rope_scaling_type="linear", rope_scaling_factor=float(scaling["factor"]))
   return dict(rope_scaling_factor=float(scaling["factor"]),
               rope_low_freq_factor=float(scaling["low_freq_factor"]),
               rope_high_freq_factor=float(scaling["high_freq_factor"]),
@@ -212,13 +248,13 @@ def config_from_hf(hf: dict) -> ModelConfig:
   bad = [f"{k}={hf[k]!r} (supported: {', '.join(map(repr, ok))})"
          for k, ok in family.unsupported.items() if k in hf and hf[k] not in ok]
   theta, scaling = _rope(hf)
-  if scaling and scaling["rope_type"] != "llama3":
-    bad.append(f"RoPE scaling {scaling} (only unscaled RoPE and Llama 3.1 'llama3' scaling "
-               f"are implemented)")
+  if scaling and scaling["rope_type"] not in ("llama3", "linear"):
+    bad.append(f"RoPE scaling {scaling} (only unscaled RoPE, Llama 3.1 'llama3' and 'linear' "
+               f"scaling are implemented)")
   if bad:
     raise UnsupportedCheckpoint(f"unsupported {family.model_type} features: " + "; ".join(bad))
   fields = dict(family.switches, **family.fields(hf), **_sliding_fields(hf, family),
-                **_llama3_fields(scaling, hf["max_position_embeddings"]))
+                **_scaling_fields(scaling, hf["max_position_embeddings"]))
   cfg = ModelConfig(
       vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
       n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
@@ -235,6 +271,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
 def _rope_to_hf(cfg: ModelConfig) -> dict:
   if cfg.rope_scaling_factor == 1.0:
     return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling_type == "linear":
+    return {"rope_type": "linear", "rope_theta": cfg.rope_theta,
+            "factor": cfg.rope_scaling_factor}
   return {"rope_type": "llama3", "rope_theta": cfg.rope_theta,
           "factor": cfg.rope_scaling_factor, "low_freq_factor": cfg.rope_low_freq_factor,
           "high_freq_factor": cfg.rope_high_freq_factor,
