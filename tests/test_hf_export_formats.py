@@ -184,3 +184,20 @@ def test_export_hf_writes_dtype_shards_ids_and_adapter(tmp_path):
     theirs = tuned.eval()(torch.tensor(ids_in)).logits.numpy()
   # The merged export is bf16-rounded; the adapter applies to the float32 base exactly.
   assert np.abs(merged - theirs).max() < 0.2
+
+
+def test_export_check_reads_the_options(tmp_path):
+  from jaxpref import models
+  base = dict(export_hf=str(tmp_path / "out"), role="policy", init_from="", lora=None,
+              model=models.get_config("tiny"))
+  check = lambda **kw: hf_export.check(types.SimpleNamespace(**{**base, **kw}))
+  check(export_hf_dtype="bfloat16", export_hf_max_shard_size="2GB")
+  with pytest.raises(ValueError, match="--export_hf_dtype must be"):
+    check(export_hf_dtype="int8")
+  with pytest.raises(ValueError, match="max shard size 'big'"):
+    check(export_hf_max_shard_size="big")
+  with pytest.raises(ValueError, match="this run has none"):
+    check(export_hf_adapter=True)
+  check(export_hf_adapter=True, lora=lora.LoraConfig(rank=2))
+  with pytest.raises(ValueError, match="adapter on embed has no such form"):
+    check(export_hf_adapter=True, lora=lora.LoraConfig(rank=2, targets=("q", "embed")))

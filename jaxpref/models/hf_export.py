@@ -37,6 +37,19 @@ def check(cfg) -> None:
   if cfg.role == "reward" and getattr(cfg, "reward_pool", "last") != "last":
     raise ValueError("--export_hf writes a reward model as *ForSequenceClassification, which "
                      f"reads the last token; --reward_pool={cfg.reward_pool} has no such form")
+  dtype = getattr(cfg, "export_hf_dtype", None)
+  if dtype not in (None, "", "float32", "bfloat16", "float16"):
+    raise ValueError(f"--export_hf_dtype must be float32, bfloat16 or float16, got {dtype!r}")
+  hf_write.parse_size(getattr(cfg, "export_hf_max_shard_size", None))  # raises naming it
+  if getattr(cfg, "export_hf_adapter", False):
+    if cfg.lora is None:
+      raise ValueError("--export_hf_adapter writes the LoRA adapters; this run has none")
+    from flax import nnx
+    from jaxpref.models.decoder import Decoder
+    shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Decoder(cfg.model,
+                                                                       rngs=nnx.Rngs(0)))))
+    for path in lora.target_paths(shapes, cfg.lora):
+      hf_write.module_name(path)  # raises for an adapter PEFT has no linear form for
   if cfg.init_from and os.path.abspath(cfg.export_hf) == os.path.abspath(cfg.init_from):
     raise ValueError(f"--export_hf={cfg.export_hf!r} is the --init_from folder; the export "
                      "would overwrite the weights the run started from")
