@@ -18,7 +18,8 @@ transformers = pytest.importorskip("transformers")
 from jaxpref.data import make_tiny  # noqa: E402
 from jaxpref.models import convert, hf, hf_export, hf_reward  # noqa: E402
 from jaxpref.parallel import mesh as mesh_lib  # noqa: E402
-from jaxpref.train import loop, reward_step  # noqa: E402
+from jaxpref.train import loop  # noqa: E402
+from jaxpref.train.roles import reward as reward_step  # noqa: E402
 from jaxpref.train.config import DataConfig, RunConfig  # noqa: E402
 
 TINY = make_tiny.OUT
