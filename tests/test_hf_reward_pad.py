@@ -94,8 +94,9 @@ def test_export_round_trip_when_pad_is_eos(tmp_path):
   with pytest.raises(ValueError, match="this model read the EOS itself"):
     hf_reward.save(pure, cfg, str(tmp_path / "bad"), pad_token_id=EOS, eos_token_id=EOS)
   out = str(tmp_path / "out")
-  hf_reward.save(pure, cfg, out, pad_token_id=EOS, eos_token_id=EOS, bos_token_id=BOS,
-                 skip_id=EOS)
+  files = hf_reward.save(pure, cfg, out, pad_token_id=EOS, eos_token_id=EOS, bos_token_id=BOS,
+                         skip_id=EOS, max_shard_size="20KB")
+  assert "model.safetensors.index.json" in files and len(files) > 2  # shards + index
   back = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
   assert (back.config.pad_token_id, back.config.eos_token_id) == (EOS, EOS)
   np.testing.assert_allclose(theirs(back, tokens), 2.0 * scores, atol=1e-4, rtol=0)
