@@ -21,7 +21,9 @@ from jaxpref import data as data_lib
 from jaxpref import losses, models
 from jaxpref.data import make_tiny
 from jaxpref.data.batching import Batcher, padding_efficiency
-from jaxpref.train.policy_step import TrainState, make_steps
+from jaxpref.train.reference import Reference
+from jaxpref.train.roles import policy
+from jaxpref.train.step import TrainState, make_steps
 
 
 def main():
@@ -40,7 +42,8 @@ def main():
   ds = data_lib.PairDataset(records, tok, args.max_len)
   graphdef, params = nnx.split(models.Decoder(models.get_config(args.preset), rngs=nnx.Rngs(0)))
   optimizer = optax.adam(1e-4)
-  step, _ = make_steps(graphdef, losses.bind("dpo", {}), optimizer)
+  step, _ = make_steps(policy.forward(graphdef), losses.bind("dpo", {}), optimizer)
+  ref = Reference("model", params)  # the initial weights; the step donates only its state
 
   modes, states = {}, {}
   for mode in ("pad", "buckets", "pack"):
@@ -50,7 +53,7 @@ def main():
     p = jax.tree.map(lambda x: x.copy(), params)
     state = TrainState(step=np.int32(0), params=p, opt_state=optimizer.init(p))
     for batch in batches:  # compiles every row length once
-      state, metrics = step(state, params, batch)
+      state, metrics = step(state, ref, batch)
     jax.block_until_ready(metrics)
     modes[mode], states[mode] = (batches, real / computed, len(b.shapes_seen)), state
 
@@ -59,7 +62,7 @@ def main():
     for mode, (batches, _, _) in modes.items():
       t0 = time.perf_counter()
       for batch in batches:
-        states[mode], metrics = step(states[mode], params, batch)
+        states[mode], metrics = step(states[mode], ref, batch)
       jax.block_until_ready(metrics)
       times[mode].append((time.perf_counter() - t0) / len(batches))
 

@@ -20,7 +20,10 @@ from jaxpref import losses, models
 from jaxpref.data import make_tiny
 from jaxpref.train.config import OptimConfig
 from jaxpref.train.optimizer import make_optimizer
-from jaxpref.train.policy_step import TrainState, make_steps, precompute_reference
+from jaxpref.train.reference import Reference
+from jaxpref.train.roles import policy
+from jaxpref.train.roles.policy import precompute_reference
+from jaxpref.train.step import TrainState, make_steps
 
 TINY = make_tiny.OUT
 
@@ -41,19 +44,20 @@ def main():
   graphdef, params = nnx.split(model)
   ref = jax.tree.map(lambda x: x.copy(), params)
   optimizer = make_optimizer(OptimConfig(), args.steps)
-  train_step, _ = make_steps(graphdef, losses.get("dpo"), optimizer)
+  train_step, _ = make_steps(policy.forward(graphdef), losses.get("dpo"), optimizer)
   batches = [ds.batch(data_lib.batch_indices(ds.n, args.batch_size, s, 0)) for s in range(args.steps)]
   ds.ref_logps = precompute_reference(graphdef, ref, ds, 256, lambda b: b)
   pre_batches = [ds.batch(data_lib.batch_indices(ds.n, args.batch_size, s, 0)) for s in range(args.steps)]
 
   results = {}
-  for mode, bs, ref_params in (("model", batches, ref), ("precomputed", pre_batches, None)):
+  for mode, bs, reference in (("model", batches, Reference("model", ref)),
+                              ("precomputed", pre_batches, Reference("precomputed"))):
     state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params))
-    state, m = train_step(jax.tree.map(lambda x: x.copy(), state), ref_params, bs[0])  # warm-up
+    state, m = train_step(jax.tree.map(lambda x: x.copy(), state), reference, bs[0])  # warm-up
     jax.block_until_ready(m)
     t0 = time.perf_counter()
     for b in bs:
-      state, m = train_step(state, ref_params, b)
+      state, m = train_step(state, reference, b)
     jax.block_until_ready(m)
     rate = args.steps / (time.perf_counter() - t0)
     results[mode] = rate

@@ -21,7 +21,9 @@ from flax import nnx
 
 from jaxpref import losses, models
 from jaxpref.data.shared_prompt import pack, tokens_computed
-from jaxpref.train.policy_step import TrainState, make_steps
+from jaxpref.train.reference import Reference
+from jaxpref.train.roles import policy
+from jaxpref.train.step import TrainState, make_steps
 from jaxpref.types import GroupBatch
 
 
@@ -71,8 +73,8 @@ def main():
     graphdef, params = nnx.split(models.Decoder(cfg, rngs=nnx.Rngs(0)))
     opt = optax.adamw(1e-4)
     loss = "dpo" if k == 2 else "listmle"  # the loss does not touch the layout
-    train_step, _ = make_steps(graphdef, losses.bind(loss, {}), opt)
-    ref = jax.tree.map(lambda x: x.copy(), params)
+    train_step, _ = make_steps(policy.forward(graphdef), losses.bind(loss, {}), opt)
+    ref = Reference("model", jax.tree.map(lambda x: x.copy(), params))
     sep = group_batch(args.batch, k, args.prompt, args.response, cfg.vocab_size)
     packed = pack(sep)
     row = []

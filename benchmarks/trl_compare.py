@@ -96,7 +96,9 @@ class JaxprefSide:
     from jaxpref.data.shared_prompt import pack
     from jaxpref.train.config import OptimConfig
     from jaxpref.train.optimizer import make_optimizer
-    from jaxpref.train.policy_step import TrainState, make_steps
+    from jaxpref.train.reference import Reference
+    from jaxpref.train.roles import policy
+    from jaxpref.train.step import TrainState, make_steps
     from jaxpref.types import GroupBatch
 
     self.jax = jax
@@ -107,11 +109,11 @@ class JaxprefSide:
     self.cfg = cfg
     self.model = models.Decoder(cfg, rngs=nnx.Rngs(args.seed))
     graphdef, params = nnx.split(self.model)
-    self.ref = jax.tree.map(lambda x: x.copy(), params)
+    self.ref = Reference("model", jax.tree.map(lambda x: x.copy(), params))
     # A long schedule keeps the learning rate in its warm-up for every timed step: the
     # update's cost does not depend on it.
     optimizer = make_optimizer(OptimConfig(), 1000)
-    self.train_step, _ = make_steps(graphdef, losses.get("dpo"), optimizer)
+    self.train_step, _ = make_steps(policy.forward(graphdef), losses.get("dpo"), optimizer)
     b, k, t = ids.shape
     mask = np.zeros((b, k, t), np.float32)
     mask[:, :, args.prompt_len:] = 1.0

@@ -16,13 +16,14 @@ from jaxpref import data as data_lib
 from jaxpref.parallel import mesh as mesh_lib
 from jaxpref.train import loop
 from jaxpref.train.optimizer import make_optimizer
+from jaxpref.train.state import build_steps, init_state
 
 
 @dataclasses.dataclass
 class Run:
   metrics: list[dict]  # host copies, one per step
   state: Any
-  ref: Any  # the reference params, `lora.Frozen`, or None (reward role)
+  ref: Any  # the run's `reference.Reference` (kind "none" for the reward role)
   graphdef: Any
   eval_step: Callable
   put: Callable  # numpy batch -> batch sharded over the mesh's batch axes
@@ -34,8 +35,8 @@ class Run:
 
 def train_steps(cfg, mesh, ds, n: int) -> Run:
   optimizer = make_optimizer(cfg.optim, cfg.steps)
-  graphdef, state, ref = loop.init_state(cfg, mesh, optimizer)
-  train_step, eval_step = loop.build_steps(cfg, graphdef, optimizer, state, mesh)
+  graphdef, state, ref = init_state(cfg, mesh, optimizer)
+  train_step, eval_step = build_steps(cfg, graphdef, optimizer, state, mesh)
   put = lambda b: jax.device_put(b, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
   metrics = []
   for step in range(n):

@@ -15,7 +15,7 @@ import reward_refs as R
 from cli_util import ROOT
 from jaxpref import data as data_lib
 from jaxpref import losses
-from jaxpref.types import Logps
+from jaxpref.types import RewardOutputs
 
 TINY = os.path.join(ROOT, "jaxpref", "data", "tiny")
 
@@ -41,13 +41,14 @@ def inputs(seed, b=10, a=3):
   return s, t, w
 
 
-def make_lp(s, t, w, dtype=jnp.float32, policy=None):
+def make_lp(s, t, w, dtype=jnp.float32, reward=None):
   b = len(w)
   zeros = jnp.zeros((b, 2), dtype)
-  return Logps(policy=zeros if policy is None else jnp.asarray(policy, dtype), ref=zeros,
-               length=zeros + 1, valid=jnp.ones((b, 2), bool), weight=jnp.asarray(w, dtype),
-               embed=None if s is None else jnp.asarray(s, dtype),
-               attribute_prefs=None if t is None else jnp.asarray(t, dtype))
+  return RewardOutputs(reward=zeros if reward is None else jnp.asarray(reward, dtype),
+                       length=zeros + 1, valid=jnp.ones((b, 2), bool),
+                       weight=jnp.asarray(w, dtype),
+                       embed=None if s is None else jnp.asarray(s, dtype),
+                       attribute_prefs=None if t is None else jnp.asarray(t, dtype))
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.25])
@@ -76,9 +77,9 @@ def test_one_attribute_all_ones_is_bt():
   r = rng.normal(0, 3.0, (8, 2))
   w = rng.uniform(0.5, 2.0, 8)
   for tau in (1.0, 0.5):
-    want = float(losses.get("bt")(make_lp(None, None, w, policy=r), tau=tau)[0])
+    want = float(losses.get("bt")(make_lp(None, None, w, reward=r), tau=tau)[0])
     got_head = float(losses.get("attribute_bt")(make_lp(r[..., None], np.ones((8, 1)), w), tau=tau)[0])
-    got_scalar = float(losses.get("attribute_bt")(make_lp(None, None, w, policy=r), tau=tau)[0])
+    got_scalar = float(losses.get("attribute_bt")(make_lp(None, None, w, reward=r), tau=tau)[0])
     np.testing.assert_allclose([got_head, got_scalar], [want, want], rtol=1e-6)
     np.testing.assert_allclose(want, R.bt(r, w, tau=tau), rtol=1e-5)
 

@@ -17,8 +17,11 @@ from jaxpref.data import make_tiny
 from jaxpref.data.batching import Batcher, host_rows, padding_efficiency
 from jaxpref.data.packing import PackedBatch
 from jaxpref.parallel import distributed
-from jaxpref.train.config import LogpsOptions
-from jaxpref.train.policy_step import group_logps, make_steps, token_logps
+from jaxpref.models.logps import LogpsOptions, token_logps
+from jaxpref.train import step as step_lib
+from jaxpref.train.reference import Reference
+from jaxpref.train.roles import policy
+from jaxpref.train.roles.policy import group_logps
 
 
 def _tok():
@@ -142,10 +145,10 @@ def test_packed_train_step_matches_unpacked_with_grad_accum():
   idx, _ = b.plan(0)
   out = []
   for batch in (b.batch(0), ds.batch(idx)):
-    step, _ = make_steps(graphdef, losses.bind("dpo", {}), optax.sgd(1.0), grad_accum=2,
-                         opts=LogpsOptions(fused_lm_head=False))  # compiles faster on CPU
+    forward = policy.forward(graphdef, opts=LogpsOptions(fused_lm_head=False))  # faster on CPU
+    step, _ = step_lib.make_steps(forward, losses.bind("dpo", {}), optax.sgd(1.0), grad_accum=2)
     state = _state(params)
-    _, metrics = step(state, params, batch)
+    _, metrics = step(state, Reference("model", params), batch)
     out.append(jax.device_get(metrics))
   for key in ("loss", "grad_norm", "rewards/accuracy"):
     # Tolerance: float32 sums in a different order (packed micro-batches hold other groups).
@@ -153,7 +156,7 @@ def test_packed_train_step_matches_unpacked_with_grad_accum():
 
 
 def _state(params):
-  from jaxpref.train.policy_step import TrainState
+  from jaxpref.train.step import TrainState
   p = jax.tree.map(lambda x: x.copy(), params)
   return TrainState(step=np.int32(0), params=p, opt_state=optax.sgd(1.0).init(p))
 

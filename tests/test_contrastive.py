@@ -9,7 +9,7 @@ from jax.test_util import check_grads
 
 from jaxpref import losses
 from jaxpref.losses.reward import simcse_infonce
-from jaxpref.types import Logps
+from jaxpref.types import RewardOutputs
 
 
 def ref_infonce(z1, z2, w, temperature):
@@ -35,9 +35,9 @@ def ref_bt_contrastive(v, w, contrastive_weight=0.1, temperature=0.05, tau=1.0):
 def make_lp(v, w, dtype=jnp.float64):
   b = len(w)
   zeros = jnp.zeros((b, 2), dtype)
-  return Logps(policy=zeros, ref=zeros, length=jnp.ones((b, 2), dtype),
-               valid=jnp.ones((b, 2), bool), weight=jnp.asarray(w, dtype),
-               embed=jnp.asarray(v, dtype))
+  return RewardOutputs(reward=zeros, length=jnp.ones((b, 2), dtype),
+                       valid=jnp.ones((b, 2), bool), weight=jnp.asarray(w, dtype),
+                       embed=jnp.asarray(v, dtype))
 
 
 def inputs(seed, b=8, e=6):
@@ -127,8 +127,8 @@ def test_dropout_views_differ_and_are_deterministic():
 def test_errors():
   v, w = inputs(0)
   zeros = jnp.zeros((8, 2))
-  lp = Logps(policy=zeros, ref=zeros, length=zeros, valid=jnp.ones((8, 2), bool),
-             weight=jnp.asarray(w))
+  lp = RewardOutputs(reward=zeros, length=zeros, valid=jnp.ones((8, 2), bool),
+                     weight=jnp.asarray(w))
   with pytest.raises(ValueError, match="--reward_dim=2k"):
     losses.bind("bt_contrastive", {})(lp)
   with pytest.raises(ValueError, match="dropout"):

@@ -11,11 +11,11 @@ import pytest
 from cli_util import ROOT, env, train_cmd
 from jaxpref import models
 from jaxpref.data import make_tiny
-from jaxpref.train import memory
 from jaxpref.parallel import mesh as mesh_lib
-from jaxpref.train import loop
+from jaxpref.train import loop, memory
 from jaxpref.train.config import DataConfig, RunConfig
 from jaxpref.train.optimizer import make_optimizer
+from jaxpref.train.state import init_state
 
 TINY = make_tiny.OUT
 
@@ -47,12 +47,12 @@ def test_shape_parts_match_the_arrays_a_run_allocates(tmp_path):
   s = setup(tmp_path, "tiny", "fsdp:4,tensor:2")
   est = memory.estimate(s)
   optimizer = make_optimizer(s.cfg.optim, s.cfg.steps)
-  _, state, ref = loop.init_state(s.cfg, s.mesh, optimizer)
+  _, state, ref = init_state(s.cfg, s.mesh, optimizer)
   on_device0 = lambda tree: sum(sh.data.nbytes for x in jax.tree.leaves(tree)
                                 for sh in x.addressable_shards if sh.device == jax.devices()[0])
   assert est.parts["parameters"] == on_device0(state.params)
   assert est.parts["optimizer state"] == on_device0((state.opt_state, state.step))
-  assert est.parts["reference"] == on_device0(ref)
+  assert est.parts["reference"] == on_device0(ref.params)
   # Sharding is what makes it small: a quarter to an eighth of the replicated bytes.
   assert est.parts["parameters"] * 4 <= sum(x.nbytes for x in jax.tree.leaves(state.params))
 

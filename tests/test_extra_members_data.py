@@ -155,7 +155,7 @@ def test_score_sources_writes_what_training_reads(tmp_path):
 
   from jaxpref.models import convert
   from jaxpref.train import score_sources
-  from jaxpref.train.policy_step import token_logps
+  from jaxpref.models.logps import token_logps
 
   model = models.Decoder(models.get_config("tiny"), rngs=nnx.Rngs(3))
   convert.save_jaxpref(model, str(tmp_path / "src"))

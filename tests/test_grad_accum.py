@@ -10,7 +10,10 @@ from flax import nnx
 from jaxpref import data as data_lib
 from jaxpref import losses, models
 from jaxpref.data import make_tiny
-from jaxpref.train.policy_step import TrainState, make_steps, micro_batches
+from jaxpref.train import step
+from jaxpref.train.reference import Reference
+from jaxpref.train.roles import policy
+from jaxpref.train.step import TrainState, micro_batches
 
 
 def _setup(loss="dpo"):
@@ -30,8 +33,8 @@ def _setup(loss="dpo"):
 
 def _step(grad_accum, loss="dpo"):
   graphdef, params, opt, batch, loss_fn = _setup(loss)
-  train_step, _ = make_steps(graphdef, loss_fn, opt, grad_accum=grad_accum)
-  ref = jax.tree.map(lambda x: x.copy(), params)
+  train_step, _ = step.make_steps(policy.forward(graphdef), loss_fn, opt, grad_accum=grad_accum)
+  ref = Reference("model", jax.tree.map(lambda x: x.copy(), params))
   state = TrainState(step=np.int32(0), params=params, opt_state=opt.init(params))
   state, metrics = train_step(state, ref, batch)
   return jax.device_get(state.params), jax.device_get(metrics)

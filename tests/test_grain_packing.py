@@ -118,8 +118,8 @@ def test_two_hosts_read_disjoint_rows_that_make_each_epoch(pairs, mode):
 def test_packed_logps_equal_pad(pairs):
   from flax import nnx
   from jaxpref import models
-  from jaxpref.train.config import LogpsOptions
-  from jaxpref.train.policy_step import group_logps, token_logps
+  from jaxpref.models.logps import LogpsOptions, token_logps
+  from jaxpref.train.roles.policy import group_logps
 
   prepared, _ = pairs
   graphdef, params = nnx.split(models.Decoder(models.get_config("tiny"), rngs=nnx.Rngs(1)))

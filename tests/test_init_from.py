@@ -14,10 +14,12 @@ from hf_util import random_llama  # noqa: E402
 from jaxpref import losses  # noqa: E402
 from jaxpref.data import make_tiny  # noqa: E402
 from jaxpref.models import convert  # noqa: E402
-from jaxpref.train import loop  # noqa: E402
+from jaxpref.models.logps import token_logps  # noqa: E402
+from jaxpref.train import loop, step  # noqa: E402
 from jaxpref.train.config import DataConfig, RunConfig  # noqa: E402
 from jaxpref.train.optimizer import make_optimizer  # noqa: E402
-from jaxpref.train.policy_step import make_steps, token_logps  # noqa: E402
+from jaxpref.train.roles import policy  # noqa: E402
+from jaxpref.train.state import init_state  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TINY = make_tiny.OUT
@@ -42,9 +44,9 @@ def test_policy_and_reference_start_from_the_checkpoint(hf_dir, tmp_path):
   cfg = run_config(tmp_path / "run", path)
   s = loop.setup(cfg)
   optimizer = make_optimizer(cfg.optim, cfg.steps)
-  graphdef, state, ref = loop.init_state(cfg, s.mesh, optimizer)
+  graphdef, state, ref = init_state(cfg, s.mesh, optimizer)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params),
-                                                 jax.tree.leaves(ref)))
+                                                 jax.tree.leaves(ref.params)))
   batch = s.train_ds.batch(np.arange(8))  # [8 pairs, 2, T]
   got = np.asarray(token_logps(graphdef, state.params, batch))
   toks = np.asarray(batch.tokens).reshape(16, -1)
@@ -56,7 +58,7 @@ def test_policy_and_reference_start_from_the_checkpoint(hf_dir, tmp_path):
   print(f"init_from: max |policy log-prob - HF log-prob| = {diff:.3g}")
   assert diff <= 1e-4 and np.abs(want).max() > 1  # real log-probs, not masked zeros
 
-  _, eval_step = make_steps(graphdef, losses.bind("dpo", {}), optimizer)
+  _, eval_step = step.make_steps(policy.forward(graphdef), losses.bind("dpo", {}), optimizer)
   metrics_, _ = eval_step(state.params, ref, batch)
   assert float(metrics_["loss"]) == np.float32(np.log(2))  # policy == reference exactly
 

@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 
 from jaxpref import models
-from jaxpref.train.config import LogpsOptions
 from jaxpref.data import shared_prompt
-from jaxpref.train.policy_step import token_logps, vocab_log_prob_sq
+from jaxpref.models.logps import LogpsOptions, token_logps
+from jaxpref.ops import vocab_log_prob_sq
 from jaxpref.types import GroupBatch
 
 

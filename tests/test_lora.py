@@ -19,13 +19,15 @@ from loop_util import train_steps
 from jaxpref import losses, models
 from jaxpref.data import make_tiny
 from jaxpref.models import hf, lora
-from jaxpref.train import memory
+from jaxpref.models.logps import token_logps
 from jaxpref.parallel import mesh as mesh_lib
 from jaxpref.parallel import sharding
-from jaxpref.train import loop
+from jaxpref.train import loop, memory, step
 from jaxpref.train.config import DataConfig, OptimConfig, RunConfig
 from jaxpref.train.optimizer import make_optimizer
-from jaxpref.train.policy_step import make_steps, token_logps
+from jaxpref.train.reference import Reference
+from jaxpref.train.roles import policy
+from jaxpref.train.state import init_state
 
 TINY = make_tiny.OUT
 LORA = lora.LoraConfig(rank=4, alpha=8.0)
@@ -161,9 +163,9 @@ def test_lora_base_reference_is_the_base_and_step_0_is_log_2(train_ds, tmp_path)
   # Only the adapters train: they alone are the state's params and Adam's moments.
   assert set(state.params) == set(lora.target_paths(frozen.base, LORA))
   assert nbytes(state.opt_state) < 3 * nbytes(state.params)
-  assert frozen.ref is None  # lora_base: no second copy
+  assert frozen.kind == "lora_base" and frozen.params is None  # no second copy
   # The base was neither donated nor changed: it equals a fresh init of the same seed.
-  _, _, again = loop.init_state(cfg, mesh, make_optimizer(cfg.optim, cfg.steps))
+  _, _, again = init_state(cfg, mesh, make_optimizer(cfg.optim, cfg.steps))
   for x, y in zip(jax.tree.leaves(frozen.base), jax.tree.leaves(again.base)):
     assert not x.is_deleted()
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -185,7 +187,7 @@ def test_lora_base_holds_no_second_copy_of_the_weights(tmp_path, train_ds):
   held = {}
   for ref in ("model", "lora_base"):
     cfg = config(tmp_path / ref, reference=ref)
-    _, state, frozen = loop.init_state(cfg, mesh, make_optimizer(cfg.optim, cfg.steps))
+    _, state, frozen = init_state(cfg, mesh, make_optimizer(cfg.optim, cfg.steps))
     held[ref] = nbytes(state) + nbytes(frozen)
   base = nbytes(base_params(config(tmp_path).model)[1])
   assert held["model"] - held["lora_base"] == base
@@ -242,22 +244,23 @@ def test_merged_export_has_the_adapted_models_logits(train_ds, tmp_path):
   adapters = random_b(lora.init(base, LORA, jax.random.key(0)))
   batch = train_ds.batch(np.arange(8))
   loss = losses.bind("dpo", {})
-  _, lora_eval = make_steps(graphdef, loss, make_optimizer(cfg.optim, 4),
-                            lora_scale=LORA.scale)
-  adapted, _ = lora_eval(adapters, lora.Frozen(base), batch)
+  _, lora_eval = step.make_steps(policy.forward(graphdef, lora_scale=LORA.scale), loss,
+                                 make_optimizer(cfg.optim, 4))
+  adapted, _ = lora_eval(adapters, Reference("lora_base", None, base=base), batch)
   # The documented export: merge once, then save as a plain Hugging Face checkpoint.
   hf.save(lora.merge(base, adapters, LORA.scale), MODEL, str(tmp_path / "hf"))
   _, loaded = hf.load(str(tmp_path / "hf"))
   loaded_graphdef, loaded_params = nnx.split(loaded)
-  _, plain_eval = make_steps(loaded_graphdef, loss, make_optimizer(cfg.optim, 4))
-  exported, _ = plain_eval(loaded_params, loaded_params, batch)
+  _, plain_eval = step.make_steps(policy.forward(loaded_graphdef), loss,
+                                  make_optimizer(cfg.optim, 4))
+  exported, _ = plain_eval(loaded_params, Reference("model", loaded_params), batch)
   for key in ("logps/chosen", "logps/rejected"):
     np.testing.assert_allclose(exported[key], adapted[key], rtol=1e-6)
   tokens = batch.tokens[:, 0]
   logits = jax.jit(lambda gd, p, t: nnx.merge(gd, p)(t), static_argnums=0)
   np.testing.assert_allclose(logits(loaded_graphdef, loaded_params, tokens), logits(
       graphdef, lora.merge(base, adapters, LORA.scale), tokens), atol=1e-5)
-  base_logps, _ = plain_eval(base, base, batch)
+  base_logps, _ = plain_eval(base, Reference("model", base), batch)
   assert abs(adapted["logps/chosen"] - base_logps["logps/chosen"]) > 1e-3  # B != 0 matters
 
 

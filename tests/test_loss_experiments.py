@@ -17,9 +17,11 @@ from jaxpref import flags as jflags
 from jaxpref import losses, models
 from jaxpref.models import token_mask
 from jaxpref.train.config import OptimConfig
+from jaxpref.train import step
 from jaxpref.train.optimizer import make_optimizer
-from jaxpref.train import reward_step
-from jaxpref.train.policy_step import TrainState, make_steps, step_logps
+from jaxpref.train.reference import Reference
+from jaxpref.train.roles import policy, reward
+from jaxpref.train.step import TrainState
 
 FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "experiments", "losses", "*.flags")))
 
@@ -105,10 +107,13 @@ def test_loss_flagfile_trains(path, fixed_batches):
   fixed_batch = batch_of(path, name, fmt, fixed_batches)
   optimizer = make_optimizer(OptimConfig(learning_rate=3e-3, warmup_steps=0), 10)
   graphdef, params = model_of(path, name)
-  make = reward_step.make_steps if reward_dim_of(path) else make_steps
-  train_step, _ = make(graphdef, losses.bind(name, hps), optimizer,
-                       with_tokens=losses.needs_tokens(name))
-  ref = jax.tree.map(lambda x: x.copy(), params)
+  needs = losses.needs_tokens(name)
+  if reward_dim_of(path):
+    forward, ref = reward.forward(graphdef, needs), Reference("none")
+  else:
+    forward = policy.forward(graphdef, needs)
+    ref = Reference("model", jax.tree.map(lambda x: x.copy(), params))
+  train_step, _ = step.make_steps(forward, losses.bind(name, hps), optimizer)
   state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params))
   history = []
   for _ in range(10):
@@ -129,8 +134,8 @@ def test_loss_is_the_same_sharded_over_8_devices_and_under_vmap(path, fixed_batc
   needs = losses.needs_tokens(name)
   graphdef, params = model_of(path, name)
   ref = model_of(path, name, seed=1)[1]  # a reference unlike the policy: log-ratios != 0
-  lp = jax.jit(lambda p, r, b: reward_step.model_logps(graphdef, p, b, needs)
-               if reward_dim_of(path) else step_logps(graphdef, p, r, b, needs))(params, ref, batch)
+  lp = jax.jit(lambda p, r, b: reward.model_logps(graphdef, p, b, needs) if reward_dim_of(path)
+               else policy.step_logps(graphdef, p, r, b, needs))(params, ref, batch)
   fn = losses.bind(name, hps)
   plain = float(jax.jit(fn)(lp)[0])
   assert np.isfinite(plain)

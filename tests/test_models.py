@@ -320,8 +320,7 @@ def test_switches_keep_packing_exact():
 def test_fused_lm_head_honours_final_softcap():
   """The policy step's fused LM head equals the materialised soft-capped logits, values and
   gradients (the cap is fused into the vocabulary-blocked log-softmax)."""
-  from jaxpref.train.config import LogpsOptions
-  from jaxpref.train.policy_step import token_logps
+  from jaxpref.models.logps import LogpsOptions, token_logps
   from jaxpref.types import GroupBatch
   m = make(models.get_config("tiny", **GEMMA2_TINY), seed=4)
   graphdef, params = nnx.split(m)

@@ -20,7 +20,7 @@ from jaxpref import data as data_lib
 from jaxpref import losses, models
 from jaxpref.data import synthetic
 from jaxpref.models.heads import RewardModel, prompt_end_index
-from jaxpref.types import Logps
+from jaxpref.types import RewardOutputs
 
 
 # ---- float64 reference (from docs/reward_models.md#pal, no jaxpref code) ----
@@ -63,11 +63,11 @@ def inputs(seed, b=12, k=3, e=4, scale=1.0):
 def make_lp(f, g, mix, w, user=None, dtype=jnp.float32):
   b = len(w)
   zeros = jnp.zeros((b, 2), dtype)
-  return Logps(policy=zeros, ref=zeros, length=jnp.ones((b, 2), dtype),
-               valid=jnp.ones((b, 2), bool), weight=jnp.asarray(w, dtype),
-               embed=jnp.asarray(f, dtype), prototypes=jnp.asarray(g, dtype),
-               mixture=jnp.asarray(mix, dtype),
-               user=None if user is None else jnp.asarray(user, jnp.int32))
+  return RewardOutputs(reward=zeros, length=jnp.ones((b, 2), dtype),
+                       valid=jnp.ones((b, 2), bool), weight=jnp.asarray(w, dtype),
+                       embed=jnp.asarray(f, dtype), prototypes=jnp.asarray(g, dtype),
+                       mixture=jnp.asarray(mix, dtype),
+                       user=None if user is None else jnp.asarray(user, jnp.int32))
 
 
 CASES = [{}, {"tau": 0.5, "proto_bound": 1.0}, {"scorer": "angle"},
@@ -106,8 +106,8 @@ def test_one_user_one_prototype_is_bt_on_negative_distance():
   mix = np.ones((len(w), 1))
   r = -np.sqrt(((f - g[:, :1]) ** 2).sum(-1) + 1e-12)
   zeros = jnp.zeros_like(jnp.asarray(r, jnp.float32))
-  bt_lp = Logps(policy=jnp.asarray(r, jnp.float32), ref=zeros, length=zeros + 1,
-                valid=jnp.ones(r.shape, bool), weight=jnp.asarray(w, jnp.float32))
+  bt_lp = RewardOutputs(reward=jnp.asarray(r, jnp.float32), length=zeros + 1,
+                        valid=jnp.ones(r.shape, bool), weight=jnp.asarray(w, jnp.float32))
   for tau in (1.0, 0.3):
     got = losses.get("pal")(make_lp(f, g, mix, w), tau=tau, proto_penalty=0.0)[0]
     want = losses.get("bt")(bt_lp, tau=tau)[0]
@@ -128,7 +128,7 @@ def test_closer_to_the_users_ideal_point_wins():
 
 def test_needs_a_pal_head():
   zeros = jnp.zeros((2, 2))
-  lp = Logps(policy=zeros, ref=zeros, length=zeros, valid=zeros > 0, weight=jnp.ones(2))
+  lp = RewardOutputs(reward=zeros, length=zeros, valid=zeros > 0, weight=jnp.ones(2))
   with pytest.raises(ValueError, match="--reward_head=pal"):
     losses.get("pal")(lp)
 
@@ -147,12 +147,12 @@ def tiny_batch(user):
 
 @pytest.mark.slow
 def test_head_outputs_and_prompt_only_prototypes():
-  from jaxpref.train import reward_step
+  from jaxpref.train.roles import reward
   model = RewardModel(models.get_config("tiny"), 4, head="pal", prototypes=3, users=2,
                       rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   batch = tiny_batch([0, 1])
-  lp = reward_step.model_logps(graphdef, params, batch)
+  lp = reward.model_logps(graphdef, params, batch)
   assert lp.embed.shape == (2, 2, 4) and lp.prototypes.shape == (2, 3, 4)
   want = jax.nn.softmax(params["user_logits"][...], -1)
   np.testing.assert_allclose(np.asarray(lp.mixture), np.asarray(want), rtol=1e-6)
@@ -162,7 +162,7 @@ def test_head_outputs_and_prompt_only_prototypes():
   idx = int(np.argmax(batch.loss_mask[0, 0] > 0))
   assert int(prompt_end_index(jnp.asarray(batch.loss_mask[:, 0]))[0]) == idx - 1
   other.tokens[:, :, idx + 2] = batch.tokens[0, 0, idx + 3]
-  lp2 = reward_step.model_logps(graphdef, params, other)
+  lp2 = reward.model_logps(graphdef, params, other)
   np.testing.assert_allclose(np.asarray(lp2.prototypes), np.asarray(lp.prototypes), rtol=1e-6)
   assert not np.allclose(np.asarray(lp2.embed), np.asarray(lp.embed))
 
@@ -193,15 +193,15 @@ def test_user_in_every_record_or_none_and_remappable(tmp_path):
   assert [r.user for r in records] == [2, 0]
 
 
-def test_check_config_rejects_users_past_pal_users(tmp_path):
-  from jaxpref.train import reward_step
+def test_check_rejects_users_past_pal_users(tmp_path):
+  from jaxpref.train.roles import reward
   from jaxpref.train.config import RunConfig
   ds = tiny_batch_ds([0, 3])
   cfg = RunConfig(workdir=str(tmp_path), model=models.get_config("tiny"), role="reward",
                   loss="pal", reward_head="pal", reward_dim=4, pal_users=3)
   with pytest.raises(ValueError, match="'user' = 3, but --pal_users=3"):
-    reward_step.check_config(cfg, ds)
-  reward_step.check_config(cfg, tiny_batch_ds([0, 2]))
+    reward.check(cfg, ds)
+  reward.check(cfg, tiny_batch_ds([0, 2]))
 
 
 def tiny_batch_ds(user):

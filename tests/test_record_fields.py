@@ -92,7 +92,9 @@ def test_tiny_data_with_per_record_label_smoothing_trains(tmp_path):
   from jaxpref import losses, models
   from jaxpref.train.config import OptimConfig
   from jaxpref.train.optimizer import make_optimizer
-  from jaxpref.train.policy_step import TrainState, make_steps
+  from jaxpref.train.reference import Reference
+  from jaxpref.train.roles import policy
+  from jaxpref.train.step import TrainState, make_steps
 
   tiny = [json.loads(line) for line in open(os.path.join(make_tiny.OUT, "train.jsonl"))][:16]
   path = write(tmp_path, [json.dumps({**r, "label_smoothing": 0.2}) for r in tiny])
@@ -101,9 +103,10 @@ def test_tiny_data_with_per_record_label_smoothing_trains(tmp_path):
   model = models.Decoder(models.get_config("tiny"), rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   optimizer = make_optimizer(OptimConfig(learning_rate=3e-3, warmup_steps=0), 10)
-  train_step, eval_step = make_steps(graphdef, losses.bind("dpo", {}), optimizer)
-  _, scalar_eval = make_steps(graphdef, losses.bind("dpo", {"label_smoothing": 0.2}), optimizer)
-  ref = jax.tree.map(lambda x: x.copy(), params)
+  forward = policy.forward(graphdef)
+  train_step, eval_step = make_steps(forward, losses.bind("dpo", {}), optimizer)
+  _, scalar_eval = make_steps(forward, losses.bind("dpo", {"label_smoothing": 0.2}), optimizer)
+  ref = Reference("model", jax.tree.map(lambda x: x.copy(), params))
   state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params))
   history = []
   for _ in range(8):

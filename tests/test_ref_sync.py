@@ -15,6 +15,7 @@ from jaxpref.train import checkpoint as ckpt_lib
 from jaxpref.train import loop
 from jaxpref.train.config import DataConfig, OptimConfig, RunConfig
 from jaxpref.train.optimizer import make_optimizer
+from jaxpref.train.state import init_state
 
 TINY = make_tiny.OUT
 
@@ -33,10 +34,10 @@ def config(workdir, steps, **kw):
 def _restore(cfg):
   """(policy params, reference params) of the latest checkpoint, and the initial params."""
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  _, state, ref = loop.init_state(cfg, mesh, make_optimizer(cfg.optim, cfg.steps))
+  _, state, ref = init_state(cfg, mesh, make_optimizer(cfg.optim, cfg.steps))
   init = jax.device_get(state.params)
   ckpt = ckpt_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"), 2, 2)
-  restored, _, step = ckpt.restore({"train": state, "ref": ref})
+  restored, _, step = ckpt.restore({"train": state, "ref": ref.params})
   ckpt.close()
   return jax.device_get(restored["train"].params), jax.device_get(restored["ref"]), init, step
 

@@ -18,7 +18,7 @@ from jaxpref import models
 from jaxpref.data import synthetic
 from jaxpref.eval import reward_eval
 from jaxpref.parallel import mesh as mesh_lib
-from jaxpref.train import reward_step
+from jaxpref.train.roles import reward
 from jaxpref.train.config import DataConfig, OptimConfig, RunConfig
 
 TINY = os.path.join(ROOT, "jaxpref", "data", "tiny")
@@ -52,12 +52,12 @@ def restored(workdir, max_len, **head):
 
 
 def head_outputs(graphdef, params, path, max_len):
-  """The restored model's Logps of every record of `path`, as numpy float64."""
+  """The restored model's RewardOutputs of every record of `path`, as numpy float64."""
   records, _ = data_lib.read_pairs(path)
   ds = data_lib.PairDataset(records, data_lib.Tokenizer.load(TOKENIZER), max_len)
   if ds.user is not None:  # the direct computation uses the user's row itself, not the model's
     ds.user = np.minimum(ds.user, 0)
-  fn = jax.jit(lambda p, b: reward_step.model_logps(graphdef, p, b))
+  fn = jax.jit(lambda p, b: reward.model_logps(graphdef, p, b))
   lp = fn(params, ds.batch(np.arange(ds.n)))
   return jax.tree.map(lambda x: np.asarray(x, np.float64), lp)
 

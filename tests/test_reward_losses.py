@@ -10,7 +10,7 @@ from jax.test_util import check_grads
 import reward_refs as R
 from jaxpref import losses
 from jaxpref.losses.reward import finish_metrics, gpm_score
-from jaxpref.types import Logps
+from jaxpref.types import RewardOutputs
 
 SCALAR = [("bt", {}), ("bt", {"margin": 0.5, "tau": 0.5}), ("bt", {"label_smoothing": 0.1}),
           ("bt", {"center_rewards": 0.01})]
@@ -24,12 +24,12 @@ def make_lp(r=None, w=None, scores=None, embed=None, eps=None, dtype=jnp.float32
   w = jnp.asarray(w, dtype)
   b = w.shape[0]
   zeros = jnp.zeros((b, 2), dtype)
-  return Logps(policy=zeros if r is None else jnp.asarray(r, dtype), ref=zeros,
-               length=jnp.ones((b, 2), dtype), valid=jnp.ones((b, 2), bool), weight=w,
-               scores=None if scores is None else jnp.asarray(scores, dtype),
-               label_smoothing=None if eps is None else jnp.asarray(eps, dtype),
-               embed=None if embed is None else jnp.asarray(embed, dtype),
-               gate=None if gate is None else jnp.asarray(gate, dtype))
+  return RewardOutputs(reward=zeros if r is None else jnp.asarray(r, dtype),
+                       length=jnp.ones((b, 2), dtype), valid=jnp.ones((b, 2), bool), weight=w,
+                       scores=None if scores is None else jnp.asarray(scores, dtype),
+                       label_smoothing=None if eps is None else jnp.asarray(eps, dtype),
+                       embed=None if embed is None else jnp.asarray(embed, dtype),
+                       gate=None if gate is None else jnp.asarray(gate, dtype))
 
 
 def inputs(seed, b=16, spread=3.0, e=4):
@@ -286,7 +286,8 @@ def test_gated_head_reads_the_prompt_and_trains(tmp_path):
   from jaxpref.data import make_tiny
   from jaxpref.models.heads import RewardModel, prompt_state
   from jaxpref.parallel import mesh as mesh_lib
-  from jaxpref.train import loop, reward_step
+  from jaxpref.train import loop
+  from jaxpref.train.roles import reward
   from jaxpref.train.config import DataConfig, RunConfig
 
   tok = data_lib.Tokenizer.load(f"{make_tiny.OUT}/tokenizer.model")
@@ -295,7 +296,7 @@ def test_gated_head_reads_the_prompt_and_trains(tmp_path):
   batch = data_lib.PairDataset(recs, tok, 24).batch(np.arange(2))
   graphdef, params = nnx.split(RewardModel(models.get_config("tiny"), 6, head="gpm_gated",
                                            rngs=nnx.Rngs(0)))
-  lp = reward_step.model_logps(graphdef, params, batch)
+  lp = reward.model_logps(graphdef, params, batch)
   assert lp.embed.shape == (2, 2, 6) and lp.gate.shape == (2, 3)
   # lambda(x) = k softmax(W_p h_x / sqrt(D)), h_x the prompt's last token (float64 reference).
   model = nnx.merge(graphdef, params)
@@ -308,7 +309,7 @@ def test_gated_head_reads_the_prompt_and_trains(tmp_path):
   other = dataclasses.replace(batch, tokens=batch.tokens.copy())
   idx = int(np.argmax(batch.loss_mask[0, 0] > 0))
   other.tokens[:, :, idx + 1] = batch.tokens[1, 0, idx]
-  lp2 = reward_step.model_logps(graphdef, params, other)
+  lp2 = reward.model_logps(graphdef, params, other)
   np.testing.assert_allclose(np.asarray(lp2.gate), np.asarray(lp.gate), rtol=1e-6)
   assert not np.allclose(np.asarray(lp2.embed), np.asarray(lp.embed))
 
@@ -324,8 +325,8 @@ def test_gated_head_reads_the_prompt_and_trains(tmp_path):
   assert np.all(np.isfinite(run.losses))
   assert np.mean(run.losses[-5:]) < np.mean(run.losses[:5]) - 0.05, run.losses
   assert all("gpm/gate_max" in m for m in run.metrics)
-  init = reward_step.init_params(cfg, mesh)[1]
+  init = reward.init_params(cfg, mesh)[1]
   assert not np.allclose(np.asarray(run.state.params["gate_proj"][...]),
                          np.asarray(init["gate_proj"][...]))
   with pytest.raises(ValueError, match="only --loss=gpm reads"):
-    reward_step.check_config(dataclasses.replace(cfg, loss="bt"))
+    reward.check(dataclasses.replace(cfg, loss="bt"))

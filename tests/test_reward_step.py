@@ -14,6 +14,7 @@ from jaxpref.models.heads import RewardModel, last_token_index
 from jaxpref.parallel import mesh as mesh_lib
 from jaxpref.train import loop
 from jaxpref.train.config import DataConfig, RunConfig
+from jaxpref.train.reference import Reference
 
 TINY = make_tiny.OUT
 MODEL = models.get_config("tiny")
@@ -87,8 +88,8 @@ def train_ds(tmp_path_factory):
 def run_steps(cfg, mesh, ds):
   """STEPS train steps through the loop's own placement and steps, then one eval step."""
   run = train_steps(cfg, mesh, ds, STEPS)
-  assert run.ref is None  # no reference model in the reward role
-  metrics, _ = run.eval_step(run.state.params, None, run.put(ds.batch(np.arange(64))))
+  assert run.ref == Reference("none")  # no reference model in the reward role
+  metrics, _ = run.eval_step(run.state.params, run.ref, run.put(ds.batch(np.arange(64))))
   return run.losses, jax.device_get(metrics), jax.device_get(run.state.params)
 
 
@@ -120,23 +121,25 @@ def test_reward_role_rejects_policy_only_settings(tmp_path):
     loop.setup(dataclasses.replace(cfg, reward_dim=4))
   with pytest.raises(ValueError, match="--reward_pool=mean .* needs --role=reward"):
     loop.setup(dataclasses.replace(cfg, role="policy", loss="dpo", reward_pool="mean"))
+  with pytest.raises(ValueError, match="--loss=bt is a reward-role loss, but --role=policy"):
+    loop.setup(dataclasses.replace(cfg, role="policy"))
 
 
 def test_init_from_puts_a_pretrained_decoder_under_a_fresh_head(tmp_path):
   import dataclasses
   from jaxpref.models import convert
-  from jaxpref.train import reward_step
+  from jaxpref.train.roles import reward
   src = models.Decoder(MODEL, rngs=nnx.Rngs(7))
   convert.save_jaxpref(src, str(tmp_path / "pre"))
   cfg = dataclasses.replace(config(tmp_path / "run", "data:8"), init_from=str(tmp_path / "pre"),
                             model=convert.run_config(str(tmp_path / "pre"), {}))
   mesh = mesh_lib.make_mesh("data:8")
-  _, params = reward_step.init_params(cfg, mesh)
+  _, params = reward.init_params(cfg, mesh)
   want = jax.tree.leaves(nnx.state(src, nnx.Param))
   got = jax.tree.leaves(params["decoder"])
   assert len(got) == len(want)
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
-  _, fresh = reward_step.init_params(dataclasses.replace(cfg, init_from=""), mesh)
+  _, fresh = reward.init_params(dataclasses.replace(cfg, init_from=""), mesh)
   np.testing.assert_array_equal(params["head"][...], fresh["head"][...])  # the head as drawn
   assert not np.array_equal(jax.tree.leaves(fresh["decoder"])[0], want[0])

@@ -12,12 +12,13 @@ import pytest
 from jaxpref import models
 from jaxpref.data import grain_source, make_tiny
 from jaxpref.models import lora
+from jaxpref.models.logps import token_logps
 from jaxpref.parallel import mesh as mesh_lib
 from jaxpref.train import checkpoint as ckpt_lib
 from jaxpref.train import loop, rounds
 from jaxpref.train.config import DataConfig, OptimConfig, RunConfig
 from jaxpref.train.optimizer import make_optimizer
-from jaxpref.train.policy_step import token_logps
+from jaxpref.train.state import init_state
 
 TINY = make_tiny.OUT
 N = 64  # train groups: 2 stages of 32, one batch each
@@ -56,9 +57,9 @@ def _checkpoint(cfg, workdir, step):
     if d.isdigit() and int(d) > step:
       shutil.rmtree(os.path.join(cut, d))
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  graphdef, state, ref = loop.init_state(cfg, mesh, make_optimizer(cfg.optim, cfg.steps))
+  graphdef, state, ref = init_state(cfg, mesh, make_optimizer(cfg.optim, cfg.steps))
   ckpt = ckpt_lib.Checkpointer(cut, 1, 20)
-  restored, _, got = ckpt.restore({"train": state, "ref": ref})
+  restored, _, got = ckpt.restore({"train": state, "ref": ref.params})
   ckpt.close()
   assert got == step
   return graphdef, jax.device_get(restored["train"].params), jax.device_get(restored["ref"])

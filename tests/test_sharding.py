@@ -1,6 +1,7 @@
 """FSDP and tensor-parallel sharding on 8 fake CPU devices: same numbers as one device, and
 each device holds only its share of every parameter and optimizer moment."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from jaxpref.train import checkpoint as ckpt_lib
 from jaxpref.train import loop
 from jaxpref.train.config import DataConfig, RunConfig
 from jaxpref.train.optimizer import make_optimizer
+from jaxpref.train.state import init_state
 
 TINY = make_tiny.OUT
 MESHES = ["data:8", "fsdp:8", "data:2,fsdp:2,tensor:2", "fsdp:4,tensor:2"]
@@ -46,7 +48,7 @@ def train_ds(tmp_path_factory):
 
 def run_steps(cfg, mesh, ds, n=STEPS):
   run = train_steps(cfg, mesh, ds, n)
-  return run.losses, run.state, run.ref
+  return run.losses, run.state, run.ref.params
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +132,7 @@ def test_checkpoint_restores_into_another_meshs_layout(train_ds, tmp_path):
   ckpt.save(2, saved, {"seed": 0, "step": 2}, force=True)
   ckpt.wait()
   target = mesh_lib.make_mesh("data:2,fsdp:2,tensor:2")
-  _, like, _ = loop.init_state(cfg, target, make_optimizer(cfg.optim, cfg.steps))
+  _, like, _ = init_state(cfg, target, make_optimizer(cfg.optim, cfg.steps))
   restored, position, step = ckpt.restore(like)
   ckpt.close()
   assert step == 2 and position == {"seed": 0, "step": 2}
@@ -145,11 +147,12 @@ def test_train_loop_resumes_on_another_mesh(tmp_path):
   logs the same losses for steps 3 and 4."""
   first = config(tmp_path / "run", "fsdp:4,tensor:2", checkpoint_every=2, log_every=1,
                  eval_every=100)
-  first = RunConfig(**{**first.__dict__, "steps": 4})
+  first = dataclasses.replace(first, steps=4)
   loop.run(first)
   want = _losses(first.workdir)
   shutil.rmtree(os.path.join(first.workdir, "checkpoints", "4"))
-  loop.run(RunConfig(**{**first.__dict__, "mesh": "data:2,fsdp:2,tensor:2"}))
+  # (`replace`, not RunConfig(**__dict__): the run cached its resolved `loss_spec` there.)
+  loop.run(dataclasses.replace(first, mesh="data:2,fsdp:2,tensor:2"))
   got = _losses(first.workdir)
   assert sorted(got) == [1, 2, 3, 4]
   np.testing.assert_allclose([got[s] for s in (3, 4)], [want[s] for s in (3, 4)],

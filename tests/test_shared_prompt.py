@@ -11,8 +11,10 @@ from jaxpref import data as data_lib
 from jaxpref import models
 from jaxpref.data import make_tiny
 from jaxpref.data.shared_prompt import pack, packed_shape, tokens_computed
-from jaxpref.train.config import LogpsOptions
-from jaxpref.train.policy_step import make_steps, token_logps
+from jaxpref.models.logps import LogpsOptions, token_logps
+from jaxpref.train.reference import Reference
+from jaxpref.train.roles import policy
+from jaxpref.train.step import make_steps
 
 
 def _ranked_ds():
@@ -65,8 +67,10 @@ def test_packed_train_step_matches_unpacked():
   graphdef, params = _model()
   import optax
   from jaxpref import losses
-  _, eval_step = make_steps(graphdef, losses.bind("dpo", {"beta": 1.0}), optax.sgd(0.1))
-  ref = jax.tree.map(lambda x: x * 0.9, params)  # a reference that differs from the policy
+  _, eval_step = make_steps(policy.forward(graphdef), losses.bind("dpo", {"beta": 1.0}),
+                            optax.sgd(0.1))
+  # A reference that differs from the policy.
+  ref = Reference("model", jax.tree.map(lambda x: x * 0.9, params))
   batch = ds.batch(np.arange(16))
   m_sep, _ = eval_step(params, ref, batch)
   m_pack, _ = eval_step(params, ref, pack(batch))

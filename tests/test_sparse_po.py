@@ -17,7 +17,9 @@ from jaxpref import data as data_lib
 from jaxpref import losses, models
 from jaxpref.losses.token_level import zn_rescale
 from jaxpref.models import token_mask
-from jaxpref.train import policy_step
+from jaxpref.models.logps import token_level_logps, token_logps
+from jaxpref.ops import vocab_kl
+from jaxpref.train.roles import policy
 from jaxpref.types import GroupBatch, Logps
 
 # --- float64 numpy references, from the formulas ------------------------------------------
@@ -221,7 +223,7 @@ def log_softmax(x):
 def test_step_kl_tok_matches_numpy_from_full_logits(softcap):
   graphdef, params, ref, needs = two_models("mapo", softcap)
   batch = tiny_batch()
-  pol_tok, ref_tok, extras = jax.jit(policy_step.token_level_logps, static_argnums=(0, 4))(
+  pol_tok, ref_tok, extras = jax.jit(token_level_logps, static_argnums=(0, 4))(
       graphdef, params, ref, batch, needs)
   flat = batch.tokens.reshape(-1, batch.tokens.shape[-1])
   lp_pol = log_softmax(np.asarray(nnx.merge(graphdef, params)(flat), np.float64))
@@ -233,8 +235,8 @@ def test_step_kl_tok_matches_numpy_from_full_logits(softcap):
   np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-4)
   assert (got <= 0).all() and (got[mask > 0] < 0).all()
   # The same pass's log-probs are the ordinary step's.
-  np.testing.assert_allclose(pol_tok, policy_step.token_logps(graphdef, params, batch), atol=1e-5)
-  np.testing.assert_allclose(ref_tok, policy_step.token_logps(graphdef, ref, batch), atol=1e-5)
+  np.testing.assert_allclose(pol_tok, token_logps(graphdef, params, batch), atol=1e-5)
+  np.testing.assert_allclose(ref_tok, token_logps(graphdef, ref, batch), atol=1e-5)
   # MaPO's features: each layer's residual stream averaged over the features.
   _, states = nnx.merge(graphdef, ref).hidden(flat, segment_ids=np.ones_like(flat), all_layers=True)
   feats = np.pad(np.moveaxis(np.asarray(states).mean(-1), 0, -1)[:, :-1], ((0, 0), (1, 0), (0, 0)))
@@ -246,15 +248,15 @@ def test_vocab_kl_chunks_and_tail_agree_with_one_pass():
   rng = np.random.default_rng(6)
   h, h_ref = (jnp.asarray(rng.normal(0, 1, (7, 16)), jnp.float32) for _ in range(2))
   w, w_ref = (jnp.asarray(rng.normal(0, 3, (16, 50)), jnp.float32) for _ in range(2))
-  one = policy_step.vocab_kl(h, w, h_ref, w_ref, chunk=50)
+  one = vocab_kl(h, w, h_ref, w_ref, chunk=50)
   lp, lr = log_softmax(np.asarray(h @ w, np.float64)), log_softmax(np.asarray(h_ref @ w_ref, np.float64))
   np.testing.assert_allclose(one, np.sum(np.exp(lr) * (lp - lr), -1), rtol=1e-4, atol=1e-5)
   for chunk in (7, 16):  # 7 full chunks + 1 tail; 3 + 2
-    np.testing.assert_allclose(policy_step.vocab_kl(h, w, h_ref, w_ref, chunk=chunk), one,
+    np.testing.assert_allclose(vocab_kl(h, w, h_ref, w_ref, chunk=chunk), one,
                                rtol=1e-5, atol=1e-5)
-    g = lambda c: jax.grad(lambda x: policy_step.vocab_kl(x, w, h_ref, w_ref, chunk=c).sum())(h)
+    g = lambda c: jax.grad(lambda x: vocab_kl(x, w, h_ref, w_ref, chunk=c).sum())(h)
     np.testing.assert_allclose(g(chunk), g(50), rtol=1e-4, atol=1e-5)
-  assert np.all(np.asarray(policy_step.vocab_kl(h, w, h, w, chunk=7)) == 0)
+  assert np.all(np.asarray(vocab_kl(h, w, h, w, chunk=7)) == 0)
 
 
 def test_mask_network_gets_gradients_from_sparse_po():
@@ -262,8 +264,8 @@ def test_mask_network_gets_gradients_from_sparse_po():
   fn = losses.bind("sparse_po", {})
 
   def loss(p):
-    pol_tok, ref_tok, extras = policy_step.token_level_logps(graphdef, p, ref, tiny_batch(), needs)
-    return fn(policy_step.group_logps(pol_tok, ref_tok, tiny_batch(), needs, **extras))[0]
+    pol_tok, ref_tok, extras = token_level_logps(graphdef, p, ref, tiny_batch(), needs)
+    return fn(policy.group_logps(pol_tok, ref_tok, tiny_batch(), needs, **extras))[0]
 
   grads = jax.jit(jax.grad(loss))(params)
   net = getattr(grads, token_mask.ATTR)
@@ -272,17 +274,21 @@ def test_mask_network_gets_gradients_from_sparse_po():
 
 
 def test_unsupported_combinations_raise_clear_errors():
+  from jaxpref.models import lora
+  from jaxpref.train.config import RunConfig
   graphdef, params, ref, needs = two_models("sparse_po")
   plain_graphdef, plain = nnx.split(models.Decoder(CFG, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="has none"):
-    policy_step.token_level_logps(plain_graphdef, plain, plain, tiny_batch(), needs)
-  with pytest.raises(ValueError, match="--lora_rank"):
-    policy_step.make_steps(graphdef, losses.bind("sparse_po", {}), None, with_tokens=needs,
-                           lora_scale=2.0)
+    token_level_logps(plain_graphdef, plain, plain, tiny_batch(), needs)
+  # The policy role's start-up check (the step builder no longer sees LoRA flags).
+  cfg = RunConfig(workdir="unused", model=CFG, loss="sparse_po", reference="lora_base",
+                  lora=lora.LoraConfig(rank=2, alpha=4.0))
+  with pytest.raises(ValueError, match="learned token mask .*--lora_rank"):
+    policy.check(cfg)
   from jaxpref.data.shared_prompt import SharedPromptBatch
   fake = SharedPromptBatch.__new__(SharedPromptBatch)
   with pytest.raises(ValueError, match="not supported with --shared_prompt"):
-    policy_step.token_level_logps(graphdef, params, ref, fake, needs)
+    token_level_logps(graphdef, params, ref, fake, needs)
 
 
 # --- through the training loop: the mask network trains and is checkpointed ---------------
@@ -296,6 +302,7 @@ def test_mask_network_trains_and_is_checkpointed(tmp_path):
   from jaxpref.train import loop
   from jaxpref.train.config import DataConfig, OptimConfig, RunConfig
   from jaxpref.train.optimizer import make_optimizer
+  from jaxpref.train.state import build_steps, init_state
   tiny = os.path.join(ROOT, "jaxpref", "data", "tiny")
   cfg = RunConfig(
       workdir=str(tmp_path), model=models.get_config("tiny"), loss="sparse_po",
@@ -309,7 +316,7 @@ def test_mask_network_trains_and_is_checkpointed(tmp_path):
   final = loop.train(s)
   assert np.isfinite(final["loss"]) and "mask/kl_mean" in final
   optimizer = make_optimizer(cfg.optim, cfg.steps)
-  graphdef, init, ref = loop.init_state(cfg, s.mesh, optimizer)
+  graphdef, init, ref = init_state(cfg, s.mesh, optimizer)
   ckpt = ckpt_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"), 3, 2)
   restored, _, step = ckpt.restore(init)
   ckpt.close()
@@ -319,7 +326,7 @@ def test_mask_network_trains_and_is_checkpointed(tmp_path):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree.leaves(after)):
     assert not np.allclose(np.asarray(a), np.asarray(b)), path
   # The restored mask network is the trained one: it reproduces the run's final eval.
-  _, eval_step = loop.build_steps(cfg, graphdef, optimizer, restored, s.mesh)
+  _, eval_step = build_steps(cfg, graphdef, optimizer, restored, s.mesh)
   put = lambda b: jax.device_put(b, NamedSharding(s.mesh, P(mesh_lib.BATCH_AXES)))
   again = loop.evaluate(eval_step, restored.params, ref, s.eval_ds, cfg.data.eval_batch_size, put)
   np.testing.assert_allclose(again["loss"], final["loss"], rtol=1e-5)
@@ -333,6 +340,6 @@ def test_a_needed_token_input_that_was_not_computed_is_an_error(name):
   batch = tiny_batch()
   tok = np.zeros(batch.loss_mask.shape, np.float32)
   with pytest.raises(ValueError, match="was not computed"):
-    policy_step.group_logps(tok, tok, batch, needs)
-  probe = policy_step.probe_logps(batch, needs)  # the start-up probe's stand-ins
+    policy.group_logps(tok, tok, batch, needs)
+  probe = policy.probe_logps(batch, needs)  # the start-up probe's stand-ins
   jax.eval_shape(losses.bind(name, {}), probe)

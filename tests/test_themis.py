@@ -15,7 +15,7 @@ from cli_util import ROOT
 from jaxpref import data as data_lib
 from jaxpref import losses, models
 from jaxpref.models.heads import RewardModel
-from jaxpref.types import Logps
+from jaxpref.types import RewardOutputs
 
 
 def ref_themis(r, tok, mask, w, bt_weight=0.5, tau=1.0, lm_on="chosen"):
@@ -36,10 +36,9 @@ def inputs(seed, b=6, t=7):
 
 
 def make_lp(r, tok, mask, w, dtype=jnp.float32):
-  return Logps(policy=jnp.asarray(r, dtype), ref=jnp.zeros(r.shape, dtype),
-               length=jnp.asarray(mask.sum(-1), dtype), valid=jnp.ones(r.shape, bool),
-               weight=jnp.asarray(w, dtype), policy_tok=jnp.asarray(tok * mask, dtype),
-               mask=jnp.asarray(mask, dtype))
+  return RewardOutputs(reward=jnp.asarray(r, dtype), length=jnp.asarray(mask.sum(-1), dtype),
+                       valid=jnp.ones(r.shape, bool), weight=jnp.asarray(w, dtype),
+                       policy_tok=jnp.asarray(tok * mask, dtype), mask=jnp.asarray(mask, dtype))
 
 
 @pytest.mark.parametrize("hp", [{}, {"bt_weight": 1.0, "tau": 0.5}, {"lm_on": "both"}], ids=str)
@@ -69,8 +68,8 @@ def test_bt_weight_zero_is_the_nll_and_the_rest_is_bt():
 
 def test_needs_token_logps():
   r, _, _, w = inputs(3)
-  lp = Logps(policy=jnp.asarray(r), ref=jnp.zeros(r.shape), length=jnp.ones(r.shape),
-             valid=jnp.ones(r.shape, bool), weight=jnp.asarray(w))
+  lp = RewardOutputs(reward=jnp.asarray(r), length=jnp.ones(r.shape),
+                     valid=jnp.ones(r.shape, bool), weight=jnp.asarray(w))
   with pytest.raises(ValueError, match="per-token LM log-probs"):
     losses.get("themis")(lp)
   assert losses.needs_tokens("themis")
@@ -78,13 +77,13 @@ def test_needs_token_logps():
 
 @pytest.mark.slow
 def test_reward_step_fills_the_decoders_token_logps():
-  from jaxpref.train import reward_step
+  from jaxpref.train.roles import reward
   tok = data_lib.Tokenizer.load(os.path.join(ROOT, "jaxpref", "data", "tiny", "tokenizer.model"))
   records, _ = data_lib.read_pairs(os.path.join(ROOT, "jaxpref", "data", "tiny", "train.jsonl"))
   batch = data_lib.PairDataset(records[:2], tok, 24).batch(np.arange(2))
   model = RewardModel(models.get_config("tiny"), 1, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
-  lp = reward_step.model_logps(graphdef, params, batch, with_tokens=True)
+  lp = reward.model_logps(graphdef, params, batch, with_tokens=True)
   # The same log-probs as the decoder's own LM head, on the response tokens only.
   logits = np.asarray(model.decoder(jnp.asarray(batch.tokens[0, 0])[None],
                                     jnp.asarray(batch.segment_ids[0, 0])[None]))[0]
@@ -92,4 +91,5 @@ def test_reward_step_fills_the_decoders_token_logps():
   want = jax.nn.log_softmax(logits[t - 1])[batch.tokens[0, 0, t]]
   np.testing.assert_allclose(float(lp.policy_tok[0, 0, t]), float(want), rtol=1e-4, atol=1e-5)
   assert np.all(np.asarray(lp.policy_tok)[batch.loss_mask == 0] == 0)
-  np.testing.assert_allclose(np.asarray(lp.policy), np.asarray(reward_step.score(graphdef, params, batch))[..., 0], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(lp.reward),
+                             np.asarray(reward.score(graphdef, params, batch))[..., 0], rtol=1e-5)
