@@ -27,7 +27,8 @@ from jaxpref.data.tokenizer import find
 from jaxpref.models import lora
 from jaxpref.models import hf_reward
 from jaxpref.models import convert
-from jaxpref.train.config import DATA_FORMATS, DataConfig, LogpsOptions, OptimConfig, RunConfig
+from jaxpref.train.config import (DATA_FORMATS, DataConfig, LogpsOptions, OnlineConfig,
+                                  OptimConfig, RunConfig)
 
 FLAGS = flags.FLAGS
 _D, _O = DataConfig(), OptimConfig()
@@ -103,10 +104,12 @@ flags.DEFINE_float("adam_b2", _O.b2, "Adam beta2.")
 flags.DEFINE_float("adam_eps", _O.adam_eps, "Adam epsilon.")
 flags.DEFINE_float("grad_clip_norm", _O.grad_clip_norm, "Global-norm clip (0: off).")
 # Role.
-flags.DEFINE_enum("role", _R.role, ["policy", "reward"],
+flags.DEFINE_enum("role", _R.role, ["policy", "reward", "online"],
                   "policy: train the language model on a preference loss against a reference; "
                   "reward: train a reward model (a head on the decoder's last token, no "
-                  "reference) with a reward loss such as bt or gpm (docs/reward_models.md).")
+                  "reference) with a reward loss such as bt or gpm (docs/reward_models.md); "
+                  "online: sample --online.num_generations responses per prompt, score them "
+                  "and train on them (docs/online.md).")
 flags.DEFINE_integer("reward_dim", _R.reward_dim,
                      "--role=reward head width: 1 = a scalar reward; an even 2k = a preference "
                      "embedding of k rotation blocks (--loss=gpm).")
@@ -206,6 +209,10 @@ def _define_dotted(prefix: str, fields: dict[str, Any], owner: str) -> None:
 _define_dotted(
     "model", {f.name: getattr(models.get_config("tiny"), f.name)
               for f in dataclasses.fields(models.ModelConfig)}, "Overrides the preset's")
+
+
+_define_dotted("online", {f.name: f.default for f in dataclasses.fields(OnlineConfig)},
+               "The online role's")
 
 
 def define_loss_flags() -> None:
@@ -330,7 +337,8 @@ def to_config() -> RunConfig:
       steps=FLAGS.steps, log_every=FLAGS.log_every, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       progress=FLAGS.progress, plot=FLAGS.plot,
-      log_records=FLAGS.log_records, nonfinite=FLAGS.nonfinite)
+      log_records=FLAGS.log_records, nonfinite=FLAGS.nonfinite,
+      online=OnlineConfig(**_dotted_values("online")))
   _ = cfg.loss_spec  # resolved here: an unknown loss or --loss.X is an error listing valid ones
   conflicts = models.decoder.scan_layers_conflicts(model, lora_rank=FLAGS.lora_rank,
                                                    init_from=FLAGS.init_from,
@@ -358,11 +366,16 @@ def resolved_flags() -> str:
 
 
 def _relative_to(base: str, line: str) -> str:
-  """A --loss_module=FILE.py written in a flag file is found from that file's folder."""
-  if line.startswith("--loss_module=") and line.endswith(".py"):
-    target = line.split("=", 1)[1]
-    if not os.path.isabs(target) and os.path.exists(os.path.join(base, target)):
-      return "--loss_module=" + os.path.normpath(os.path.join(base, target))
+  """A --loss_module=FILE.py or --online.reward_fn=FILE.py:name written in a flag file is
+  found from that file's folder."""
+  for flag, suffix in (("--loss_module=", ""), ("--online.reward_fn=", ":")):
+    if not line.startswith(flag):
+      continue
+    value = line[len(flag):]
+    target, sep, name = value.rpartition(":") if suffix else (value, "", "")
+    if target.endswith(".py") and not os.path.isabs(target) and os.path.exists(
+        os.path.join(base, target)):
+      return flag + os.path.normpath(os.path.join(base, target)) + sep + name
   return line
 
 

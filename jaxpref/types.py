@@ -39,6 +39,10 @@ class GroupBatch:
   source_logps: Optional[Array] = None  # float32[B, S, 2]; per source model (chosen, rejected)
   user: Optional[Array] = None  # int32[B]; the records' `user` id (PAL's per-user mixture)
   attribute_prefs: Optional[Array] = None  # float32[B, A]; +1 chosen / -1 rejected / 0 don't care
+  # Online rollouts: one advantage per response, and the sampling policy's per-token
+  # log-probs when a rollout is reused for several updates (None: on-policy, ratio 1).
+  advantages: Optional[Array] = None  # float32[B, K]
+  old_tok: Optional[Array] = None  # float32[B, K, T]
 
 
 @jax.tree_util.register_dataclass

@@ -1,5 +1,8 @@
 """Prompt files for online training on the tiny task (jaxpref/data/tiny/): the distinct
-prompts of train.jsonl and eval.jsonl, sorted, one `{"prompt": ...}` record per line.
+prompts of train.jsonl and eval.jsonl, sorted, one `{"prompt": ...}` record per line; and
+sft_mix.jsonl, the train pairs with chosen and rejected swapped in a seeded half of them,
+so that supervised fine-tuning on its `chosen` answers gives a policy that names an item
+of the asked category about half the time (the online toy's starting point).
 
   python -m jaxpref.data.make_tiny_prompts     # rewrites prompts_{train,eval}.jsonl
   python -m jaxpref.data.make_tiny_prompts --out=/tmp/tiny   # the same bytes elsewhere
@@ -13,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+import numpy as np
 
 from jaxpref.data.make_tiny import OUT
 
@@ -39,6 +44,26 @@ def main(argv=None) -> None:
     with open(os.path.join(args.out, dst), "w") as f:
       f.write(render(prompts))
     print(f"wrote {len(prompts)} prompts to {os.path.join(args.out, dst)}")
+  mix = sft_mix(os.path.join(args.src, "train.jsonl"))
+  with open(os.path.join(args.out, "sft_mix.jsonl"), "w") as f:
+    f.write(mix)
+  print(f"wrote {mix.count(chr(10))} records to {os.path.join(args.out, 'sft_mix.jsonl')}")
+
+
+def sft_mix(path: str, seed: int = 0) -> str:
+  """The pairs of `path`, each swapped with probability 1/2 (seeded)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  with open(path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      rec = json.loads(line)
+      if rng.random() < 0.5:
+        rec["chosen"], rec["rejected"] = rec["rejected"], rec["chosen"]
+      out.append(json.dumps({"prompt": rec["prompt"], "chosen": rec["chosen"],
+                             "rejected": rec["rejected"]}) + "\n")
+  return "".join(out)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,9 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
 
 
 def _pick(logits: jax.Array, knobs, key: jax.Array) -> jax.Array:
-  temperature, top_k, top_p = knobs
+  temperature, top_k, top_p, vocab = knobs
+  # Ids the tokenizer does not have (a model vocabulary padded past it) are never sampled.
+  logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
   greedy = lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)
   sample = lambda: jax.random.categorical(
       key, filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
@@ -137,13 +139,15 @@ def generate(model, prompt, prompt_lengths=None, *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_tokens: Sequence[int] = (), pad_id: int = 0, rng=None,
              left_padded: bool = False, mesh: Optional[Mesh] = None,
-             return_logits: bool = False) -> Output:
+             return_logits: bool = False, vocab_size: int = 0) -> Output:
   """Samples up to `max_new_tokens` after each prompt.
 
   model: a Decoder, or (graphdef, params) as training holds them (sharded params stay
   where they are). prompt int32[B, P], right-padded (left-padded with left_padded=True);
   prompt_lengths int32[B] (default: all P). rng: a PRNG key, needed when temperature > 0.
   mesh: the training mesh; the batch is then split over its data/fsdp axes.
+  vocab_size: only ids below it are sampled (the tokenizer's size, when the model's
+  vocabulary is padded past it); 0 = every id.
   """
   sp = SamplingParams(max_new_tokens, float(temperature), int(top_k), float(top_p),
                       tuple(int(t) for t in stop_tokens), int(pad_id))
@@ -168,7 +172,8 @@ def generate(model, prompt, prompt_lengths=None, *, max_new_tokens: int = 128,
       raise ValueError(f"batch {b} is not divisible by the mesh's batch axes "
                        f"({batch_axis_size(mesh)} = data x fsdp)")
     prompt, lengths = jax.device_put((prompt, lengths), NamedSharding(mesh, P(BATCH_AXES)))
-  knobs = (jnp.float32(sp.temperature), jnp.int32(sp.top_k), jnp.float32(sp.top_p))
+  knobs = (jnp.float32(sp.temperature), jnp.int32(sp.top_k), jnp.float32(sp.top_p),
+           jnp.int32(vocab_size if vocab_size > 0 else np.iinfo(np.int32).max))
   stops = jnp.asarray(sp.stop_tokens or (-1,), jnp.int32)
   fn = _compiled(graphdef, sp.max_new_tokens, sp.pad_id, return_logits, mesh)
   return fn(state, prompt, lengths, rng, knobs, stops)

@@ -55,13 +55,34 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OnlineConfig:
+  """The online role's rollouts (`--online.*` flags; docs/online.md)."""
+  num_generations: int = 4  # K responses sampled per prompt
+  max_new_tokens: int = 16
+  temperature: float = 1.0
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0
+  updates_per_rollout: int = 1  # optimizer steps on one rollout (old log-probs held fixed)
+  reward: str = ""  # reward spec, e.g. "fn" or "1.0*fn+0.5*overlong" (rewards/sources.py)
+  reward_fn: str = ""  # FILE.py:name, a function (prompts, responses, **ctx) -> [B, K]
+  advantage: str = "grpo"  # grpo | rloo | reinforce_pp | plain (losses/advantages.py)
+  advantage_scale: str = "group"  # grpo's std: group | batch | none
+  truncated: str = "keep"  # a response without EOS: keep | mask (no gradient) | penalize
+  truncated_score: float = 0.0  # its score under truncated=penalize
+  dynamic_sampling: bool = False  # DAPO: groups whose scores all agree get weight 0
+  eval_temperature: float = 0.0  # held-out evaluation samples (0 = greedy)
+  eval_samples: int = 1  # samples per held-out prompt
+  prompt_buckets: str = "16,32,64,128,256,512"  # prompt lengths padded to these (compiles)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   workdir: str
   model: Any  # jaxpref.models.ModelConfig
   model_preset: str = "tiny"
   optim: OptimConfig = OptimConfig()
   data: DataConfig = DataConfig()
-  role: str = "policy"  # policy | reward (a reward or preference-embedding model, no reference)
+  role: str = "policy"  # policy | reward | online (docs/design.md#roles-what-a-run-trains)
   reward_dim: int = 1  # reward role: 1 = scalar reward head, even 2k = GPM embedding head
   reward_head: str = "linear"  # linear | attributes | pal | gpm_gated (docs/reward_models.md)
   pal_prototypes: int = 2  # --reward_head=pal: K' prototypes (ideal points) per prompt
@@ -90,6 +111,7 @@ class RunConfig:
   plot: bool = True
   log_records: bool = False  # WORKDIR/records/process_P.jsonl: each step's groups (exact resume)
   nonfinite: str = "stop"  # a non-finite loss or gradient: stop | skip (the update is dropped)
+  online: OnlineConfig = OnlineConfig()
 
   @functools.cached_property
   def loss_spec(self) -> losses.LossSpec:

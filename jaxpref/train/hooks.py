@@ -89,6 +89,11 @@ class Eval:
     if self.ds is None:
       return
     prog, cfg = self.loop.prog, self.loop.cfg
+    if prog.evaluate is not None:  # the online role samples the held-out prompts
+      rows = self.loop.last_eval = self.loop.write(step, "eval", prog.evaluate())
+      say(f"step {step:>6} eval  reward {rows[0]['reward/mean']:.3f}  length "
+          f"{rows[0]['length/mean']:.1f}")
+      return
     means = passes.weighted_means(lambda b: prog.eval_step(prog.state.params, prog.ref, b),
                                   self.ds, cfg.data.eval_batch_size, prog.put_eval)
     rows = self.loop.last_eval = self.loop.write(step, "eval", prog.rows(means))
@@ -243,13 +248,13 @@ class Rounds:
 class RefSync:
   """TR-DPO: every --ref_sync_every steps, ref <- alpha * policy + (1 - alpha) * ref."""
 
-  def __init__(self, loop: Loop):
-    self.loop = loop
+  def __init__(self, loop: Loop, every: int, alpha: float):
+    self.loop, self.every, self.alpha = loop, every, alpha
 
   def after_update(self, done: int) -> None:
-    cfg, prog = self.loop.cfg, self.loop.prog
-    if done % cfg.ref_sync_every == 0:
-      prog.ref = reference.sync(prog.state.params, prog.ref, cfg.ref_sync_alpha)
+    prog = self.loop.prog
+    if done % self.every == 0:
+      prog.ref = reference.sync(prog.state.params, prog.ref, self.alpha)
 
 
 class Finish:
@@ -265,7 +270,8 @@ class Finish:
       for w in loop.writers:
         plots.plot_run(read_metrics(w.path), os.path.join(os.path.dirname(w.path),
                                                           "metrics.png"),
-                       title=f"{cfg.loss} on {os.path.basename(cfg.data.train_data)}")
+                       title=f"{cfg.loss} on {os.path.basename(cfg.data.train_data)}",
+                       panels=loop.prog.panels or plots.PANELS)
     if cfg.export_hf and not loop.preempted:  # all processes gather; process 0 writes
       hf_export.export(cfg, loop.prog.state.params, loop.prog.ref, say)
     if process0 and not loop.preempted:
@@ -277,11 +283,13 @@ class Finish:
 def default_hooks(cfg, prog, s, loop: Loop) -> list:
   """The hooks a run's flags ask for, in the order they act within a step."""
   hooks: list = []
-  if cfg.rounds > 1:
+  if cfg.rounds > 1 and cfg.role != "online":
     hooks.append(Rounds(loop, s))
   if cfg.log_records:
     hooks.append(Records(loop))
   if cfg.ref_sync_every:
-    hooks.append(RefSync(loop))
+    hooks.append(RefSync(loop, cfg.ref_sync_every, cfg.ref_sync_alpha))
+  elif cfg.role == "online" and cfg.rounds > 1:  # iterative online DPO: reference <- policy
+    hooks.append(RefSync(loop, cfg.steps // cfg.rounds, 1.0))
   hooks += [Guard(loop), Eval(loop, s.eval_ds), Checkpoint(loop), Finish(loop)]
   return hooks

@@ -25,44 +25,15 @@ from jaxpref.losses.reward import finish_metrics
 from jaxpref.parallel import distributed, mesh as mesh_lib
 from jaxpref.train import checkpoint as ckpt_lib
 from jaxpref.train import hooks as hooks_lib
-from jaxpref.train import precompute
+from jaxpref.train import online, precompute
 from jaxpref.train.config import RunConfig
 from jaxpref.train.metrics import MetricWriter, read_metrics
 from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxpref.train.program import Program
 from jaxpref.train.setup import Setup, batcher_of, say, setup
 from jaxpref.train.state import build_steps, init_state
 
 __all__ = ["Program", "Setup", "evaluate", "run", "setup", "train"]
-
-
-@dataclasses.dataclass
-class Program:
-  """What the loop steps. `members` models share one program (1, or an ensemble's M
-  vmapped members, whose states, batches and metrics carry a leading member axis)."""
-
-  cfg: RunConfig
-  mesh: Any
-  graphdef: Any
-  state: Any  # TrainState
-  ref: Any  # reference.Reference
-  train_step: Callable
-  eval_step: Callable
-  batchers: list  # one data.batching.Batcher per member
-  batch: Callable[[int], Any]  # step -> (host batch, placed batch)
-  put_eval: Callable[[Any], Any]
-  workdirs: list[str]  # where each member's metrics go
-  members: int = 1
-  hooks: list = dataclasses.field(default_factory=list)  # extra hooks (an ensemble's finish)
-
-  def rows(self, metrics: dict) -> list[dict]:
-    """Host metrics (leaves [M] for an ensemble) -> one finished row per member."""
-    if self.members == 1:
-      return [finish_metrics(metrics)]
-    return [finish_metrics({k: np.asarray(v)[j] for k, v in metrics.items()})
-            for j in range(self.members)]
-
-  def order(self) -> str:
-    return " | ".join(b.describe() for b in self.batchers)
 
 
 def evaluate(eval_step, params, ref, ds, batch_size, put) -> dict:
@@ -114,7 +85,8 @@ def train(s: Setup, prog: Program | None = None) -> dict:
   returns the final eval metrics (or train metrics without eval data; an ensemble's: the
   first member's, every member's rows being in its own folder)."""
   cfg = s.cfg
-  prog = prog or program(s)
+  if prog is None:
+    prog = online.program(s) if cfg.role == "online" else program(s)
   ckpt = ckpt_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"),
                                cfg.checkpoint_every, cfg.keep_checkpoints)
   ckpt.data_iterator = getattr(prog.batchers[0], "iterator", None)  # grain's, saved with it
@@ -172,6 +144,7 @@ def train(s: Setup, prog: Program | None = None) -> dict:
                  "steps_per_sec": steps_done / (time.perf_counter() - t0),
                  "data/padding_efficiency": float(tokens[0] / tokens[1])}
         tokens[:] = 0
+        extra.update(prog.extra() if prog.extra is not None else {})
         rows = [{**r, **extra} for r in prog.rows(jax.device_get(metrics))]
         loop.last_train = loop.write(done, "train", rows)
         _show(bar, done, loop.last_train)
@@ -208,7 +181,9 @@ def _save_after_writer_error(loop, hooks) -> None:
 
 def _show(bar, done: int, rows: list[dict]) -> None:
   losses = " ".join(f"{r['loss']:.4f}" for r in rows)
-  if bar is not None and len(rows) == 1:
+  if bar is not None and len(rows) == 1 and "reward/mean" in rows[0]:
+    bar.set_postfix(loss=losses, reward=f"{rows[0]['reward/mean']:.3f}")
+  elif bar is not None and len(rows) == 1:
     bar.set_postfix(loss=losses, acc=f"{rows[0]['rewards/accuracy']:.2f}")
   elif bar is not None:
     bar.set_postfix_str(f"loss {losses}")

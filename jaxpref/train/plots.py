@@ -17,9 +17,10 @@ def _series(rows: Sequence[dict], split: str, key: str):
   return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_run(rows: Sequence[dict], path: str, title: str = "") -> None:
-  fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
-  for ax, (key, label) in zip(axes, PANELS):
+def plot_run(rows: Sequence[dict], path: str, title: str = "",
+             panels: Sequence[tuple[str, str]] = PANELS) -> None:
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+  for ax, (key, label) in zip(axes, panels):
     for split, style in (("train", "-"), ("eval", "o-")):
       xs, ys = _series(rows, split, key)
       if xs:

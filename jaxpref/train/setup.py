@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxpref import data as data_lib
-from jaxpref.data import batching, chat, chat_template, curriculum, grain_source
+from jaxpref.data import batching, chat, chat_template, curriculum, grain_source, prompts
 from jaxpref.data.shared_prompt import SharedPromptView
 from jaxpref.parallel import mesh as mesh_lib
 from jaxpref.models import hf_export
@@ -72,6 +72,11 @@ def load_data(cfg: RunConfig, tok):
     if not path:
       out.append(None)
       continue
+    if cfg.role == "online":  # rollouts need only the prompts, of any prompt-bearing file
+      ds = prompts.load(path, tok, cfg.data.max_len - 1, cfg.data.fields, cfg.data.skip_invalid)
+      say(f"{split} prompts: {ds.summary()} (--max_len={cfg.data.max_len} tokens with BOS)")
+      out.append(ds)
+      continue
     ds, report, extra = _read(cfg, path, tok, curriculum.record_field(cfg.data.curriculum)
                               if split == "train" else "")
     say(f"{split} data: {report.summary()}{extra}; {ds.n_truncated} of {ds.n} groups truncated "
@@ -106,6 +111,7 @@ class Setup:
   eval_ds: Any
   mesh: Mesh
   batcher: Any = None  # data.batching.Batcher: the train batches (order, shapes)
+  tokenizer: Any = None  # the online role decodes its samples for the reward
 
 
 def setup(cfg: RunConfig) -> Setup:
@@ -131,6 +137,11 @@ def setup(cfg: RunConfig) -> Setup:
   if cfg.grad_accum < 1 or cfg.data.batch_size % (cfg.grad_accum * n_batch_shards):
     raise ValueError(f"--batch_size={cfg.data.batch_size} must be divisible by --grad_accum="
                      f"{cfg.grad_accum} times the mesh's data*fsdp size ({n_batch_shards})")
+  if cfg.role == "online":
+    check_role(cfg)
+    roles.get(cfg.role).check(cfg)
+    _probe_loss(cfg, None)
+    return Setup(cfg, train_ds, eval_ds, mesh, tokenizer=tok)
   for split, ds, path in (("train", train_ds, cfg.data.train_data),
                           ("eval", eval_ds, cfg.data.eval_data)):
     weight = getattr(ds, "weight", None)
@@ -156,10 +167,11 @@ def batcher_of(cfg: RunConfig, ds, n_batch_shards: int) -> batching.Batcher:
 
 def check_role(cfg: RunConfig) -> None:
   """The loss must be written for the run's role: a reward loss under the policy role (or
-  the reverse) would read slots the role never fills."""
+  the reverse) would read slots the role never fills. The online role also trains the
+  offline pairwise losses, on each rollout group's best-vs-worst pair."""
   roles.get(cfg.role)
   written_for = cfg.loss_spec.role
-  if written_for != cfg.role:
+  if written_for != cfg.role and not (cfg.role == "online" and written_for == "policy"):
     raise ValueError(f"--loss={cfg.loss} is a {written_for}-role loss, but --role={cfg.role}"
                      + (" (set --role=reward)" if written_for == "reward" else ""))
 
@@ -167,7 +179,7 @@ def check_role(cfg: RunConfig) -> None:
 def _probe_loss(cfg: RunConfig, ds) -> None:
   """Traces the loss on the data's shapes, so a loss/data mismatch (say, score margins on
   records without scores) is a start-up error instead of a failure inside the first jit."""
-  batch = ds.batch(np.arange(min(2, ds.n)))
+  batch = None if ds is None else ds.batch(np.arange(min(2, ds.n)))
   jax.eval_shape(cfg.loss_spec.fn, roles.get(cfg.role).probe(batch, cfg))
 
 

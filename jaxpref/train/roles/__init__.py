@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from jaxpref.train.roles import policy, reward
+from jaxpref.train.roles import online, policy, reward
 
-ROLES: dict[str, ModuleType] = {"policy": policy, "reward": reward}
+ROLES: dict[str, ModuleType] = {"policy": policy, "reward": reward, "online": online}
 
 
 def get(name: str) -> ModuleType:
@@ -26,5 +26,8 @@ def forward(cfg, graphdef):
   """The run's forward pass for the step builder, from its config."""
   if cfg.role == "reward":
     return reward.forward(graphdef, cfg.loss_spec.needs)
+  if cfg.role == "online" and not online.pairwise(cfg):
+    return online.forward(graphdef, cfg.loss_spec.needs, cfg.logps,
+                          cfg.lora.scale if cfg.lora is not None else None)
   return policy.forward(graphdef, cfg.loss_spec.needs, cfg.logps,
                         cfg.lora.scale if cfg.lora is not None else None)

@@ -1,0 +1,231 @@
+"""The online role's `Program`: each loop step samples a rollout from the current policy,
+scores it, and takes `--online.updates_per_rollout` optimizer steps on it.
+
+Step s: prompts `batch_indices(s)`; K samples each from the sharded KV-cache sampler with
+the key `fold_in(key(seed), s)` (so a resumed run samples the same tokens); the reward
+sources score the decoded responses; an advantage estimator (or, for a pairwise loss, the
+pair rule) turns scores into what the loss reads; then one jitted call runs the updates,
+the rollout's old log-probs computed first and held fixed. Held-out evaluation samples the
+eval prompts and reports their mean reward (a verifier's accuracy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxpref import cli_errors
+from jaxpref.losses import advantages as adv_lib
+from jaxpref.models import sampler
+from jaxpref.models.logps import token_logps
+from jaxpref.parallel import distributed, mesh as mesh_lib, sharding
+from jaxpref.rewards import sources
+from jaxpref.train import step as step_lib
+from jaxpref.train.optimizer import make_optimizer
+from jaxpref.train.program import Program
+from jaxpref.train.roles import online as role
+from jaxpref.train.roles import forward as role_forward
+from jaxpref.train.setup import say
+from jaxpref.train.state import init_state
+from jaxpref.types import GroupBatch
+
+PANELS = (("reward/mean", "reward"), ("loss", "loss"), ("length/mean", "response length"))
+
+
+class Rollouts:
+  """Samples, decodes and scores groups of K responses to a batch of prompts."""
+
+  def __init__(self, cfg, s, graphdef, mesh):
+    self.cfg, self.o, self.tok, self.mesh = cfg, cfg.online, s.tokenizer, mesh
+    self.graphdef = graphdef
+    self.reward = sources.build(cfg.online.reward, reward_fn=cfg.online.reward_fn)
+    self.buckets = tuple(sorted(int(b) for b in cfg.online.prompt_buckets.split(",") if b))
+    self.stats: dict = {}
+
+  def sample(self, params, ds, idx, k: int, temperature: float, rng):
+    """(tokens int32[B*K, P+N], prompt lengths [B*K], lengths [B*K], finished [B*K])."""
+    prompt, lengths = ds.padded(idx, self.buckets, self.tok.pad_id)
+    prompt, lengths = np.repeat(prompt, k, axis=0), np.repeat(lengths, k)
+    o = self.o
+    out = sampler.generate((self.graphdef, params), prompt, lengths,
+                           max_new_tokens=o.max_new_tokens, temperature=temperature,
+                           top_k=o.top_k, top_p=o.top_p, stop_tokens=(self.tok.eos_id,),
+                           pad_id=self.tok.pad_id, rng=rng, mesh=self.mesh,
+                           vocab_size=self.tok.vocab_size)
+    tokens, ends, finished = jax.device_get((out.tokens, out.lengths, out.finished))
+    return np.asarray(tokens), lengths, np.asarray(ends), np.asarray(finished)
+
+  def score(self, ds, idx, tokens, starts, ends, finished, k: int):
+    """float64[B, K] rewards of the decoded responses (EOS dropped) and their texts."""
+    texts = [self.tok.decode([t for t in tokens[i, starts[i]:ends[i]].tolist()
+                              if t != self.tok.eos_id]) for i in range(len(tokens))]
+    b = len(idx)
+    responses = [texts[j * k:(j + 1) * k] for j in range(b)]
+    lengths = (ends - starts).reshape(b, k)
+    total, parts = self.reward.parts([ds.texts[i] for i in idx], responses, lengths=lengths,
+                                     truncated=~finished.reshape(b, k),
+                                     valid=np.ones((b, k), bool),
+                                     max_new_tokens=self.o.max_new_tokens)
+    return np.asarray(total, np.float64), parts, responses
+
+  def __call__(self, params, ds, step: int) -> GroupBatch:
+    cfg, o = self.cfg, self.o
+    b, k = cfg.data.batch_size, o.num_generations
+    idx = ds.indices(step, b, cfg.data.seed)
+    t0 = time.perf_counter()
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 0), step)
+    tokens, starts, ends, finished = self.sample(params, ds, idx, k, o.temperature, rng)
+    t1 = time.perf_counter()
+    scores, parts, _ = self.score(ds, idx, tokens, starts, ends, finished, k)
+    t2 = time.perf_counter()
+    batch = self.layout(tokens, starts, ends, finished, scores, b, k)
+    new_tokens = int((ends - starts).sum())
+    self.stats = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
+                  **{f"reward/{name}": float(np.mean(v)) for name, v in parts.items()
+                     if len(parts) > 1},
+                  "length/mean": float((ends - starts).mean()),
+                  "length/max": float((ends - starts).max()),
+                  "length/truncated_fraction": float(np.mean(~finished)),
+                  "rollout/tokens_per_sec": new_tokens / max(t1 - t0, 1e-9),
+                  "time/sample": t1 - t0, "time/score": t2 - t1}
+    return batch
+
+  def layout(self, tokens, starts, ends, finished, scores, b: int, k: int) -> GroupBatch:
+    """The rollout as a `GroupBatch` [B, K, T]: the loss mask on each response's tokens
+    (its EOS included), scores, and advantages (or the pair rule's best-vs-worst pairs)."""
+    o, t = self.o, tokens.shape[1]
+    pos = np.arange(t)[None, :]
+    mask = ((pos >= starts[:, None]) & (pos < ends[:, None])).astype(np.float32)
+    segs = (pos < ends[:, None]).astype(np.int32)
+    valid = np.ones((b, k), bool)
+    scores = scores.astype(np.float32).copy()
+    truncated = ~finished.reshape(b, k)
+    if o.truncated == "mask":  # no gradient through a response cut off mid-way
+      valid &= ~truncated
+      mask = mask * valid.reshape(-1, 1)
+    elif o.truncated == "penalize":
+      scores[truncated] = o.truncated_score
+    weight = np.ones(b, np.float32)
+    zero_var = np.asarray(adv_lib.zero_variance_groups(scores, valid))
+    self.stats_extra = {"groups/zero_variance_fraction": float(zero_var.mean())}
+    if o.dynamic_sampling or role.pairwise(self.cfg):  # no spread: no preference, no signal
+      weight = np.where(zero_var, 0.0, 1.0).astype(np.float32)
+    shape = lambda x: x.reshape(b, k, t)
+    batch = GroupBatch(tokens=shape(tokens.astype(np.int32)), loss_mask=shape(mask),
+                       segment_ids=shape(segs), valid=valid, weight=weight, scores=scores)
+    if role.pairwise(self.cfg):
+      return pair_rule(batch)
+    kw = {"scale": o.advantage_scale} if o.advantage == "grpo" else {}
+    a = np.asarray(adv_lib.compute(o.advantage, scores, valid & (weight > 0)[:, None], **kw))
+    self.stats_extra.update({"advantages/mean": float(a.mean()), "advantages/std": float(a.std())})
+    return dataclasses.replace(batch, advantages=a.astype(np.float32))
+
+
+def pair_rule(batch: GroupBatch) -> GroupBatch:
+  """Each group's best and worst valid responses as a (chosen, rejected) pair, K=2; a
+  group whose scores all agree has no preference and gets weight 0."""
+  s = np.where(batch.valid, batch.scores, np.nan)
+  best, worst = np.nanargmax(s, axis=1), np.nanargmin(s, axis=1)
+  rows = np.arange(len(s))
+  pick = lambda x: np.stack([x[rows, best], x[rows, worst]], axis=1)
+  return GroupBatch(tokens=pick(batch.tokens), loss_mask=pick(batch.loss_mask),
+                    segment_ids=pick(batch.segment_ids), valid=pick(batch.valid),
+                    weight=batch.weight, scores=pick(batch.scores))
+
+
+def updates(cfg, graphdef, inner_train_step, lora_scale):
+  """One rollout's `updates_per_rollout` optimizer steps as one function: the old
+  log-probs are the policy's before the first update (on-policy with one update)."""
+  mu = cfg.online.updates_per_rollout
+
+  def train_step(state, ref, batch):
+    if mu > 1 and not role.pairwise(cfg):
+      old = token_logps(graphdef, ref.policy(state.params, lora_scale), batch, cfg.logps)
+      batch = dataclasses.replace(batch, old_tok=jax.lax.stop_gradient(old))
+    if mu == 1:
+      return inner_train_step(state, ref, batch)
+    state, metrics = jax.lax.scan(lambda st, _: inner_train_step(st, ref, batch), state,
+                                  None, length=mu)
+    return state, jax.tree.map(lambda m: m[-1], metrics)
+
+  return train_step
+
+
+def program(s) -> Program:
+  cfg, mesh = s.cfg, s.mesh
+  o = cfg.online
+  # The schedule counts optimizer steps: updates_per_rollout per loop step.
+  optimizer = make_optimizer(cfg.optim, cfg.steps * o.updates_per_rollout)
+  graphdef, state, ref = init_state(cfg, mesh, optimizer)
+  lora_scale = cfg.lora.scale if cfg.lora is not None else None
+  inner, eval_step = step_lib.make_steps(role_forward(cfg, graphdef), cfg.loss_spec.fn,
+                                         optimizer, grad_accum=cfg.grad_accum,
+                                         grad_shardings=jax.tree.map(lambda x: x.sharding,
+                                                                     state.params))
+  train_step = sharding.keep_state_shardings(updates(cfg, graphdef, inner, lora_scale),
+                                             state, mesh)
+  rollouts = Rollouts(cfg, s, graphdef, mesh)
+  batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+  policy_params = jax.jit(lambda p, r: r.policy(p, lora_scale))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  say(f"model: preset {cfg.model_preset}, {n_params:,} parameters; mesh {dict(mesh.shape)}; "
+      f"loss {cfg.loss_spec.describe()}"
+      + (" on each group's best-vs-worst pair" if role.pairwise(cfg) else
+         f", advantages {o.advantage}") + f"; reference {ref.kind}; reward "
+      + " + ".join(f"{w:g}*{label}" for w, label, _, _ in rollouts.reward.terms))
+  timing = {"last": None}
+
+  def batch(step):
+    params = policy_params(prog.state.params, prog.ref)
+    try:
+      host = rollouts(params, s.train_ds, step)
+    except sources.RewardError as e:
+      raise cli_errors.RunError(f"step {step}: {e}") from e
+    rollouts.stats.update(rollouts.stats_extra)
+    return host, distributed.put_global(host, batch_sharding)
+
+  def extra() -> dict:
+    now, stats = time.perf_counter(), dict(rollouts.stats)
+    if timing["last"] is not None:  # shares of the last logged step's wall time
+      total = max(now - timing["last"], 1e-9) / max(cfg.log_every, 1)
+      for part in ("sample", "score"):
+        stats[f"time/{part}_share"] = stats.pop(f"time/{part}") / total
+      stats["time/update_share"] = max(0.0, 1 - stats["time/sample_share"] -
+                                       stats["time/score_share"])
+    else:
+      stats.pop("time/sample"), stats.pop("time/score")
+    timing["last"] = now
+    return stats
+
+  def evaluate() -> list[dict]:
+    ds = s.eval_ds
+    params = policy_params(prog.state.params, prog.ref)
+    rng = jax.random.fold_in(jax.random.key(cfg.seed), 1)  # its own stream, the same each eval
+    idx = np.repeat(np.arange(ds.n), 1)
+    tokens, starts, ends, finished = rollouts.sample(params, ds, idx, o.eval_samples,
+                                                     o.eval_temperature, rng)
+    scores, _, _ = rollouts.score(ds, idx, tokens, starts, ends, finished, o.eval_samples)
+    return [{"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
+             "length/mean": float((ends - starts).mean()),
+             "length/truncated_fraction": float(np.mean(~finished))}]
+
+  prog = Program(cfg, mesh, graphdef, state, ref, train_step, eval_step, [_Order(cfg)], batch,
+                 lambda b: distributed.put_global(b, batch_sharding), [cfg.workdir],
+                 evaluate=evaluate if s.eval_ds is not None else None, extra=extra,
+                 panels=PANELS)
+  return prog
+
+
+class _Order:
+  """The rollouts' prompt order, as a batcher describes it (checked on resume)."""
+
+  def __init__(self, cfg):
+    self.text = (f"online prompts batch={cfg.data.batch_size} seed={cfg.data.seed} "
+                 f"k={cfg.online.num_generations}")
+
+  def describe(self) -> str:
+    return self.text

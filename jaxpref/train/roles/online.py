@@ -1,0 +1,120 @@
+"""The online policy role: a rollout (K sampled responses per prompt, scored) -> `Logps`
+with per-token policy, old-policy and reference log-probs and one advantage per response.
+
+Two kinds of loss run under it. A policy-gradient loss (`role="online"`: grpo, dapo, gspo,
+...) reads the whole group. A pairwise loss of the offline registry (`dpo`, `ipo`, `simpo`,
+...) runs on-policy through the pair rule: each group's best and worst responses become a
+(chosen, rejected) pair, so its forward pass is the offline policy role's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpref import losses
+from jaxpref.models.logps import LogpsOptions, token_logps
+from jaxpref.train.reference import Reference
+from jaxpref.train.roles import policy
+from jaxpref.types import GroupBatch, Logps
+
+
+def pairwise(cfg) -> bool:
+  """The loss is an offline pairwise one, trained on each group's best-vs-worst pair."""
+  return cfg.loss_spec.role == "policy"
+
+
+def needs_reference(cfg) -> bool:
+  """A pairwise loss always reads the reference; a policy-gradient loss only for its KL."""
+  if pairwise(cfg):
+    return True
+  beta = {**losses.hparams(cfg.loss), **cfg.loss_hparams}.get("beta", 0.0)
+  return float(beta) > 0
+
+
+def forward(graphdef: nnx.GraphDef, needs: Any = False, opts: LogpsOptions = LogpsOptions(),
+            lora_scale: float | None = None):
+  """`fn(params, ref, batch) -> Logps` for a policy-gradient loss: the policy's per-token
+  log-probs, the reference's (when the run keeps one) and the rollout's old log-probs and
+  advantages, all [B, K, T] / [B, K]."""
+  del needs  # a policy-gradient loss always reads the per-token log-probs
+
+  def fn(params, ref: Reference, batch: GroupBatch) -> Logps:
+    pol = token_logps(graphdef, ref.policy(params, lora_scale), batch, opts)
+    ref_tok = (None if ref.model is None else
+               jax.lax.stop_gradient(token_logps(graphdef, ref.model, batch, opts)))
+    zeros = jnp.zeros(pol.shape[:2], jnp.float32)
+    return Logps(policy=pol.sum(-1), ref=zeros if ref_tok is None else ref_tok.sum(-1),
+                 length=batch.loss_mask.sum(-1), valid=batch.valid, weight=batch.weight,
+                 scores=batch.scores, policy_tok=pol, ref_tok=ref_tok, mask=batch.loss_mask,
+                 old_tok=batch.old_tok, advantages=batch.advantages)
+
+  return fn
+
+
+def init(cfg, mesh, optimizer):
+  """The offline policy's state and reference; no reference model when nothing reads it."""
+  graphdef, state, ref = policy.init(cfg, mesh, optimizer)
+  if not needs_reference(cfg):
+    ref = Reference("none", None, base=ref.base)
+  return graphdef, state, ref
+
+
+def check(cfg, *datasets) -> None:
+  del datasets
+  o = cfg.online
+  if cfg.loss_spec.role not in ("online", "policy"):
+    raise ValueError(f"--role=online trains a policy: --loss={cfg.loss} is a "
+                     f"{cfg.loss_spec.role}-role loss")
+  if pairwise(cfg) and cfg.loss_spec.member_fields:
+    raise ValueError(f"--loss={cfg.loss} reads extra record fields "
+                     f"({', '.join(cfg.loss_spec.member_fields)}), which rollouts do not have")
+  if cfg.reference == "precomputed":
+    raise ValueError("--reference=precomputed: an online run's responses are new every step; "
+                     "use --reference=model")
+  if cfg.ref_sync_every and cfg.rounds > 1:
+    raise ValueError("--ref_sync_every and --rounds both refresh the reference; pick one")
+  if cfg.rounds > 1 and cfg.steps % cfg.rounds:
+    raise ValueError(f"--rounds={cfg.rounds} must divide --steps={cfg.steps}")
+  if pairwise(cfg) and o.num_generations < 2:
+    raise ValueError(f"--loss={cfg.loss} trains on each group's best and worst response: "
+                     f"--online.num_generations must be >= 2, got {o.num_generations}")
+  if o.num_generations < 1 or o.updates_per_rollout < 1 or o.eval_samples < 1:
+    raise ValueError("--online.num_generations, updates_per_rollout and eval_samples must be "
+                     ">= 1")
+  if o.truncated not in ("keep", "mask", "penalize"):
+    raise ValueError(f"--online.truncated must be keep, mask or penalize, got {o.truncated!r}")
+  if not (o.reward or o.reward_fn):
+    raise ValueError("--role=online needs a reward: --online.reward_fn=FILE.py:name and/or "
+                     "--online.reward=SPEC (docs/online.md)")
+  if cfg.data.shared_prompt or cfg.data.batching != "pad":
+    raise ValueError("--role=online lays out its own rollouts: --shared_prompt and "
+                     "--batching=buckets|pack do not apply")
+  policy.check(cfg)
+
+
+def probe_batch(cfg, pairs: bool) -> GroupBatch:
+  """A zero rollout batch of the run's shapes (2 prompts), for tracing the loss."""
+  k = 2 if pairs else cfg.online.num_generations
+  t = cfg.data.max_len + cfg.online.max_new_tokens
+  z = np.zeros((2, k, t), np.float32)
+  return GroupBatch(tokens=z.astype(np.int32), loss_mask=z, segment_ids=z.astype(np.int32),
+                    valid=np.ones((2, k), bool), weight=np.ones(2, np.float32),
+                    scores=np.zeros((2, k), np.float32),
+                    advantages=None if pairs else np.zeros((2, k), np.float32))
+
+
+def probe(batch, cfg) -> Logps:
+  del batch  # the prompts' dataset has no group batch: the rollout's shapes stand in
+  b = probe_batch(cfg, pairwise(cfg))
+  if pairwise(cfg):
+    return policy.probe_logps(b, cfg.loss_spec.needs)
+  zeros = np.zeros(b.loss_mask.shape, np.float32)
+  return Logps(policy=zeros.sum(-1), ref=zeros.sum(-1), length=zeros.sum(-1), valid=b.valid,
+               weight=b.weight, scores=b.scores, policy_tok=zeros,
+               ref_tok=zeros if needs_reference(cfg) else None, mask=zeros, old_tok=zeros,
+               advantages=b.advantages)
