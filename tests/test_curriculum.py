@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from jaxpref import data as data_lib
+from jaxpref import losses
 from jaxpref.data import batching, curriculum, make_tiny
 from jaxpref.data.batching import Batcher
 from jaxpref.data.pairs import batch_indices
 from jaxpref.train import loop
+from jaxpref.train import setup as setup_lib
 from jaxpref.train.config import DataConfig
 
 TOK_PATH = os.path.join(make_tiny.OUT, "tokenizer.model")
@@ -110,8 +112,9 @@ def _train(path, fmt, spec, stages=2, **kw):
   """(train dataset, its Batcher's curriculum) as the train loop reads them."""
   cfg = types.SimpleNamespace(data=DataConfig(train_data=path, eval_data="", tokenizer=TOK_PATH,
                                               format=fmt, curriculum=spec,
-                                              curriculum_stages=stages, **kw), loss="dpo")
-  train_ds, _ = loop.load_data(cfg, data_lib.Tokenizer.load(TOK_PATH))
+                                              curriculum_stages=stages, **kw), loss="dpo",
+                              loss_spec=losses.resolve("dpo"), role="policy")
+  train_ds, _ = setup_lib.load_data(cfg, data_lib.Tokenizer.load(TOK_PATH))
   return train_ds, batching.from_config(cfg.data, train_ds, 1).curriculum
 
 

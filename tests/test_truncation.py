@@ -13,6 +13,7 @@ from jaxpref.data import (DataError, PairDataset, PairRecord, RankedDataset, Ran
 from jaxpref.data import cli, grain_source, make_tiny, validate
 from jaxpref.data.pairs import _layout
 from jaxpref.train import loop, ref_cache
+from jaxpref.train import setup as setup_lib
 from jaxpref.train.config import DataConfig, RunConfig
 
 TINY = make_tiny.OUT
@@ -163,9 +164,9 @@ def _cfg(**data):
 
 def test_load_data_reports_the_dropped_groups(monkeypatch):
   said = []
-  monkeypatch.setattr(loop, "_say", said.append)
+  monkeypatch.setattr(setup_lib, "say", said.append)
   cfg = _cfg(max_len=16, truncation="drop")
-  ds, _ = loop.load_data(cfg, Tokenizer.load(TOK))
+  ds, _ = setup_lib.load_data(cfg, Tokenizer.load(TOK))
   records, _ = read_pairs(f"{TINY}/eval.jsonl")
   kept = PairDataset(records, Tokenizer.load(TOK), 16)
   assert ds.n_dropped_groups == kept.n_truncated > 0 and ds.n == len(records) - kept.n_truncated

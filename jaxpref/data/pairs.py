@@ -75,27 +75,38 @@ class Truncation:
     return ids[:n] if self.mode == "keep_start" else ids[max(len(ids) - n, 0):]
 
 
+def encode_pair(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+  """(prompt ids, response ids) as `Tokenizer.encode_pair` splits the whole text (what
+  `apply_chat_template` gives); a tokenizer without it encodes each on its own."""
+  pair = getattr(tok, "encode_pair", None)
+  return pair(prompt, response) if pair else (tok.encode(prompt), tok.encode(response))
+
+
 def _layout(tok: Tokenizer, p: list[int], r: list[int], max_len: int,
             truncation: Truncation | None = None):
-  """Places BOS + p + r + EOS in a padded row; see `tokenize_sequence` for truncation."""
+  """Places BOS + p + r + EOS in a padded row, BOS and EOS as the tokenizer's `add_bos` and
+  `add_eos` say (off where its chat template writes none); see `tokenize_sequence` for
+  truncation."""
   tr = truncation or Truncation()
-  eos = [tok.eos_id]
+  bos = [tok.bos_id] if getattr(tok, "add_bos", True) else []
+  eos = [tok.eos_id] if getattr(tok, "add_eos", True) else []
+  frame = len(bos) + len(eos)
   prompt_cut = 0 < tr.max_prompt_len < len(p)
   if prompt_cut:
     p = tr.cut(p, tr.max_prompt_len)
-  truncated = 2 + len(p) + len(r) > max_len
+  truncated = frame + len(p) + len(r) > max_len
   if truncated:
-    if 2 + len(r) <= max_len:
-      p = tr.cut(p, max_len - 2 - len(r))
+    if frame + len(r) <= max_len:
+      p = tr.cut(p, max_len - frame - len(r))
     else:
       p = tr.cut(p, max_len // 2)
-      r, eos = r[:max_len - 1 - len(p)], []
-  seq = [tok.bos_id] + p + r + eos
+      r, eos = r[:max_len - len(bos) - len(p)], []
+  seq = bos + p + r + eos
   n = len(seq)
   tokens = np.full(max_len, tok.pad_id, np.int32)
   tokens[:n] = seq
   loss_mask = np.zeros(max_len, np.float32)
-  loss_mask[1 + len(p):n] = 1.0
+  loss_mask[max(len(bos) + len(p), 1):n] = 1.0  # position 0 is never predicted
   segment_ids = np.zeros(max_len, np.int32)
   segment_ids[:n] = 1
   return tokens, loss_mask, segment_ids, truncated or prompt_cut
@@ -114,7 +125,7 @@ def tokenize_sequence(tok: Tokenizer, prompt: str, response: str, max_len: int,
   """
   if max_len < 3:
     raise ValueError(f"--max_len must be >= 3 (BOS, a token, EOS), got {max_len}")
-  return _layout(tok, tok.encode(prompt), tok.encode(response), max_len, truncation)
+  return _layout(tok, *encode_pair(tok, prompt, response), max_len, truncation)
 
 
 def tokenize_pair(tok: Tokenizer, rec: PairRecord, max_len: int,
@@ -126,8 +137,8 @@ def tokenize_pair(tok: Tokenizer, rec: PairRecord, max_len: int,
   """
   if max_len < 3:
     raise ValueError(f"--max_len must be >= 3 (BOS, a token, EOS), got {max_len}")
-  p = tok.encode(rec.prompt)
-  rows = [_layout(tok, p, tok.encode(r), max_len, truncation) for r in (rec.chosen, rec.rejected)]
+  rows = [_layout(tok, *encode_pair(tok, rec.prompt, r), max_len, truncation)
+          for r in (rec.chosen, rec.rejected)]
   tokens, loss_mask, segment_ids = (np.stack([row[i] for row in rows]) for i in range(3))
   return tokens, loss_mask, segment_ids, rows[0][3] or rows[1][3]
 
@@ -163,8 +174,9 @@ class PairDataset:
     whose sequences follow the pair, so K = 2 + len(extra). `whole` False: `records` are
     one chunk of a larger set (prepare), which may lose all its groups to --truncation=drop."""
     k = 2 + len(extra)
-    groups = ((tok.encode(r.prompt), (tok.encode(r.chosen), tok.encode(r.rejected),
-                                      *extra_members.member_ids(tok, r, i, extra)))
+    # Each response as (its prompt ids, its ids): the whole text split at the seam.
+    groups = ((None, (encode_pair(tok, r.prompt, r.chosen), encode_pair(tok, r.prompt, r.rejected),
+                      *extra_members.member_ids(tok, r, i, extra)))
               for i, r in enumerate(records))
     self._fill(tok, max_len, groups, len(records), counted=tuple(range(k)), k=k,
                truncation=truncation)

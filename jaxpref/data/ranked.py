@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxpref.data import curriculum
-from jaxpref.data.pairs import PairDataset, Truncation
+from jaxpref.data.pairs import PairDataset, Truncation, encode_pair
 from jaxpref.data.records import RankedRecord
 from jaxpref.data.tokenizer import Tokenizer
 
@@ -29,7 +29,7 @@ class RankedDataset(PairDataset):
     orders = [sorted(range(len(r.scores)), key=lambda i: -r.scores[i])[:group_size]
               for r in records]
     self.n_dropped_responses = sum(len(r.scores) - len(o) for r, o in zip(records, orders))
-    self._fill(tok, max_len, ((tok.encode(r.prompt), [tok.encode(r.responses[i]) for i in o])
+    self._fill(tok, max_len, ((None, [encode_pair(tok, r.prompt, r.responses[i]) for i in o])
                               for r, o in zip(records, orders)), len(records),
                counted=tuple(range(group_size)), k=group_size, truncation=truncation)
     self.weight = np.array([r.weight for r in records], np.float32)
