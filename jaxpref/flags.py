@@ -95,6 +95,12 @@ flags.DEFINE_string("export_hf", _R.export_hf, "At the end of training write the
                     "(LoRA merged; a reward model as *ForSequenceClassification) and the "
                     "tokenizer files to this folder as a Hugging Face checkpoint.")
 # Optimizer.
+flags.DEFINE_enum("export_hf_dtype", None, ["float32", "bfloat16", "float16"], "--export_hf: "
+                  "the weights' dtype (default: as trained).")
+flags.DEFINE_string("export_hf_max_shard_size", None, "--export_hf: split the weights into "
+                    "safetensors shards of at most this size (e.g. 2GB), with an index.")
+flags.DEFINE_bool("export_hf_adapter", False, "--export_hf with --lora_rank: also write the "
+                  "LoRA adapters as a PEFT folder (OUT/adapter) that peft loads onto the base.")
 flags.DEFINE_float("learning_rate", _O.learning_rate, "Peak learning rate.")
 flags.DEFINE_integer("warmup_steps", _O.warmup_steps, "Linear warmup steps.")
 flags.DEFINE_float("min_lr_ratio", _O.min_lr_ratio, "Cosine decay ends at learning_rate * this.")
@@ -323,7 +329,9 @@ def to_config() -> RunConfig:
                       curriculum=FLAGS.curriculum, curriculum_stages=FLAGS.curriculum_stages),
       role=FLAGS.role, reward_dim=_reward_dim(), reward_head=FLAGS.reward_head,
       reward_pool=FLAGS.reward_pool,
-      export_hf=FLAGS.export_hf,
+      export_hf=FLAGS.export_hf, export_hf_dtype=FLAGS.export_hf_dtype,
+      export_hf_max_shard_size=FLAGS.export_hf_max_shard_size,
+      export_hf_adapter=FLAGS.export_hf_adapter,
       pal_prototypes=FLAGS.pal_prototypes, pal_users=FLAGS.pal_users,
       loss=FLAGS.loss, loss_hparams=loss_hparams, mesh=FLAGS.mesh, reference=FLAGS.reference,
       reference_cache=FLAGS.reference_cache,
@@ -354,12 +362,17 @@ _PER_LAUNCH = ("workdir", "coordinator_address", "num_processes", "process_id",
                "allow_flag_changes")
 
 
-def resolved_flags() -> str:
-  """Every jaxpref flag with its value, as a flag file that re-runs this run exactly."""
+def resolved_flags(cfg: RunConfig | None = None) -> str:
+  """Every jaxpref flag with its value, as a flag file that re-runs this run exactly; with
+  `cfg`, the values it resolved (the --init_from folder's tokenizer, its reward_dim)."""
+  resolved = {} if cfg is None else {"tokenizer": cfg.data.tokenizer,
+                                     "reward_dim": cfg.reward_dim}
   lines = ["# Written by jaxpref: re-run with  jaxpref-train --flagfile=THIS --workdir=NEW_DIR"]
   for flag in sorted(FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):
     if flag.name in _PER_LAUNCH:  # where and how this launch ran, not what it computed
       lines.append(f"# --{flag.name}={flag.value}")
+    elif flag.name in resolved:
+      lines.append(f"--{flag.name}={resolved[flag.name]}")
     elif flag.value is not None:
       lines.append(flag.serialize())
   return "\n".join(lines) + "\n"

@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
         say(line)
       # Written once the flags are checked, so a refused resume leaves the record intact.
       with open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
-        f.write(jflags.resolved_flags())
+        f.write(jflags.resolved_flags(cfg))
     loop.train(prepared)
   finally:
     if lock is not None:

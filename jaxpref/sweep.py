@@ -25,6 +25,8 @@ from jaxpref.train import plots
 from jaxpref.train.metrics import read_metrics
 
 TABLE_KEYS = ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected")
+# An online run's held-out row: the mean reward of its samples (a verifier's accuracy).
+ONLINE_KEYS = ("reward/mean", "length/mean", "length/truncated_fraction")
 
 
 def rows_of(folder: str) -> list[str]:
@@ -50,16 +52,18 @@ def final_eval(rows: list[dict]) -> dict:
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-  head = "| run | step | " + " | ".join(TABLE_KEYS) + " |"
-  lines = [head, "|" + "---|" * (len(TABLE_KEYS) + 2)]
+  keys = [k for k in TABLE_KEYS + ONLINE_KEYS if any(k in r for r in results.values())]
+  keys = keys or list(TABLE_KEYS)
+  head = "| run | step | " + " | ".join(keys) + " |"
+  lines = [head, "|" + "---|" * (len(keys) + 2)]
   for name, row in results.items():
     if row.get("status") == "preempted":
-      lines.append(f"| {name} | preempted |" + " |" * len(TABLE_KEYS))
+      lines.append(f"| {name} | preempted |" + " |" * len(keys))
       continue
     if not row:
-      lines.append(f"| {name} | failed |" + " |" * len(TABLE_KEYS))
+      lines.append(f"| {name} | failed |" + " |" * len(keys))
       continue
-    cells = " | ".join(f"{row[k]:.4f}" if k in row else "" for k in TABLE_KEYS)
+    cells = " | ".join(f"{row[k]:.4f}" if k in row else "" for k in keys)
     lines.append(f"| {name} | {row['step']} | {cells} |")
   return "\n".join(lines) + "\n"
 
@@ -97,7 +101,9 @@ def main(argv: list[str]) -> int:
   with open(os.path.join(root, "results.md"), "w") as f:
     f.write(f"# {args.folder}\n\nFinal held-out metrics of each row.\n\n{table}")
   if histories:
-    plots.plot_runs(histories, os.path.join(root, "comparison.png"))
+    online = any("reward/mean" in r for rows in histories.values() for r in rows)
+    plots.plot_runs(histories, os.path.join(root, "comparison.png"),
+                    panels=plots.ONLINE_PANELS if online else plots.PANELS)
   print(table)
   print(f"wrote {root}/results.md and {root}/comparison.png")
   if any(not r for r in results.values()):

@@ -247,7 +247,7 @@ def main(argv: list[str]) -> None:
     cfg = jflags.to_config()
     os.makedirs(cfg.workdir, exist_ok=True)
     with open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
-      f.write(jflags.resolved_flags())
+      f.write(jflags.resolved_flags(cfg))
     strength(cfg, FLAGS.ensemble_size, FLAGS.strength_data, FLAGS.strength_out,
              FLAGS.strength_drop_below, vectorize=FLAGS.ensemble_vectorize)
   except (ValueError, OSError) as e:

@@ -102,6 +102,9 @@ class RunConfig:
   seed: int = 0  # model init
   init_from: str = ""  # HF or jaxpref-convert folder: policy and reference start from it
   export_hf: str = ""  # folder: the trained model is written there as a Hugging Face one
+  export_hf_dtype: Any = None  # float32 | bfloat16 | float16; None: as trained
+  export_hf_max_shard_size: Any = None  # e.g. "2GB": sharded safetensors with an index
+  export_hf_adapter: bool = False  # LoRA: also the adapters as a PEFT folder (OUT/adapter)
   steps: int = 300
   log_every: int = 10
   eval_every: int = 50

@@ -24,7 +24,7 @@ from jaxpref.models import sampler
 from jaxpref.models.logps import token_logps
 from jaxpref.parallel import distributed, mesh as mesh_lib, sharding
 from jaxpref.rewards import sources
-from jaxpref.train import step as step_lib
+from jaxpref.train import plots, step as step_lib
 from jaxpref.train.optimizer import make_optimizer
 from jaxpref.train.program import Program
 from jaxpref.train.roles import online as role
@@ -33,7 +33,6 @@ from jaxpref.train.setup import say
 from jaxpref.train.state import init_state
 from jaxpref.types import GroupBatch
 
-PANELS = (("reward/mean", "reward"), ("loss", "loss"), ("length/mean", "response length"))
 
 
 class Rollouts:
@@ -216,7 +215,7 @@ def program(s) -> Program:
   prog = Program(cfg, mesh, graphdef, state, ref, train_step, eval_step, [_Order(cfg)], batch,
                  lambda b: distributed.put_global(b, batch_sharding), [cfg.workdir],
                  evaluate=evaluate if s.eval_ds is not None else None, extra=extra,
-                 panels=PANELS)
+                 panels=plots.ONLINE_PANELS)
   return prog
 
 

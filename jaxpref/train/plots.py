@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = (("loss", "loss"), ("rewards/margin", "reward margin"), ("rewards/accuracy", "reward accuracy"))
+ONLINE_PANELS = (("reward/mean", "reward"), ("loss", "loss"), ("length/mean", "response length"))
 
 
 def _series(rows: Sequence[dict], split: str, key: str):
@@ -36,12 +37,13 @@ def plot_run(rows: Sequence[dict], path: str, title: str = "",
   plt.close(fig)
 
 
-def plot_runs(runs: Mapping[str, Sequence[dict]], path: str, split: str = "eval") -> None:
+def plot_runs(runs: Mapping[str, Sequence[dict]], path: str, split: str = "eval",
+              panels: Sequence[tuple[str, str]] = PANELS) -> None:
   """One panel per metric, one line per run (a sweep's comparison plot); legend at the right."""
   colors = plt.cm.tab20.colors
   styles = ("-", "--", ":")
-  fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS) + 2.2, 3.6))
-  for ax, (key, label) in zip(axes, PANELS):
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 2.2, 3.6))
+  for ax, (key, label) in zip(axes, panels):
     for i, (name, rows) in enumerate(runs.items()):
       xs, ys = _series(rows, split, key)
       if xs:

@@ -10,9 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from jaxpref import data as data_lib
 from jaxpref.data import batching, chat, chat_template, curriculum, grain_source, prompts
@@ -21,13 +19,7 @@ from jaxpref.parallel import mesh as mesh_lib
 from jaxpref.models import hf_export
 from jaxpref.train import roles, rounds as rounds_lib
 from jaxpref.train.config import DATA_FORMATS, RunConfig
-
-
-def say(msg: str) -> None:
-  """Progress for a person at a terminal; absl logging keeps the full record."""
-  if jax.process_index() == 0:
-    tqdm.write(msg)  # keeps an active progress bar intact
-  logging.info(msg)
+from jaxpref.train.progress import say
 
 
 def _read(cfg: RunConfig, path: str, tok, keep: str = ""):

@@ -21,9 +21,11 @@ import numpy as np
 from flax import nnx
 
 from jaxpref import ops
+from jaxpref.data.tokenizer import Tokenizer
 from jaxpref.models import hf_reward
 from jaxpref.models.heads import RewardModel, check_head
 from jaxpref.parallel import sharding
+from jaxpref.train.progress import say
 from jaxpref.train.reference import Reference
 from jaxpref.train.roles.policy import new_state
 from jaxpref.types import GroupBatch, RewardOutputs
@@ -32,6 +34,9 @@ from jaxpref.types import GroupBatch, RewardOutputs
 def check(cfg, *datasets) -> None:
   """Start-up checks of the reward role's flags, and of its `datasets` (`PairDataset`s,
   None skipped) against its head."""
+  note = read_rule(cfg)[2]
+  if note:
+    say(note)
   check_head(cfg.reward_head, cfg.reward_dim, cfg.pal_prototypes, cfg.pal_users)
   clashes = [f for f, on in (("--reference=" + cfg.reference, cfg.reference != "model"),
                              ("--ref_sync_every", cfg.ref_sync_every > 0),
@@ -58,11 +63,18 @@ def check(cfg, *datasets) -> None:
                      f"reads; got --loss={cfg.loss} (use --reward_head=linear)")
 
 
+def read_rule(cfg) -> tuple:
+  """(pad id, skip id, start-up note): the token the head reads, as transformers'
+  *ForSequenceClassification reads it (the one before the closing EOS when pad = EOS)."""
+  return hf_reward.read_rule(cfg.init_from, Tokenizer.load(cfg.data.tokenizer))
+
+
 def make_model(cfg) -> RewardModel:
   """The reward model of a `RunConfig` (decoder of `cfg.model`, head of `cfg.reward_dim`)."""
   return RewardModel(cfg.model, cfg.reward_dim, head=cfg.reward_head,
                      prototypes=cfg.pal_prototypes, users=cfg.pal_users,
-                     pool=getattr(cfg, "reward_pool", "last"), rngs=nnx.Rngs(cfg.seed))
+                     pool=getattr(cfg, "reward_pool", "last"), rngs=nnx.Rngs(cfg.seed),
+                     skip_id=read_rule(cfg)[1])
 
 
 def init_params(cfg, mesh):
@@ -112,7 +124,7 @@ def model_logps(graphdef: nnx.GraphDef, params: Any, batch: GroupBatch,
   flat = lambda x: x.reshape(b * k, *x.shape[2:])
   tokens, seg, mask = flat(batch.tokens), flat(batch.segment_ids), flat(batch.loss_mask)
   h = model.decoder.hidden(tokens, segment_ids=seg)
-  out = model.read_out(h, seg).reshape(b, k, -1)
+  out = model.read_out(h, seg, tokens).reshape(b, k, -1)
   pal, gate = None, None
   # Every member of a group shares the prompt: what the prompt gives comes from member 0's row.
   h0, mask0 = h.reshape(b, k, t, -1)[:, 0], batch.loss_mask[:, 0]
