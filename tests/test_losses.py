@@ -53,8 +53,10 @@ def test_every_registered_loss_is_tested():
   # tests/test_contrastive.py, test_pal.py, test_attribute_bt.py, test_themis.py
   reward |= {"bt_contrastive", "pal", "attribute_bt", "themis"}
   extra = set(losses.extra_members.RECORD_FIELDS)  # tests/test_losses_extra_members.py
+  # tests/test_losses_online.py
+  online = {"grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo"}
   tested = ({n for n, _ in PAIRWISE + LISTWISE} | {n for n, _, _ in SCORED} | unpaired | token_level
-            | token_masks | reward | extra)
+            | token_masks | reward | extra | online)
   assert set(losses.names()) <= tested | {"test_only_margin"}, set(losses.names()) - tested
 
 

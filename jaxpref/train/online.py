@@ -204,11 +204,13 @@ def program(s) -> Program:
     ds = s.eval_ds
     params = policy_params(prog.state.params, prog.ref)
     rng = jax.random.fold_in(jax.random.key(cfg.seed), 1)  # its own stream, the same each eval
-    idx = np.repeat(np.arange(ds.n), 1)
+    idx = np.arange(ds.n)
     tokens, starts, ends, finished = rollouts.sample(params, ds, idx, o.eval_samples,
                                                      o.eval_temperature, rng)
-    scores, _, _ = rollouts.score(ds, idx, tokens, starts, ends, finished, o.eval_samples)
+    scores, parts, _ = rollouts.score(ds, idx, tokens, starts, ends, finished, o.eval_samples)
     return [{"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
+             **{f"reward/{name}": float(np.mean(v)) for name, v in parts.items()
+                if len(parts) > 1},
              "length/mean": float((ends - starts).mean()),
              "length/truncated_fraction": float(np.mean(~finished))}]
 
