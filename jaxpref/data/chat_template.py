@@ -25,10 +25,10 @@ SETTINGS = ("auto", "none")
 
 
 def _environment():
-  import jinja2
-  from jinja2 import nodes
-  from jinja2.ext import Extension, loopcontrols
-  from jinja2.sandbox import ImmutableSandboxedEnvironment
+  import jinja2  # only chat-template runs pay for Jinja
+  from jinja2 import nodes  # (the same)
+  from jinja2.ext import Extension, loopcontrols  # (the same)
+  from jinja2.sandbox import ImmutableSandboxedEnvironment  # (the same)
 
   class Generation(Extension):
     """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag) renders
@@ -69,7 +69,7 @@ class ChatTemplate:
   """A compiled template and the special tokens it is rendered with."""
 
   def __init__(self, source: str, where: str, special: dict[str, str]):
-    import jinja2
+    import jinja2  # only chat-template runs pay for Jinja
     self.where, self.special, self.source = where, dict(special), source
     try:
       self._template = _environment().from_string(source)
@@ -77,7 +77,7 @@ class ChatTemplate:
       raise ValueError(f"--chat_template: {where} is not a valid Jinja template ({e})") from None
 
   def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-    import jinja2
+    import jinja2  # only chat-template runs pay for Jinja
     try:
       return self._template.render(messages=messages, tools=None, documents=None,
                                    add_generation_prompt=add_generation_prompt, **self.special)

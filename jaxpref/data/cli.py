@@ -23,6 +23,7 @@ from typing import Sequence
 from jaxpref import cli_errors
 from jaxpref.data import records
 from jaxpref.data import validate as validate_lib
+from jaxpref.data import prepare
 from jaxpref.data.pairs import TRUNCATION_MODES, Truncation
 from jaxpref.data.tokenizer import Tokenizer
 
@@ -70,7 +71,6 @@ def _fatal(e: Exception) -> None:
 
 
 def _prepare(args) -> int:
-  from jaxpref.data import prepare  # TFDS is imported only by this subcommand
   try:
     tok = Tokenizer.load(args.tokenizer)
     records.parse_fields(args.fields, "--fields")

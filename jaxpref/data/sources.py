@@ -85,7 +85,7 @@ def _without_nulls(row: dict) -> dict:
 
 def _parquet_rows(path: str):
   import pyarrow as pa  # only runs that read Parquet pay for the import
-  import pyarrow.parquet as pq
+  import pyarrow.parquet as pq  # (the same)
   row = 0
   try:
     for batch in pq.ParquetFile(path).iter_batches(batch_size=_ROWS_PER_BATCH):

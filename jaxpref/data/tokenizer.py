@@ -186,7 +186,7 @@ class HFTokenizer(Tokenizer):
 
   @classmethod
   def load(cls, path: str) -> "HFTokenizer":
-    import tokenizers
+    import tokenizers  # only tokenizer.json runs pay for the import
     if not os.path.isfile(path):
       raise FileNotFoundError(f"--tokenizer: no tokenizer.json at {path!r}")
     try:

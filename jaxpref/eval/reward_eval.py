@@ -23,11 +23,24 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 from absl import app, flags, logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpref import flags as jflags
+from jaxpref import data as data_lib
+from jaxpref.cli_errors import entry_point
 from jaxpref.eval import head_eval
+from jaxpref.eval import best_of_n
+from jaxpref.losses.reward import gpm_score
+from jaxpref.losses.reward import FIRST_CHANNEL_REWARD
+from jaxpref.parallel import sharding
+from jaxpref.parallel import mesh as mesh_lib
+from jaxpref.train import checkpoint as ckpt_lib
+from jaxpref.train.optimizer import make_optimizer
+from jaxpref.train.roles import reward as reward_step
+from jaxpref.train.step import TrainState
 
 CATEGORIES = {
     "chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy",
@@ -135,14 +148,7 @@ def format_results(res: dict) -> str:
 
 def restore(cfg, mesh):
   """(graphdef, params, step) of the run's latest checkpoint, placed on `mesh`."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from jaxpref.parallel import sharding
-  from jaxpref.train import checkpoint as ckpt_lib
-  from jaxpref.train.roles import reward as reward_step
-  from jaxpref.train.optimizer import make_optimizer
-  from jaxpref.train.step import TrainState
 
   directory = os.path.join(cfg.workdir, "checkpoints")
   if not os.path.isdir(directory):
@@ -165,13 +171,7 @@ def margins(graphdef, params, ds, batch_size: int, mesh, first_channel: bool = F
             ) -> np.ndarray:
   """float32[N]: r_w - r_l per pair (scalar head, or channel 0 with `first_channel`) or the
   GPM score s(y_w, y_l) (embeddings)."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from jaxpref import data as data_lib
-  from jaxpref.losses.reward import gpm_score
-  from jaxpref.parallel import mesh as mesh_lib
-  from jaxpref.train.roles import reward as reward_step
 
   def margin(p, batch):
     out = reward_step.score(graphdef, p, batch)  # [B, 2, E]
@@ -190,8 +190,6 @@ def margins(graphdef, params, ds, batch_size: int, mesh, first_channel: bool = F
 def evaluate(cfg, path: str, unseen_user: str = "error") -> dict:
   """Scores `path` with the run's latest checkpoint; returns the results dict. `unseen_user`:
   how a PAL run scores a user id it was not trained on (`head_eval.pal_users`)."""
-  from jaxpref import data as data_lib
-  from jaxpref.parallel import mesh as mesh_lib
 
   if cfg.role != "reward":
     raise ValueError(f"{cfg.workdir} was trained with --role={cfg.role}; jaxpref-eval scores "
@@ -231,7 +229,6 @@ def evaluate(cfg, path: str, unseen_user: str = "error") -> dict:
     elif head == "gpm_gated":
       m = head_eval.gated_gpm_margins(graphdef, params, ds, batch_size, mesh)
     else:
-      from jaxpref.losses.reward import FIRST_CHANNEL_REWARD
       m = margins(graphdef, params, ds, batch_size, mesh, cfg.loss in FIRST_CHANNEL_REWARD)
     correct = head_eval.outcome(m)
     if subsets is not None:
@@ -274,7 +271,6 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     if FLAGS.best_of_n:
-      from jaxpref.eval import best_of_n
       res = best_of_n.best_of_n(jflags.to_config(), FLAGS.best_of_n, restore,
                                 FLAGS.best_of_n_out)
       print(best_of_n.format_summary(res) + f"\nwrote {res['output']}")
@@ -296,7 +292,6 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  from jaxpref.cli_errors import entry_point  # one error path and exit codes for every CLI
   entry_point(app.run)(main, flags_parser=parse)
 
 

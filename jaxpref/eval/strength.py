@@ -45,7 +45,7 @@ from jaxpref.data import sources
 from jaxpref.eval import best_of_n, reward_eval
 from jaxpref.eval import ensemble
 from jaxpref.parallel import mesh as mesh_lib
-from jaxpref.train import loop
+from jaxpref.train import loop, plots
 
 flags.DEFINE_integer("ensemble_size", 5, "jaxpref-strength: reward models in the ensemble (M).")
 flags.DEFINE_string("strength_data", "", "jaxpref-strength: the pairs to score (default "
@@ -116,9 +116,7 @@ def summary_text(stats: dict[str, np.ndarray], detection: dict | None = None) ->
 
 
 def plot_histogram(mu: np.ndarray, path: str, flipped: np.ndarray | None = None) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = plots.plt  # matplotlib with the Agg backend, as every jaxpref plot
   fig, ax = plt.subplots(figsize=(6, 3.5))
   bins = np.histogram_bin_edges(mu, bins=HIST_BINS * 2)
   if flipped is None:

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxpref.cli_errors import entry_point
+from jaxpref.data.tokenizer import Tokenizer
 from jaxpref.models import hf, hf_write
 from jaxpref.models.decoder import Decoder, ModelConfig
 from jaxpref.models.hf_config import FAMILIES, with_defaults
@@ -130,7 +132,6 @@ def token_ids_of(jaxpref_dir: str, tokenizer: str = "") -> dict | None:
   """The ids to_hf writes: the tokenizer's when one is given, else those kept by to_jaxpref,
   else None (config.json then names none)."""
   if tokenizer:
-    from jaxpref.data.tokenizer import Tokenizer
     tok = Tokenizer.load(tokenizer)
     return hf_write.token_ids(tok.bos_id, tok.eos_id, tok.declared_pad_id)
   file = os.path.join(jaxpref_dir, IDS_FILE)
@@ -191,7 +192,6 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
-  from jaxpref.cli_errors import entry_point  # one error path and exit codes for every CLI
   entry_point(main)(sys.argv[1:])
 
 

@@ -13,8 +13,11 @@ import shutil
 from typing import Any, Callable
 
 import jax
+from flax import nnx
 
+from jaxpref.data.tokenizer import Tokenizer
 from jaxpref.models import hf, hf_reward, hf_write, lora
+from jaxpref.models.decoder import Decoder
 from jaxpref.models.hf_config import family_of
 
 # Files of a Hugging Face tokenizer, copied when present beside the run's tokenizer.
@@ -44,8 +47,6 @@ def check(cfg) -> None:
   if getattr(cfg, "export_hf_adapter", False):
     if cfg.lora is None:
       raise ValueError("--export_hf_adapter writes the LoRA adapters; this run has none")
-    from flax import nnx
-    from jaxpref.models.decoder import Decoder
     shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Decoder(cfg.model,
                                                                        rngs=nnx.Rngs(0)))))
     for path in lora.target_paths(shapes, cfg.lora):
@@ -85,7 +86,7 @@ def host_copy(tree: Any) -> Any:
   process must call it (an all-gather), then only process 0 writes."""
   if jax.process_count() == 1:
     return jax.device_get(tree)
-  from jax.experimental import multihost_utils
+  from jax.experimental import multihost_utils  # only multi-process exports gather
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
@@ -110,7 +111,6 @@ def export(cfg, params: Any, frozen: Any = None, say: Callable[[str], None] = pr
   path = cfg.export_hf
   tok = None
   if cfg.data.tokenizer:
-    from jaxpref.data.tokenizer import Tokenizer
     tok = Tokenizer.load(cfg.data.tokenizer)
   # The tokenizer's files go first: its generation_config.json (sampling defaults) is kept,
   # gaining only the token ids it lacks.

@@ -51,10 +51,10 @@ def vmem_limit(bn: int, bv: int, itemsize: int) -> int:
 def compiler_params(layout: str, semantics: tuple[str, ...], bn: int, bv: int, itemsize: int):
   """The explicit compiler of a kernel: Mosaic TPU for "grid", Triton for "loop"."""
   if layout == "grid":
-    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas import tpu as pltpu  # TPU-only module, imported lazily
     return pltpu.CompilerParams(dimension_semantics=semantics,
                                 vmem_limit_bytes=vmem_limit(bn, bv, itemsize))
-  from jax.experimental.pallas import triton as pltriton
+  from jax.experimental.pallas import triton as pltriton  # GPU-only module, imported lazily
   return pltriton.CompilerParams(num_warps=TRITON_WARPS, num_stages=TRITON_STAGES)
 
 

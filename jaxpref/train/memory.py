@@ -113,7 +113,7 @@ _CPU_MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 def prepare_backend(devices: int = 0) -> None:
   """Sets XLA's flags for an estimate; must run before JAX starts its backends. `devices` > 0
   estimates on that many fake CPU devices, to plan a slice from a machine without one."""
-  from jax._src import xla_bridge
+  from jax._src import xla_bridge  # private: asks whether backends exist without starting one
   if xla_bridge.backends_are_initialized():
     raise RuntimeError("memory.prepare_backend must run before JAX uses a device")
   add = [_CPU_MEMORY_SCHEDULER]

@@ -72,8 +72,8 @@ class TensorBoard:
 
   def __init__(self, logdir: str, purge_step: Optional[int] = None):
     from tensorboardX.event_file_writer import EventsWriter  # heavy, only when used
-    from tensorboardX.proto.event_pb2 import Event, SessionLog
-    from tensorboardX.proto.summary_pb2 import Summary
+    from tensorboardX.proto.event_pb2 import Event, SessionLog  # heavy, only when used
+    from tensorboardX.proto.summary_pb2 import Summary  # heavy, only when used
     self._Event, self._Summary = Event, Summary
     self.logdir = logdir
     try:

@@ -23,7 +23,12 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
+
+from jaxpref.data import chat_template
+from jaxpref.data.sources import resolve
+from jaxpref.data.tokenizer import Tokenizer
 
 _CHUNK = 1 << 24
 
@@ -52,7 +57,6 @@ def params_digest(params: Any) -> str:
 def data_digest(path: str) -> str:
   """One digest of every file a data path names (a file, a folder or a glob of shards), in
   reading order, with their names, so a renamed or reordered shard is a different key."""
-  from jaxpref.data.sources import resolve
   h = hashlib.sha256()
   for f in resolve(path)[0]:
     h.update(f"{os.path.basename(f)}|{file_digest(f)}\n".encode())
@@ -61,8 +65,6 @@ def data_digest(path: str) -> str:
 
 def _tokenization(cfg) -> tuple[str, str]:
   """Digests of the tokenizer file and of the chat template source the run resolves."""
-  from jaxpref.data import chat_template
-  from jaxpref.data.tokenizer import Tokenizer
   tok = Tokenizer.load(cfg.data.tokenizer)
   template = chat_template.resolve(getattr(cfg.data, "chat_template", "none"), tok)
   source = template.source if template is not None else ""
@@ -129,7 +131,6 @@ def load(cache_dir: str, parts: dict, shape: tuple[int, ...],
             "recomputing it")
     if notes is not None:
       notes.append(note)
-    from absl import logging
     logging.warning(note)
     return None
 
