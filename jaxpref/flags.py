@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from absl import flags
 
 from jaxpref import losses
+from jaxpref.flag_files import expand_flagfiles
 from jaxpref import models
 from jaxpref import ops
 from jaxpref.data.pairs import TRUNCATION_MODES
@@ -376,41 +377,6 @@ def resolved_flags(cfg: RunConfig | None = None) -> str:
     elif flag.value is not None:
       lines.append(flag.serialize())
   return "\n".join(lines) + "\n"
-
-
-def _relative_to(base: str, line: str) -> str:
-  """A --loss_module=FILE.py or --online.reward_fn=FILE.py:name written in a flag file is
-  found from that file's folder."""
-  for flag, suffix in (("--loss_module=", ""), ("--online.reward_fn=", ":")):
-    if not line.startswith(flag):
-      continue
-    value = line[len(flag):]
-    target, sep, name = value.rpartition(":") if suffix else (value, "", "")
-    if target.endswith(".py") and not os.path.isabs(target) and os.path.exists(
-        os.path.join(base, target)):
-      return flag + os.path.normpath(os.path.join(base, target)) + sep + name
-  return line
-
-
-def expand_flagfiles(argv: Sequence[str], base: str = "", _seen: tuple = ()) -> list[str]:
-  """Inlines --flagfile=F (recursively); inside a file, relative paths are from its folder."""
-  out = []
-  for arg in argv:
-    if not arg.startswith(("--flagfile=", "-flagfile=")):
-      out.append(arg)
-      continue
-    path = os.path.expanduser(arg.split("=", 1)[1])
-    if base and not os.path.isabs(path) and os.path.exists(os.path.join(base, path)):
-      path = os.path.join(base, path)
-    if not os.path.exists(path):
-      raise flags.Error(f"--flagfile: no such file {path!r}" + (f" (included from {base})" if base else ""))
-    if os.path.abspath(path) in _seen:
-      raise flags.Error(f"--flagfile: {path} includes itself")
-    with open(path) as f:
-      lines = [ln.strip() for ln in f]
-    lines = [_relative_to(os.path.dirname(path), ln) for ln in lines if ln and not ln.startswith(("#", "//"))]
-    out.extend(expand_flagfiles(lines, os.path.dirname(path), _seen + (os.path.abspath(path),)))
-  return out
 
 
 def parse(argv: list[str]) -> list[str]:

@@ -12,7 +12,6 @@ from jaxpref import losses
 from jaxpref.data import batching, curriculum, make_tiny
 from jaxpref.data.batching import Batcher
 from jaxpref.data.pairs import batch_indices
-from jaxpref.train import loop
 from jaxpref.train import setup as setup_lib
 from jaxpref.train.config import DataConfig
 

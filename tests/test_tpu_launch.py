@@ -1,6 +1,5 @@
 """tpu/launch.py and tpu/slurm.py in --dry-run: the exact commands they would run."""
 
-import importlib.util
 import os
 import shlex
 import subprocess
@@ -9,49 +8,7 @@ import tempfile
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name):
-  # tpu/ is a folder of scripts, not a package: load each file as a module.
-  spec = importlib.util.spec_from_file_location(f"tpu_{name}", os.path.join(REPO, "tpu", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-launch = _load("launch")
-slurm = _load("slurm")
-
-GC = "gcloud compute tpus tpu-vm"
-QR = "gcloud compute tpus queued-resources"
-SCOPE = "--zone=us-west4-a"
-
-
-def _with_dry_run(argv):
-  # --dry-run must precede "--": after it, it would be a jaxpref-train flag.
-  argv = list(argv)
-  i = argv.index("--") if "--" in argv else len(argv)
-  return argv[:i] + ["--dry-run"] + argv[i:]
-
-
-def dry(capsys, *argv):
-  """Runs launch.py in --dry-run; returns its printed commands, one per line."""
-  rc = launch.main(_with_dry_run(argv))
-  out = capsys.readouterr()
-  assert rc == 0, out.err
-  return out.out.splitlines()
-
-
-def error(capsys, *argv, module=launch):
-  """Runs with --dry-run, expects a failure; returns stderr."""
-  try:
-    rc = module.main(_with_dry_run(argv))
-  except SystemExit as e:  # argparse: missing or malformed flags
-    rc = e.code
-  out = capsys.readouterr()
-  assert rc != 0 and out.out == ""
-  return out.err
+from launch_util import GC, QR, REPO, SCOPE, dry, error, launch
 
 
 def bundle(name):
@@ -370,55 +327,3 @@ def test_cli_runs_without_jax_and_stops_on_first_failure(tmp_path):
   assert bad.returncode == 1
   assert "error: stopped: exit status 3 from: gcloud compute tpus tpu-vm create n" in bad.stderr
   assert len((tmp_path / "bin" / "calls").read_text().splitlines()) == 1
-
-
-def test_slurm_sbatch_script(capsys):
-  rc = slurm.main(["--nodes=2", "--gpus-per-node=4", "--partition=gpu", "--time=02:00:00",
-                   "--flagfile=experiments/quickstart.flags", "--workdir=runs/q",
-                   "--setup=source .venv/bin/activate", "--dry-run", "--", "--steps=100"])
-  out = capsys.readouterr().out
-  assert rc == 0
-  assert out == "\n".join([
-      "# jaxpref.sbatch",
-      "#!/bin/bash",
-      "#SBATCH --job-name=jaxpref",
-      "#SBATCH --nodes=2",
-      "#SBATCH --ntasks-per-node=1",
-      "#SBATCH --gpus-per-node=4",
-      "#SBATCH --cpus-per-task=16",
-      "#SBATCH --time=02:00:00",
-      "#SBATCH --output=slurm-%x-%j.out",
-      "#SBATCH --partition=gpu",
-      "",
-      "set -eo pipefail",
-      f"cd {REPO}",
-      "source .venv/bin/activate",
-      "export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9",
-      "srun jaxpref-train --flagfile=experiments/quickstart.flags --workdir=runs/q --steps=100",
-      "",
-      "sbatch jaxpref.sbatch",
-      ""])
-  assert not os.path.exists(os.path.join(REPO, "jaxpref.sbatch"))
-
-
-def test_slurm_writes_and_submits(tmp_path, monkeypatch, capsys):
-  (tmp_path / "bin").mkdir()
-  fake = tmp_path / "bin" / "sbatch"
-  fake.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/calls\"\n")
-  fake.chmod(0o755)
-  monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-  script = tmp_path / "job.sbatch"
-  assert slurm.main(["--flagfile=experiments/quickstart.flags", "--workdir=runs/q",
-                     f"--script={script}"]) == 0
-  assert "srun jaxpref-train --flagfile=experiments/quickstart.flags" in script.read_text()
-  assert "#SBATCH --partition" not in script.read_text()
-  assert (tmp_path / "bin" / "calls").read_text().strip() == str(script)
-
-
-def test_slurm_errors(capsys):
-  assert "no such file" in error(capsys, "--flagfile=nope", "--workdir=w", module=slurm)
-  assert "--time" in error(capsys, "--flagfile=experiments/quickstart.flags", "--workdir=w",
-                           "--time=2h", module=slurm)
-  assert ">= 1" in error(capsys, "--flagfile=experiments/quickstart.flags", "--workdir=w",
-                         "--nodes=0", module=slurm)
-  assert "--workdir" in error(capsys, "--flagfile=experiments/quickstart.flags", module=slurm)

@@ -12,7 +12,7 @@ from jaxpref.data import (DataError, PairDataset, PairRecord, RankedDataset, Ran
                           tokenize_sequence)
 from jaxpref.data import cli, grain_source, make_tiny, validate
 from jaxpref.data.pairs import _layout
-from jaxpref.train import loop, ref_cache
+from jaxpref.train import ref_cache
 from jaxpref.train import setup as setup_lib
 from jaxpref.train.config import DataConfig, RunConfig
 

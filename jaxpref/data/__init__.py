@@ -2,10 +2,9 @@
 
 from jaxpref.data.pairs import (PairDataset, Truncation, batch_indices, eval_batches,
                                 tokenize_pair, tokenize_sequence)
-from jaxpref.data.ranked import RankedDataset
-from jaxpref.data.records import (PAIRING_MODES, DataError, PairRecord, RankedRecord, ReadReport,
-                                  UnpairedRecord, pairs_from_ratings, read_pairs, read_ranked,
-                                  read_unpaired, unpair)
+from jaxpref.data.ranked import PAIRING_MODES, RankedDataset, pairs_from_ratings
+from jaxpref.data.records import (DataError, PairRecord, RankedRecord, ReadReport, UnpairedRecord,
+                                  read_pairs, read_ranked, read_unpaired, unpair)
 from jaxpref.data.tokenizer import Tokenizer
 from jaxpref.data.unpaired import UnpairedDataset
 

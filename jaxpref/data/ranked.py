@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxpref.data import curriculum
 from jaxpref.data.pairs import PairDataset, Truncation, encode_pair
-from jaxpref.data.records import RankedRecord
+from jaxpref.data.records import PairRecord, RankedRecord
 from jaxpref.data.tokenizer import Tokenizer
 
 
@@ -38,3 +38,29 @@ class RankedDataset(PairDataset):
     for i, (r, o) in enumerate(zip(records, orders)):
       self.scores[i, :len(o)] = [r.scores[j] for j in o]
     self._finish(whole)
+
+
+PAIRING_MODES = ("best_vs_worst", "best_vs_rest", "all_pairs")
+
+
+def pairs_from_ratings(records: list[RankedRecord], mode: str) -> tuple[list[PairRecord], int]:
+  """Pairs from rated responses, the scores kept as the pair's `scores`; returns the pairs
+  and how many candidate pairs were dropped because their scores tie (no preference)."""
+  if mode not in PAIRING_MODES:
+    raise ValueError(f"pairing mode must be one of {', '.join(PAIRING_MODES)}, got {mode!r}")
+  pairs, ties = [], 0
+  for r in records:
+    order = sorted(range(len(r.scores)), key=lambda i: -r.scores[i])  # stable: file order on ties
+    if mode == "best_vs_worst":
+      candidates = [(order[0], order[-1])]
+    elif mode == "best_vs_rest":
+      candidates = [(order[0], j) for j in order[1:]]
+    else:
+      candidates = [(order[a], order[b]) for a in range(len(order)) for b in range(a + 1, len(order))]
+    for w, l in candidates:
+      if r.scores[w] == r.scores[l]:
+        ties += 1
+        continue
+      pairs.append(PairRecord(r.prompt, r.responses[w], r.responses[l], r.weight,
+                              (r.scores[w], r.scores[l]), curriculum_value=r.curriculum_value))
+  return pairs, ties

@@ -2,7 +2,7 @@
 Face checkpoints of those families (`hf`)."""
 
 from jaxpref.models import hf
-from jaxpref.models.decoder import Decoder, ModelConfig, count_params, param_count
-from jaxpref.models.presets import PRESETS, get_config
+from jaxpref.models.decoder import Decoder, ModelConfig
+from jaxpref.models.presets import PRESETS, count_params, get_config, param_count
 
 __all__ = ["Decoder", "ModelConfig", "PRESETS", "count_params", "get_config", "hf", "param_count"]

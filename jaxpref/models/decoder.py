@@ -5,7 +5,6 @@ RMSNorm, RoPE, gated MLP, grouped-query attention, and per-family switches in `M
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -394,20 +393,3 @@ def scan_layers_conflicts(config: ModelConfig, *, lora_rank=0, init_from="", exp
          "--export_hf": (export_hf, "HF tensors are written per layer")}
   return [f"--model.scan_layers does not work with {k}: {msg}; drop one of the two"
           for k, (on, msg) in why.items() if on and config.scan_layers]
-
-
-def param_count(config: ModelConfig) -> int:
-  """Closed-form parameter count (for presets too large to instantiate)."""
-  c = config
-  attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
-  bias = c.head_dim * (c.n_heads + 2 * c.n_kv_heads) if c.qkv_bias or c.attn_bias else 0
-  bias += c.d_model if c.attn_bias else 0
-  norms = (4 if c.post_norms else 2) * c.d_model + (2 * c.head_dim if c.qk_norm else 0)
-  per_layer = attn + bias + 3 * c.d_model * c.d_ff + norms
-  head = 0 if c.tie_embeddings else c.d_model * c.vocab_size
-  return c.vocab_size * c.d_model + c.n_layers * per_layer + c.d_model + head
-
-
-def count_params(model: nnx.Module) -> int:
-  """Parameters actually held by `model` (checks `param_count`)."""
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,8 +1,11 @@
-"""Named model sizes; `get_config(name, **overrides)`."""
+"""Named model sizes (`get_config(name, **overrides)`) and parameter counts."""
 
 from __future__ import annotations
 
 import dataclasses
+
+import jax
+from flax import nnx
 
 from jaxpref.models.decoder import ModelConfig
 
@@ -56,3 +59,20 @@ def get_config(name: str, **overrides) -> ModelConfig:
     raise ValueError(f"unknown model field(s) {', '.join(unknown)} (--model.FIELD); "
                      f"fields: {', '.join(sorted(fields))}")
   return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def param_count(config: ModelConfig) -> int:
+  """Closed-form parameter count (for presets too large to instantiate)."""
+  c = config
+  attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+  bias = c.head_dim * (c.n_heads + 2 * c.n_kv_heads) if c.qkv_bias or c.attn_bias else 0
+  bias += c.d_model if c.attn_bias else 0
+  norms = (4 if c.post_norms else 2) * c.d_model + (2 * c.head_dim if c.qk_norm else 0)
+  per_layer = attn + bias + 3 * c.d_model * c.d_ff + norms
+  head = 0 if c.tie_embeddings else c.d_model * c.vocab_size
+  return c.vocab_size * c.d_model + c.n_layers * per_layer + c.d_model + head
+
+
+def count_params(model: nnx.Module) -> int:
+  """Parameters actually held by `model` (checks `param_count`)."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -8,11 +8,9 @@ metrics) is a hook of `hooks.py` called at fixed points of the loop.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
 
 import jax
 import numpy as np
