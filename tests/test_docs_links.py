@@ -11,11 +11,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Files still allowed to mention the internal files, relative to ROOT; it should end empty.
-# lead is rewriting these (docs/design.md still defers to the internal architecture notes).
-ALLOWED = {
-    "docs/design.md",
-}
+# Files allowed to mention the internal files, relative to ROOT: none.
+ALLOWED: set[str] = set()
 
 # Written in pieces so that grepping the repository for them finds nothing here.
 FORBIDDEN = ("LOSSES" + ".md", "DESIGN" + ".md", "../" + "shared")
