@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpref import data as data_lib
+from jaxpref.data import passes
 from jaxpref.data import sources
 from jaxpref.data.records import RankedRecord, _is_number
 from jaxpref.parallel import mesh as mesh_lib
@@ -107,11 +108,7 @@ def score_groups(graphdef, params, ds, batch_size: int, mesh) -> np.ndarray:
 
   fn = jax.jit(lambda p, b: reward_step.score(graphdef, p, b)[..., 0])
   put = lambda b: jax.device_put(b, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
-  out = np.zeros(ds.tokens.shape[:2], np.float32)
-  for start, batch in zip(range(0, ds.n, batch_size), data_lib.eval_batches(ds, batch_size)):
-    n = min(batch_size, ds.n - start)
-    out[start:start + n] = np.asarray(jax.device_get(fn(params, put(batch))))[:n]
-  return out
+  return passes.map_batches(lambda b: fn(params, b), ds, batch_size, put)
 
 
 def best_of_n(cfg, path: str, restore, out: str = "") -> dict:

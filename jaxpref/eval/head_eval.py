@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxpref import data as data_lib
+from jaxpref.data import passes
 from jaxpref import losses
 from jaxpref.losses.pal import pal_rewards
 from jaxpref.losses.reward import gpm_score
@@ -46,11 +46,7 @@ def batched(fn, params, ds, batch_size: int, mesh) -> np.ndarray:
 
   jitted = jax.jit(fn)
   put = lambda b: jax.device_put(b, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
-  parts = []
-  for start, batch in zip(range(0, ds.n, batch_size), data_lib.eval_batches(ds, batch_size)):
-    n = min(batch_size, ds.n - start)
-    parts.append(np.asarray(jax.device_get(jitted(params, put(batch))))[:n])
-  return np.concatenate(parts)
+  return passes.map_batches(lambda b: jitted(params, b), ds, batch_size, put)
 
 
 def gated_gpm_margins(graphdef, params, ds, batch_size: int, mesh) -> np.ndarray:

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpref import flags as jflags
 from jaxpref import data as data_lib
+from jaxpref.data import passes
 from jaxpref.cli_errors import entry_point
 from jaxpref.eval import head_eval
 from jaxpref.eval import best_of_n
@@ -180,11 +181,7 @@ def margins(graphdef, params, ds, batch_size: int, mesh, first_channel: bool = F
 
   fn = jax.jit(margin)
   put = lambda b: jax.device_put(b, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
-  out = np.zeros(ds.n, np.float32)
-  for start, batch in zip(range(0, ds.n, batch_size), data_lib.eval_batches(ds, batch_size)):
-    n = min(batch_size, ds.n - start)
-    out[start:start + n] = np.asarray(jax.device_get(fn(params, put(batch))))[:n]
-  return out
+  return passes.map_batches(lambda b: fn(params, b), ds, batch_size, put)
 
 
 def evaluate(cfg, path: str, unseen_user: str = "error") -> dict:

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from jaxpref.data import batching, curriculum, grain_source
-from jaxpref.data.pairs import eval_batches
+from jaxpref.data import passes
 from jaxpref.parallel import sharding
 from jaxpref.train.roles.policy import step_logps
 
@@ -122,12 +122,8 @@ def score(graphdef, params, ref_params, ds, batch_size: int, put: Callable, mesh
     lp = step_logps(graphdef, p, r, batch, False, opts)
     return lp.policy - lp.ref, lp.valid
   forward = jax.jit(sharding.in_mesh(fn, mesh))
-  logratio = np.zeros(ds.tokens.shape[:2], np.float32)
-  valid = np.zeros(ds.tokens.shape[:2], bool)
-  for start, batch in zip(range(0, ds.n, batch_size), eval_batches(ds, batch_size)):
-    n = min(batch_size, ds.n - start)
-    lr, v = jax.device_get(forward(params, ref_params, put(batch)))
-    logratio[start:start + n], valid[start:start + n] = np.asarray(lr)[:n], np.asarray(v)[:n]
+  logratio, valid = passes.map_batches(lambda b: forward(params, ref_params, b), ds,
+                                       batch_size, put)
   return margins(logratio, valid)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpref.data import pairs as pairs_lib
+from jaxpref.data import passes
 from jaxpref.data import records as records_lib
 from jaxpref.data import sources
 from jaxpref.data.tokenizer import Tokenizer
@@ -39,11 +40,7 @@ def score(model_path: str, tok: Tokenizer, records: list, max_len: int, batch_si
   graphdef, params = nnx.split(convert.load_pretrained(model_path, cfg))
   ds = pairs_lib.PairDataset(records, tok, max_len)
   forward = jax.jit(lambda p, b: token_logps(graphdef, p, b).sum(-1))
-  out = np.zeros((ds.n, 2), np.float32)
-  for start, batch in zip(range(0, ds.n, batch_size), pairs_lib.eval_batches(ds, batch_size)):
-    n = min(batch_size, ds.n - start)
-    out[start:start + n] = np.asarray(forward(params, batch))[:n]
-  return out, ds.n_truncated
+  return passes.map_batches(lambda b: forward(params, b), ds, batch_size), ds.n_truncated
 
 
 def score_sources(in_path: str, out_path: str, models: Sequence[str],
