@@ -201,7 +201,11 @@ def test_cli_logs_padding_efficiency_and_refuses_to_resume_in_another_order(tmp_
   assert all(0 < r["data/padding_efficiency"] <= 1 for r in rows)
   assert len({r["data/padding_efficiency"] for r in rows}) > 1  # per batch, not a constant
   # The batches after step 4 would differ from the run's own: a clear error, not a mix.
+  # The run record refuses the changed flag first; allowed, the checkpoint's order does.
   bad = train(workdir, *flags, "--steps=6", "--batching=pad", check=False)
+  assert bad.returncode != 0 and "--batching" in bad.stderr, bad.stderr[-2000:]
+  bad = train(workdir, *flags, "--steps=6", "--batching=pad", "--allow_flag_changes",
+              check=False)
   assert bad.returncode != 0 and "batching=buckets" in bad.stdout + bad.stderr
 
 

@@ -43,13 +43,13 @@ def load_run(workdir: str):
 
 
 def eval_logps(cfg, graphdef, params, data_dir: str):
-  """(Logps of every eval pair as numpy arrays, the eval PairDataset)."""
+  """(RewardOutputs of every eval pair as numpy arrays, the eval PairDataset)."""
   from jaxpref import data as data_lib
-  from jaxpref.train import reward_step
+  from jaxpref.train.roles import reward
   tok = data_lib.Tokenizer.load(cfg.data.tokenizer)
   records, _ = data_lib.read_pairs(os.path.join(data_dir, "eval.jsonl"))
   ds = data_lib.PairDataset(records, tok, cfg.data.max_len)
-  fn = jax.jit(lambda p, b: reward_step.model_logps(graphdef, p, b))
+  fn = jax.jit(lambda p, b: reward.model_logps(graphdef, p, b))
   parts = [jax.device_get(fn(params, b)) for b in data_lib.eval_batches(ds, 200)]
   lp = jax.tree.map(lambda *xs: np.concatenate(xs)[:ds.n], *parts)
   return lp, ds
@@ -72,14 +72,14 @@ def pal_margins(lp) -> np.ndarray:
 def fit_mixture(f, g, steps: int = 200, lr: float = 0.1):
   """Mixture logits [K'] fitted by Adam on the `pal` loss of n pairs (f [n, 2, E], g [n, K', E])."""
   from jaxpref import losses
-  from jaxpref.types import Logps
+  from jaxpref.types import RewardOutputs
   n, k = g.shape[:2]
   zeros = jnp.zeros((n, 2))
 
   def loss(theta):
     mix = jnp.broadcast_to(jax.nn.softmax(theta), (n, k))
-    lp = Logps(policy=zeros, ref=zeros, length=zeros, valid=zeros == 0, weight=jnp.ones(n),
-               embed=f, prototypes=g, mixture=mix)
+    lp = RewardOutputs(reward=zeros, length=zeros, valid=zeros == 0, weight=jnp.ones(n),
+                       embed=f, prototypes=g, mixture=mix)
     return losses.get("pal")(lp, proto_penalty=0.0)[0]  # the prototypes are frozen
 
   opt = optax.adam(lr)
@@ -95,7 +95,7 @@ def fit_mixture(f, g, steps: int = 200, lr: float = 0.1):
 
 def fewshot_curve(lp, user: np.ndarray, draws: int, seed: int) -> dict[int, float]:
   """Mean query accuracy of an unseen user after n shots, for n in SHOTS."""
-  from jaxpref.types import Logps
+  from jaxpref.types import RewardOutputs
   rng = np.random.default_rng(seed)
   fit = jax.jit(jax.vmap(fit_mixture))
   out = {}
@@ -112,9 +112,9 @@ def fewshot_curve(lp, user: np.ndarray, draws: int, seed: int) -> dict[int, floa
       for d in range(draws):
         query = picks[d][n:]
         mix = np.broadcast_to(np.asarray(jax.nn.softmax(theta[d])), (len(query), theta.shape[1]))
-        q = Logps(policy=lp.policy[query], ref=lp.ref[query], length=lp.length[query],
-                  valid=lp.valid[query], weight=lp.weight[query], embed=lp.embed[query],
-                  prototypes=lp.prototypes[query], mixture=mix)
+        q = RewardOutputs(reward=lp.reward[query], length=lp.length[query],
+                          valid=lp.valid[query], weight=lp.weight[query], embed=lp.embed[query],
+                          prototypes=lp.prototypes[query], mixture=mix)
         accs.append(correct(pal_margins(q)).mean())
     out[n] = float(np.mean(accs))
   return out
@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
   os.makedirs(args.out, exist_ok=True)
   lp_pal, ds = eval_logps(*load_run(args.pal), args.data)
   lp_bt, _ = eval_logps(*load_run(args.bt), args.data)
-  acc_pal, acc_bt = correct(pal_margins(lp_pal)), correct(lp_bt.policy[:, 0] - lp_bt.policy[:, 1])
+  acc_pal, acc_bt = correct(pal_margins(lp_pal)), correct(lp_bt.reward[:, 0] - lp_bt.reward[:, 1])
   res = {"pal_accuracy": float(acc_pal.mean()), "bt_accuracy": float(acc_bt.mean()),
          "pal_per_user": per_user(acc_pal, ds.user), "bt_per_user": per_user(acc_bt, ds.user),
          "fewshot": fewshot_curve(lp_pal, ds.user, args.draws, args.seed), "draws": args.draws}
