@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from typing import Any, Callable, Optional
 
 LossFn = Callable[..., Any]
@@ -204,8 +205,8 @@ def bind(name: str, overrides: dict[str, Any]) -> Callable[..., Any]:
         raise ValueError(f"--loss.{hp}={value!r} is out of range for loss {loss!r}: it must be "
                          f"{spec}")
   for weight, _ in _terms(name):
-    if not weight > 0:
-      raise ValueError(f"loss {name!r}: a term's weight must be > 0, got {weight}")
+    if not (weight > 0 and math.isfinite(weight)):
+      raise ValueError(f"loss {name!r}: a term's weight must be > 0 and finite, got {weight}")
   fn = get(name)
   # A single loss gets every hyperparameter; the terms of a sum pick theirs from overrides
   # and keep their own defaults otherwise.

@@ -34,7 +34,11 @@ def reference(cfg, graphdef, ref: Reference, datasets, put) -> Reference:
                   "them are truncated here)")
       continue
     parts = ref_cache.key_parts(cfg, path, weights) if weights else None
-    cached = ref_cache.load(cfg.reference_cache, parts, ds.tokens.shape[:2]) if parts else None
+    notes: list[str] = []
+    cached = (ref_cache.load(cfg.reference_cache, parts, ds.tokens.shape[:2], notes)
+              if parts else None)
+    for note in notes:  # an unreadable entry is a miss, recomputed
+      say(note)
     said.append(f"{ds.n} groups " + ("read from --reference_cache" if cached is not None
                                      else "computed"))
     if cached is None:
