@@ -102,14 +102,17 @@ flags.DEFINE_string("export_hf_max_shard_size", None, "--export_hf: split the we
                     "safetensors shards of at most this size (e.g. 2GB), with an index.")
 flags.DEFINE_bool("export_hf_adapter", False, "--export_hf with --lora_rank: also write the "
                   "LoRA adapters as a PEFT folder (OUT/adapter) that peft loads onto the base.")
-flags.DEFINE_float("learning_rate", _O.learning_rate, "Peak learning rate.")
-flags.DEFINE_integer("warmup_steps", _O.warmup_steps, "Linear warmup steps.")
-flags.DEFINE_float("min_lr_ratio", _O.min_lr_ratio, "Cosine decay ends at learning_rate * this.")
-flags.DEFINE_float("weight_decay", _O.weight_decay, "AdamW weight decay.")
-flags.DEFINE_float("adam_b1", _O.b1, "Adam beta1.")
-flags.DEFINE_float("adam_b2", _O.b2, "Adam beta2.")
-flags.DEFINE_float("adam_eps", _O.adam_eps, "Adam epsilon.")
-flags.DEFINE_float("grad_clip_norm", _O.grad_clip_norm, "Global-norm clip (0: off).")
+_OPTIM_FLAGS = (  # flag, OptimConfig field, help
+    ("learning_rate", "learning_rate", "Peak learning rate."),
+    ("warmup_steps", "warmup_steps", "Linear warmup steps."),
+    ("min_lr_ratio", "min_lr_ratio", "Cosine decay ends at learning_rate * this."),
+    ("weight_decay", "weight_decay", "AdamW weight decay."),
+    ("adam_b1", "b1", "Adam beta1."), ("adam_b2", "b2", "Adam beta2."),
+    ("adam_eps", "adam_eps", "Adam epsilon."),
+    ("grad_clip_norm", "grad_clip_norm", "Global-norm clip (0: off)."))
+for _flag, _field, _help in _OPTIM_FLAGS:
+  (flags.DEFINE_integer if isinstance(getattr(_O, _field), int) else flags.DEFINE_float)(
+      _flag, getattr(_O, _field), _help)
 # Role.
 flags.DEFINE_enum("role", _R.role, ["policy", "reward", "online"],
                   "policy: train the language model on a preference loss against a reference; "
@@ -313,10 +316,7 @@ def to_config() -> RunConfig:
   cfg = RunConfig(
       workdir=FLAGS.workdir, model=model, init_from=FLAGS.init_from,
       model_preset=f"init_from={FLAGS.init_from}" if FLAGS.init_from else FLAGS.model,
-      optim=OptimConfig(learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
-                        min_lr_ratio=FLAGS.min_lr_ratio, weight_decay=FLAGS.weight_decay,
-                        b1=FLAGS.adam_b1, b2=FLAGS.adam_b2, adam_eps=FLAGS.adam_eps,
-                        grad_clip_norm=FLAGS.grad_clip_norm),
+      optim=OptimConfig(**{field: FLAGS[flag].value for flag, field, _ in _OPTIM_FLAGS}),
       data=DataConfig(train_data=FLAGS.train_data, eval_data=FLAGS.eval_data,
                       tokenizer=_tokenizer(), chat_template=FLAGS.chat_template,
                       max_len=FLAGS.max_len, truncation=FLAGS.truncation,

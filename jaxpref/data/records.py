@@ -315,13 +315,18 @@ def _check_unpaired(obj) -> tuple[str, str] | None:
   return problem
 
 
-def _parse_unpaired(obj):
-  obj, problem = chat.to_unpaired(obj)  # message lists -> strings, as `_parse_pair` does
-  problem = problem or _check_unpaired(obj)
-  if problem is not None:
-    return None, problem
-  return UnpairedRecord(obj["prompt"], obj["completion"], bool(obj["label"]),
-                        float(obj.get("weight", 1.0))), None
+def _checked(convert, check, build):
+  """A record parser: message lists -> strings (`convert`, as `_parse_pair` does), then
+  `check`, then `build`; (record, None) or (None, (reason, message))."""
+  def parse(obj):
+    obj, problem = convert(obj)
+    problem = problem or check(obj)
+    return (None, problem) if problem is not None else (build(obj), None)
+  return parse
+
+
+_parse_unpaired = _checked(chat.to_unpaired, _check_unpaired, lambda obj: UnpairedRecord(
+    obj["prompt"], obj["completion"], bool(obj["label"]), float(obj.get("weight", 1.0))))
 
 
 def read_unpaired(path: str, *, skip_invalid: bool = False, fields: str | Mapping[str, str] = "",
@@ -371,14 +376,9 @@ def _check_ranked(obj) -> tuple[str, str] | None:
   return None
 
 
-def _parse_ranked(obj):
-  obj, problem = chat.to_ranked(obj)  # message lists -> strings, as `_parse_pair` does
-  problem = problem or _check_ranked(obj)
-  if problem is not None:
-    return None, problem
-  return RankedRecord(obj["prompt"], tuple(c["response"] for c in obj["completions"]),
-                      tuple(float(c["score"]) for c in obj["completions"]),
-                      float(obj.get("weight", 1.0))), None
+_parse_ranked = _checked(chat.to_ranked, _check_ranked, lambda obj: RankedRecord(
+    obj["prompt"], tuple(c["response"] for c in obj["completions"]),
+    tuple(float(c["score"]) for c in obj["completions"]), float(obj.get("weight", 1.0))))
 
 
 def read_ranked(path: str, *, skip_invalid: bool = False, fields: str | Mapping[str, str] = "",

@@ -107,22 +107,11 @@ class Tokenizer:
     # A model without a pad piece (-1) pads with 0: padding is masked out everywhere.
     return max(self._sp.pad_id(), 0)
 
-  @property
-  def declared_pad_id(self) -> int:
-    """The tokenizer's own pad id, -1 when it has none (a model's pad_token_id)."""
-    return self._sp.pad_id()
-
-  @property
-  def unk_id(self) -> int:
-    return self._sp.unk_id()
-
-  @property
-  def bos_id(self) -> int:
-    return self._sp.bos_id()
-
-  @property
-  def eos_id(self) -> int:
-    return self._sp.eos_id()
+  # The tokenizer's own ids; declared_pad_id is -1 when it has none (a model's pad_token_id).
+  declared_pad_id = property(lambda self: self._sp.pad_id())
+  unk_id = property(lambda self: self._sp.unk_id())
+  bos_id = property(lambda self: self._sp.bos_id())
+  eos_id = property(lambda self: self._sp.eos_id())
 
 
 def find(folder: str) -> str | None:

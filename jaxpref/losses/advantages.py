@@ -14,28 +14,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxpref import named
+
 AdvantageFn = Callable[..., jax.Array]
-_ADVANTAGES: dict[str, AdvantageFn] = {}
+_TABLE: named.Table[AdvantageFn] = named.Table("advantage estimator")
 SCALES = ("group", "batch", "none")
 
 
-def register(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-  def add(fn: AdvantageFn) -> AdvantageFn:
-    if name in _ADVANTAGES and _ADVANTAGES[name] is not fn:
-      raise ValueError(f"an advantage estimator named {name!r} is already registered")
-    _ADVANTAGES[name] = fn
-    return fn
-  return add
-
-
-def names() -> list[str]:
-  return sorted(_ADVANTAGES)
-
-
-def get(name: str) -> AdvantageFn:
-  if name not in _ADVANTAGES:
-    raise ValueError(f"unknown advantage estimator {name!r}; registered: {', '.join(names())}")
-  return _ADVANTAGES[name]
+register, get, names = _TABLE.register, _TABLE.get, _TABLE.names
 
 
 def compute(name: str, scores, valid, **kw) -> jax.Array:

@@ -16,6 +16,8 @@ import inspect
 import math
 from typing import Any, Callable, Optional
 
+from jaxpref import named
+
 LossFn = Callable[..., Any]
 
 TOKEN_MASKS = ("learned", "activations")
@@ -121,13 +123,7 @@ def ranges(name: str) -> dict[str, str]:
 
 def _terms(name: str) -> list[tuple[float, str]]:
   """'0.8*dpo+sft' -> [(0.8, 'dpo'), (1.0, 'sft')]; a plain name is one term of weight 1."""
-  out = []
-  for term in name.replace(" ", "").split("+"):
-    weight, _, loss = term.rpartition("*")
-    try:
-      out.append((float(weight) if weight else 1.0, loss))
-    except ValueError:
-      raise ValueError(f"loss {name!r}: term {term!r} is not WEIGHT*NAME") from None
+  out = named.weighted_terms(name, "loss")
   for _, loss in out:
     if loss not in _LOSSES:
       raise ValueError(f"unknown loss {loss!r}; registered losses: {', '.join(names())}")

@@ -27,10 +27,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from jaxpref import named
 from jaxpref.rewards import model_rewards as mr
 
 Source = Callable[..., Any]
-_SOURCES: dict[str, Source] = {}
+_SOURCES: named.Table[Source] = named.Table("reward source")
 USER = "fn"  # the term naming the --reward_fn function
 
 
@@ -42,17 +43,10 @@ def register(name: str) -> Callable[[Source], Source]:
   """Decorator adding a source under `name` (a user's file may use it too)."""
   if name == USER or ".py:" in name:
     raise ValueError(f"{name!r} cannot name a source: it is reserved for --reward_fn")
-
-  def add(fn: Source) -> Source:
-    if name in _SOURCES and _SOURCES[name] is not fn:
-      raise ValueError(f"a reward source named {name!r} is already registered")
-    _SOURCES[name] = fn
-    return fn
-  return add
+  return _SOURCES.register(name)
 
 
-def names() -> list[str]:
-  return sorted(_SOURCES)
+names = _SOURCES.names
 
 
 def load_user_fn(spec: str, base: str = "") -> Source:
@@ -148,16 +142,7 @@ def _accepts_all(fn: Source) -> bool:
 
 def parse(spec: str) -> list[tuple[float, str]]:
   """'1.0*fn+0.5*overlong' -> [(1.0, 'fn'), (0.5, 'overlong')]; weight 1 when omitted."""
-  out = []
-  for term in spec.replace(" ", "").split("+"):
-    weight, _, name = term.rpartition("*")
-    try:
-      out.append((float(weight) if weight else 1.0, name))
-    except ValueError:
-      raise ValueError(f"reward {spec!r}: term {term!r} is not WEIGHT*NAME") from None
-    if not name:
-      raise ValueError(f"reward {spec!r}: empty term")
-  return out
+  return named.weighted_terms(spec, "reward")
 
 
 class Reward:
@@ -201,7 +186,7 @@ def build(spec: str = "", *, reward_fn: str = "", params: Optional[Mapping[str, 
     elif ".py:" in name:
       fn, label = load_user_fn(name, base), os.path.basename(name)
     elif name in _SOURCES:
-      fn, label = _SOURCES[name], name
+      fn, label = _SOURCES.get(name), name
     else:
       raise ValueError(f"unknown reward source {name!r}; registered: {', '.join(names())}, "
                        f"or {USER} (--reward_fn), or FILE.py:name")
