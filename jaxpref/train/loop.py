@@ -17,13 +17,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from jaxpref import cli_errors
+from jaxpref import cli_errors, models
 from jaxpref.data import batching, passes
 from jaxpref.losses.reward import finish_metrics
 from jaxpref.parallel import distributed, mesh as mesh_lib
 from jaxpref.train import checkpoint as ckpt_lib
 from jaxpref.train import hooks as hooks_lib
-from jaxpref.train import online, precompute
+from jaxpref.train import flops, online, precompute
 from jaxpref.train.config import RunConfig
 from jaxpref.train.metrics import MetricWriter, read_metrics
 from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
@@ -123,6 +123,11 @@ def train(s: Setup, prog: Program | None = None) -> dict:
   loop.call(hooks, "start")
   bar = _progress(cfg, start, prog.members)
   t0, steps_done = time.perf_counter(), 0
+  t_log = t0
+  n_params = models.param_count(cfg.model)
+  updates = cfg.online.updates_per_rollout if cfg.role == "online" else 1
+  per_token = lambda host: updates * flops.per_token(
+      cfg.model, n_params, host.tokens.shape[-1], prog.ref.model is not None)
   tokens = np.zeros(2, np.int64)  # real, computed since the last log (host-side, no device cost)
   try:
     for step in range(start, cfg.steps):
@@ -138,10 +143,14 @@ def train(s: Setup, prog: Program | None = None) -> dict:
       if bar is not None:
         bar.update(1)
       if done % cfg.log_every == 0 or done == cfg.steps:
+        now = time.perf_counter()
         extra = {"learning_rate": float(schedule(step)),
-                 "steps_per_sec": steps_done / (time.perf_counter() - t0),
-                 "data/padding_efficiency": float(tokens[0] / tokens[1])}
+                 "steps_per_sec": steps_done / (now - t0),
+                 "data/padding_efficiency": float(tokens[0] / tokens[1]),
+                 **flops.metrics(per_token(host), int(tokens[1]), now - t_log,
+                                 jax.device_count(), jax.devices()[0].device_kind)}
         tokens[:] = 0
+        t_log = now
         extra.update(prog.extra() if prog.extra is not None else {})
         rows = [{**r, **extra} for r in prog.rows(jax.device_get(metrics))]
         loop.last_train = loop.write(done, "train", rows)
@@ -182,7 +191,8 @@ def _show(bar, done: int, rows: list[dict]) -> None:
   if bar is not None and len(rows) == 1 and "reward/mean" in rows[0]:
     bar.set_postfix(loss=losses, reward=f"{rows[0]['reward/mean']:.3f}")
   elif bar is not None and len(rows) == 1:
-    bar.set_postfix(loss=losses, acc=f"{rows[0]['rewards/accuracy']:.2f}")
+    bar.set_postfix(loss=losses, acc=f"{rows[0]['rewards/accuracy']:.2f}",
+                    **({"mfu": f"{rows[0]['perf/mfu']:.1%}"} if "perf/mfu" in rows[0] else {}))
   elif bar is not None:
     bar.set_postfix_str(f"loss {losses}")
   else:
