@@ -45,5 +45,7 @@ setup(
         "jaxpref-eval=jaxpref.eval.reward_eval:run",
         "jaxpref-strength=jaxpref.eval.strength:run",
         "jaxpref-data=jaxpref.data.cli:run",
+        "jaxpref-generate=jaxpref.eval.generate:run",
+        "jaxpref-winrate=jaxpref.eval.win_rate:run",
     ]},
 )

@@ -299,9 +299,11 @@ def _reward_dim() -> int:
   return FLAGS.reward_dim
 
 
-def to_config() -> RunConfig:
-  """The parsed flags as a `RunConfig`; errors name the offending flag."""
-  if not FLAGS.workdir:
+def to_config(workdir: str | None = None) -> RunConfig:
+  """The parsed flags as a `RunConfig` (in `workdir`, default --workdir); errors name the
+  offending flag."""
+  workdir = workdir or FLAGS.workdir
+  if not workdir:
     raise ValueError("--workdir is required (an existing one is resumed)")
   loss_hparams = _dotted_values("loss")
   parse_fields(FLAGS.data_fields)  # unknown target names -> error listing valid ones
@@ -314,7 +316,7 @@ def to_config() -> RunConfig:
     if FLAGS[name].value < 1:
       raise ValueError(f"--{name} must be >= 1, got {FLAGS[name].value}")
   cfg = RunConfig(
-      workdir=FLAGS.workdir, model=model, init_from=FLAGS.init_from,
+      workdir=workdir, model=model, init_from=FLAGS.init_from,
       model_preset=f"init_from={FLAGS.init_from}" if FLAGS.init_from else FLAGS.model,
       optim=OptimConfig(**{field: FLAGS[flag].value for flag, field, _ in _OPTIM_FLAGS}),
       data=DataConfig(train_data=FLAGS.train_data, eval_data=FLAGS.eval_data,

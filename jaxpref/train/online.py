@@ -41,7 +41,9 @@ class Rollouts:
   def __init__(self, cfg, s, graphdef, mesh):
     self.cfg, self.o, self.tok, self.mesh = cfg, cfg.online, s.tokenizer, mesh
     self.graphdef = graphdef
-    self.reward = sources.build(cfg.online.reward, reward_fn=cfg.online.reward_fn)
+    o = cfg.online  # jaxpref-generate samples without a reward
+    self.reward = (sources.build(o.reward, reward_fn=o.reward_fn) if o.reward or o.reward_fn
+                   else None)
     self.buckets = tuple(sorted(int(b) for b in cfg.online.prompt_buckets.split(",") if b))
     self.stats: dict = {}
 
@@ -58,10 +60,14 @@ class Rollouts:
     tokens, ends, finished = jax.device_get((out.tokens, out.lengths, out.finished))
     return np.asarray(tokens), lengths, np.asarray(ends), np.asarray(finished)
 
+  def decode(self, tokens, starts, ends) -> list[str]:
+    """The sampled responses as text, EOS dropped."""
+    return [self.tok.decode([t for t in tokens[i, starts[i]:ends[i]].tolist()
+                             if t != self.tok.eos_id]) for i in range(len(tokens))]
+
   def score(self, ds, idx, tokens, starts, ends, finished, k: int):
     """float64[B, K] rewards of the decoded responses (EOS dropped) and their texts."""
-    texts = [self.tok.decode([t for t in tokens[i, starts[i]:ends[i]].tolist()
-                              if t != self.tok.eos_id]) for i in range(len(tokens))]
+    texts = self.decode(tokens, starts, ends)
     b = len(idx)
     responses = [texts[j * k:(j + 1) * k] for j in range(b)]
     lengths = (ends - starts).reshape(b, k)
