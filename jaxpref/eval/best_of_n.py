@@ -105,7 +105,6 @@ def format_summary(res: dict) -> str:
 def score_groups(graphdef, params, ds, batch_size: int, mesh) -> np.ndarray:
   """float32[N, K]: the scalar reward of every group member (pairs: chosen, rejected)."""
 
-
   fn = jax.jit(lambda p, b: reward_step.score(graphdef, p, b)[..., 0])
   put = lambda b: jax.device_put(b, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
   return passes.map_batches(lambda b: fn(params, b), ds, batch_size, put)

@@ -43,7 +43,6 @@ def outcome(margin: np.ndarray) -> np.ndarray:
 def batched(fn, params, ds, batch_size: int, mesh) -> np.ndarray:
   """fn(params, batch) -> [B, ...] over every record once, in order: a numpy [N, ...]."""
 
-
   jitted = jax.jit(fn)
   put = lambda b: jax.device_put(b, NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
   return passes.map_batches(lambda b: jitted(params, b), ds, batch_size, put)
@@ -96,7 +95,6 @@ def pal_margins(graphdef, params, ds, batch_size: int, mesh, hparams: dict, unse
                 ) -> np.ndarray:
   """float32[N]: r(y_w) - r(y_l) under each record's user's mixture (an unseen user's: the
   `unseen` fallback), r from `losses.pal.pal_rewards` with the run's hyperparameters."""
-
 
   hp = {**losses.hparams("pal"), **hparams}
 

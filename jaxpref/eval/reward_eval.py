@@ -150,7 +150,6 @@ def format_results(res: dict) -> str:
 def restore(cfg, mesh):
   """(graphdef, params, step) of the run's latest checkpoint, placed on `mesh`."""
 
-
   directory = os.path.join(cfg.workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise ValueError(f"{directory}: no checkpoints (train the reward model first)")
@@ -172,7 +171,6 @@ def margins(graphdef, params, ds, batch_size: int, mesh, first_channel: bool = F
             ) -> np.ndarray:
   """float32[N]: r_w - r_l per pair (scalar head, or channel 0 with `first_channel`) or the
   GPM score s(y_w, y_l) (embeddings)."""
-
 
   def margin(p, batch):
     out = reward_step.score(graphdef, p, batch)  # [B, 2, E]
