@@ -1,0 +1,41 @@
+"""benchmarks/trl_grpo_compare.py's jaxpref side at a toy size (no TRL, no timing bound), so
+the benchmark keeps running as the online program changes."""
+
+import math
+import os
+import sys
+
+from cli_util import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import trl_grpo_compare  # noqa: E402
+
+# 8 prompts: the tests' 8 fake devices split the rollout batch over the data axis.
+ARGS = ["--skip_trl", "--preset=tiny", "--vocab_size=64", "--batch_size=8",
+        "--num_generations=2", "--prompt_len=8", "--max_completion_length=4", "--steps=1",
+        "--rounds=2", "--sampler_batches=2", "--sampler_new=4", "--sampler_reps=1"]
+
+
+def test_the_jaxpref_side_of_the_grpo_benchmark_runs(capsys):
+  res = trl_grpo_compare.main(ARGS)
+  step = res["step"]
+  for key in ("total", "sample", "score", "layout", "update", "tokens", "tokens_per_s",
+              "sample_share", "score_share", "layout_share", "update_share", "loss", "kl",
+              "reward_mean", "completion_mean"):
+    assert math.isfinite(step[key]), key
+  assert step["total"] > 0 and step["tokens"] > 8 * 2 * 4  # prompts plus responses
+  shares = sum(step[f"{p}_share"] for p in ("sample", "score", "layout", "update"))
+  assert abs(shares - 1) < 0.05  # medians of shares, so close to 1 but not exactly
+  assert res["sampler_programs"] >= 1 and res["xla_compiles_in_timed_steps"] >= 0
+  assert "trl" not in res and "ratio" not in res
+  assert [(c["batch"], c["temperature"]) for c in res["sampler"]] == [(2, 0.0), (2, 1.0)]
+  assert all(c["tokens_per_s"] > 0 for c in res["sampler"])
+  out = capsys.readouterr().out
+  assert "| sample |" in out and "sampled tokens/s" in out
+
+
+def test_the_reward_counts_distinct_words_alike_on_both_sides():
+  groups = [["w3 w4 w3", ""], ["w5", "w6 w7 w8"]]
+  assert trl_grpo_compare.distinct_words(["p", "q"], groups) == [[2.0, 0.0], [1.0, 3.0]]
+  flat = [r for g in groups for r in g]
+  assert trl_grpo_compare.trl_distinct_words(["p"] * 4, flat) == [2.0, 0.0, 1.0, 3.0]
