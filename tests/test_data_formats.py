@@ -11,7 +11,7 @@ from cli_util import ROOT, train
 from jaxpref.data import DataError, PairRecord, Tokenizer, chat, make_tiny
 from jaxpref.data import read_pairs, read_ranked, read_unpaired
 from jaxpref.data.records import FIELD_NAMES, parse_fields
-from jaxpref.train import loop
+from jaxpref.train import setup as setup_lib
 from jaxpref.train.config import DataConfig, RunConfig
 
 TOK = Tokenizer.load(os.path.join(make_tiny.OUT, "tokenizer.model"))
@@ -238,7 +238,7 @@ def test_load_data_passes_fields_through(tmp_path):
   cfg = RunConfig(workdir=str(tmp_path / "w"), model=None, data=DataConfig(
       train_data=str(d / "*.parquet"), eval_data="", max_len=16, skip_invalid=True,
       fields="chosen:rejected,rejected:chosen"))
-  train_ds, eval_ds = loop.load_data(cfg, TOK)
+  train_ds, eval_ds = setup_lib.load_data(cfg, TOK)
   assert eval_ds is None and train_ds.n == 5
   first = train_ds.tokens[0, 0][train_ds.loss_mask[0, 0] > 0]
   assert TOK.decode(first[:-1]) == "dog."  # chosen is the file's rejected; EOS last

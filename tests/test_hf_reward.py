@@ -3,6 +3,7 @@ LlamaForSequenceClassification's decoder and score head give the rewards transfo
 (its logits at the last non-padding token), num_labels sets --reward_dim, a causal-LM folder
 gets a fresh head, and a reward model exports back to a sequence-classification folder."""
 
+import dataclasses
 import json
 import os
 import types
@@ -103,7 +104,7 @@ def test_causal_lm_folder_gets_a_fresh_head(tmp_path):
   assert cfg.reward_dim == 1 and not cfg.model.tie_embeddings
   mesh = mesh_lib.make_mesh(cfg.mesh)
   _, params = reward_step.init_params(cfg, mesh)
-  _, fresh = reward_step.init_params(RunConfig(**{**cfg.__dict__, "init_from": ""}), mesh)
+  _, fresh = reward_step.init_params(dataclasses.replace(cfg, init_from=""), mesh)
   np.testing.assert_array_equal(params["head"][...], fresh["head"][...])  # drawn as without
   _, lm = hf.load(path)
   np.testing.assert_array_equal(params["decoder"]["embed"][...], lm.embed[...])
@@ -155,9 +156,9 @@ def test_a_mean_pooled_head_is_refused_both_ways(seq_cls, tmp_path):
 @pytest.mark.slow
 def test_reward_run_exports_a_sequence_classifier(seq_cls, tmp_path):
   path, _ = seq_cls[1]
-  cfg = RunConfig(**{**reward_config(tmp_path / "run", path).__dict__,
-                     "export_hf": str(tmp_path / "export"), "log_every": 1,
-                     "eval_every": 100, "checkpoint_every": 100})
+  cfg = dataclasses.replace(reward_config(tmp_path / "run", path),
+                            export_hf=str(tmp_path / "export"), log_every=1, eval_every=100,
+                            checkpoint_every=100)
   loop.run(cfg)
   out = str(tmp_path / "export")
   assert "tokenizer.model" in os.listdir(out)  # the run's sentencepiece tokenizer, copied

@@ -142,8 +142,9 @@ def test_adapter_gradients_are_the_chain_rule_through_the_weight(train_ds):
                 leaf(g_w, p))
     want_a = s * np.einsum(f"{spec},r{outs}->{ins}r", gw, b)  # dL/dA = s dL/dW B^T
     want_b = s * np.einsum(f"{ins}r,{spec}->r{outs}", a, gw)  # dL/dB = s A^T dL/dW
-    np.testing.assert_allclose(g_ad[p]["lora_a"], want_a, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(g_ad[p]["lora_b"], want_b, rtol=1e-4, atol=1e-6)
+    # float32 rounding: one of 256 entries was 1.4e-6 off on the pre-refactor tree too.
+    np.testing.assert_allclose(g_ad[p]["lora_a"], want_a, rtol=1e-4, atol=2e-6)
+    np.testing.assert_allclose(g_ad[p]["lora_b"], want_b, rtol=1e-4, atol=2e-6)
     assert np.abs(want_a).max() > 0 and np.abs(want_b).max() > 0
 
 

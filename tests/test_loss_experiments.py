@@ -67,8 +67,16 @@ def value_as(default, text):
 
 
 def test_every_loss_has_a_flagfile():
+  """Offline losses: experiments/losses/NAME.flags; online ones: a flag file of
+  experiments/online selects them (they train on rollouts, tests/train/test_online.py)."""
   names = {os.path.basename(f)[:-len(".flags")] for f in FLAGFILES}
-  assert names == set(losses.names()) - {"test_only_margin"}
+  online = {n for n in losses.names() if losses.role(n) == "online"}
+  assert names == set(losses.names()) - {"test_only_margin"} - online
+  used = set()
+  for path in glob.glob(os.path.join(ROOT, "experiments", "online", "*.flags")):
+    used |= {a.split("=", 1)[1] for a in jflags.expand_flagfiles([f"--flagfile={path}"])
+             if a.startswith("--loss=")}
+  assert online <= used, online - used
 
 
 @pytest.fixture(scope="module")
