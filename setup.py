@@ -34,7 +34,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0,<6",
-                 "peft>=0.21,<1"],  # PEFT adapter export (tests/test_hf_export_formats.py)
+                 "peft>=0.21,<1"],  # PEFT adapter export (tests/models/test_hf_export_formats.py)
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         "gpu": ["jax[cuda12]>=0.10,<0.11"],
     },

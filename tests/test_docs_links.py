@@ -146,3 +146,17 @@ def test_no_internal_references(needle):
         if needle in line:
           hits.append(f"{_rel(path)}:{n}: {line.strip()[:120]}")
   assert not hits, "\n".join(hits)
+
+
+def test_mentioned_test_files_exist():
+  """`tests/.../test_x.py` named in the docs, flag files and code is where the suite has it
+  (the tests live in folders that mirror the package's layers)."""
+  errors = []
+  for path in text_files():
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    for n, line in enumerate(text.splitlines(), 1):
+      for rel in re.findall(r"\btests/(?:[a-z_]+/)*test_[a-z0-9_]+\.py\b", line):
+        if not os.path.exists(os.path.join(ROOT, rel)):
+          errors.append(f"{_rel(path)}:{n}: {rel} does not exist")
+  assert not errors, "\n".join(errors)

@@ -16,7 +16,7 @@ params select Triton (jax 0.10 otherwise picks Mosaic GPU, whose lowering of the
 kernels asks for more shared memory than an H100 has); on TPU the Mosaic params mark the
 row axis parallel (megacore chips split it between their TensorCores) and the vocabulary
 axis of the forward "arbitrary" (sequential: it carries the accumulators), and set a VMEM
-limit sized from the blocks. tests/test_kernel_lowering.py lowers all of them for both.
+limit sized from the blocks. tests/ops/test_kernel_lowering.py lowers all of them for both.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from jaxpref.data import (PairDataset, Tokenizer, batching, curriculum, grain_so
                           read_pairs)
 from jaxpref.data.packing import PackedBatch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "jaxpref", "data", "tiny")
 TOK = os.path.join(TINY, "tokenizer.model")
 N = 50

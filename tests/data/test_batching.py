@@ -190,7 +190,7 @@ def test_local_rows_of_a_single_process_mesh_and_put():
 @pytest.mark.slow  # two short CLI runs
 def test_cli_logs_padding_efficiency_and_refuses_to_resume_in_another_order(tmp_path):
   import sys
-  sys.path.insert(0, os.path.dirname(__file__))
+  sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
   from cli_util import metrics, train
   flags = ("--log_every=1", "--eval_every=4", "--checkpoint_every=4", "--noplot",
            "--bucket_multiple=8", "--bucket_window=4")

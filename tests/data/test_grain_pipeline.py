@@ -1,5 +1,5 @@
 """Training from a prepared folder: seeded epochs, exact resume, a real run (the other
-batchings, hosts and curricula: tests/test_grain_packing.py)."""
+batchings, hosts and curricula: tests/data/test_grain_packing.py)."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from loop_util import resume_copy, train_rows
 
 from jaxpref.data import Tokenizer, batching, grain_source, prepare
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "jaxpref", "data", "tiny")
 TOK = os.path.join(TINY, "tokenizer.model")
 N_SMALL = 50

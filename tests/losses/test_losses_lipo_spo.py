@@ -1,6 +1,6 @@
 """The papers' properties of `lipo` (LiPO-lambda), `spo` (preference-degree auxiliary) and
 per-pair label smoothing in `dpo`. Values against the float64 references of
-tests/loss_refs.py are in tests/test_losses.py (LISTWISE, PAIRWISE, SCORED)."""
+tests/loss_refs.py are in tests/losses/test_losses.py (LISTWISE, PAIRWISE, SCORED)."""
 
 import jax
 import jax.numpy as jnp

@@ -4,7 +4,7 @@
 without the device, so a kernel that stops lowering (a Mosaic GPU default, a block shape
 Mosaic rejects, a missing compiler param) fails in CI rather than on the first slice.
 Compiling the lowered kernels still needs the hardware; the values and gradients are
-checked in interpret mode in tests/test_ops.py.
+checked in interpret mode in tests/ops/test_ops.py.
 """
 
 import json

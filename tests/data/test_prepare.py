@@ -10,7 +10,7 @@ from jaxpref.data import (PairDataset, RankedDataset, Tokenizer, UnpairedDataset
                           read_ranked, read_unpaired)
 from jaxpref.data import cli, curriculum, grain_source, packing, prepare
 
-TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxpref",
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "jaxpref",
                     "data", "tiny")
 TOK = os.path.join(TINY, "tokenizer.model")
 

@@ -1,6 +1,6 @@
 """The papers' properties of `wpo` (Weighted Preference Optimization) and `mcts_dpo`
 (visit-count label smoothing). Values against the float64 references of
-tests/loss_refs.py are in tests/test_losses.py (PAIRWISE, SCORED)."""
+tests/loss_refs.py are in tests/losses/test_losses.py (PAIRWISE, SCORED)."""
 
 import jax
 import jax.numpy as jnp

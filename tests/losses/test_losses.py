@@ -46,14 +46,14 @@ SCORED = [("osp", {}, "osp"), ("osp", {"temperature": 0.3, "beta": 0.5}, "osp"),
 
 
 def test_every_registered_loss_is_tested():
-  unpaired = {"kto", "apo", "apo_zero_unpaired", "bco"}  # tests/test_losses_unpaired.py
-  token_level = {"ld_dpo"}  # tests/test_losses_token_level.py
-  token_masks = {"sparse_po", "mapo"}  # tests/test_sparse_po.py
-  reward = {"bt", "bt_adaptive_margin", "bt_flip", "bt_soft", "gpm"}  # tests/test_reward_losses.py
-  # tests/test_contrastive.py, test_pal.py, test_attribute_bt.py, test_themis.py
+  unpaired = {"kto", "apo", "apo_zero_unpaired", "bco"}  # tests/losses/test_losses_unpaired.py
+  token_level = {"ld_dpo"}  # tests/losses/test_losses_token_level.py
+  token_masks = {"sparse_po", "mapo"}  # tests/losses/test_sparse_po.py
+  reward = {"bt", "bt_adaptive_margin", "bt_flip", "bt_soft", "gpm"}  # tests/losses/test_reward_losses.py
+  # tests/losses/test_contrastive.py, test_pal.py, test_attribute_bt.py, test_themis.py
   reward |= {"bt_contrastive", "pal", "attribute_bt", "themis"}
-  extra = set(losses.extra_members.RECORD_FIELDS)  # tests/test_losses_extra_members.py
-  # tests/test_losses_online.py
+  extra = set(losses.extra_members.RECORD_FIELDS)  # tests/losses/test_losses_extra_members.py
+  # tests/losses/test_losses_online.py
   online = {"grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo"}
   tested = ({n for n, _ in PAIRWISE + LISTWISE} | {n for n, _, _ in SCORED} | unpaired | token_level
             | token_masks | reward | extra | online)
@@ -149,7 +149,7 @@ def test_gradients_match_finite_differences(name, hp):
   if name == "hinge":
     hp = {**hp, "beta": 0.01}  # stay off the kink
   if name == "wpo":
-    pytest.skip("WPO's weight is stop-gradient by design: tests/test_losses_more.py checks it")
+    pytest.skip("WPO's weight is stop-gradient by design: tests/losses/test_losses_more.py checks it")
   policy, ref, length, weight = pair_inputs(3, b=6, spread=2.0)
   with jax.enable_x64(True):
     lp = make_lp(policy, ref, length, weight, dtype=jnp.float64)
@@ -293,7 +293,7 @@ def test_robust_dpo_rejects_bad_smoothing():
 
 def test_docs_table_lists_every_loss_with_its_defaults():
   import os
-  doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "losses.md")).read()
+  doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "losses.md")).read()
   rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines()
           if line.startswith("| `")}
   for name in set(losses.names()) - {"test_only_margin"}:

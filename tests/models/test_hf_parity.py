@@ -21,7 +21,7 @@ from jaxpref.models import convert, hf  # noqa: E402
 pytestmark = pytest.mark.slow
 
 V = 128
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 FAMILY_CLASSES = {

@@ -16,7 +16,7 @@ from jaxpref.data.cli import main as data_cli
 
 TINY = make_tiny.OUT
 TOK = f"{TINY}/tokenizer.model"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HUGE = "9" * 400
 PAIR = '{"prompt": "name a fruit.", "chosen": "apple.", "rejected": "dog."'
 

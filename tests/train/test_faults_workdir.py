@@ -31,7 +31,7 @@ time.sleep(600)
 def _holder(workdir):
   """A separate process that holds the workdir's lock until killed."""
   proc = subprocess.Popen([sys.executable, "-c", HOLD, str(workdir)], stdout=subprocess.PIPE,
-                          text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
   assert proc.stdout.readline().strip() == "held"
   return proc
 

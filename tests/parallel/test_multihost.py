@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ["--flagfile=experiments/quickstart.flags", "--steps=3", "--log_every=1",
         "--eval_every=3", "--checkpoint_every=3", "--noprogress", "--noplot"]
 
