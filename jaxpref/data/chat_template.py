@@ -53,8 +53,22 @@ def _environment():
       sort_keys=False: json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
                                   separators=separators, sort_keys=sort_keys)
   env.globals["raise_exception"] = raise_exception
+  env.globals["range"] = _bounded_range
   env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
   return env
+
+
+MAX_RANGE = 10_000  # a chat template loops over messages; a huge range is an attack or a bug
+
+
+def _bounded_range(*args):
+  """`range` for templates, refusing more than MAX_RANGE items (Jinja's sandbox allows
+  100,000 per call, and a nested pair of those would hang the data reader)."""
+  r = range(*args)
+  if len(r) > MAX_RANGE:
+    raise OverflowError(f"range of {len(r)} items: a chat template may loop over at most "
+                        f"{MAX_RANGE}")
+  return r
 
 
 def special_tokens(tok) -> dict[str, str]:
@@ -77,12 +91,12 @@ class ChatTemplate:
       raise ValueError(f"--chat_template: {where} is not a valid Jinja template ({e})") from None
 
   def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-    import jinja2  # only chat-template runs pay for Jinja
     try:
       return self._template.render(messages=messages, tools=None, documents=None,
                                    add_generation_prompt=add_generation_prompt, **self.special)
-    except jinja2.TemplateError as e:
-      raise ValueError(f"the chat template ({self.where}) failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 (the template is the user's code: any failure is its)
+      what = str(e) if type(e).__name__ == "TemplateError" else f"{type(e).__name__}: {e}"
+      raise ValueError(f"the chat template ({self.where}) failed: {what}") from None
 
   def framing(self) -> tuple[bool, bool]:
     """(writes BOS first, ends the assistant's turn with EOS), read off a one-turn

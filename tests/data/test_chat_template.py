@@ -247,3 +247,10 @@ def test_unpaired_and_ranked_message_errors_name_the_record(tmp_path):
                                         "label": True}])
   with pytest.raises(DataError, match=r"f.jsonl:1: field 'answer' must end with the assistant"):
     read_unpaired(data, fields="prompt:question,completion:answer")
+
+
+@pytest.mark.parametrize("body", ["{% for i in range(10**9) %}x{% endfor %}", "{{ 1 // 0 }}"])
+def test_a_hostile_template_fails_in_one_line_not_a_hang(body):
+  template = chat_template.ChatTemplate(body, "the template file", {})
+  with pytest.raises(ValueError, match="the chat template .the template file. failed"):
+    template.render([{"role": "user", "content": "hi"}], True)
