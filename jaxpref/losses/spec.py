@@ -23,6 +23,10 @@ class LossSpec:
   record_fields: tuple[str, ...]  # extra record fields the data layer must keep
   member_fields: tuple[str, ...]  # those of them that add a group member
 
+  def value(self, hparam: str, default: Any = None) -> Any:
+    """The run's value of `hparam`: its override, else the loss's default."""
+    return self.hparams.get(hparam, registry.hparams(self.name).get(hparam, default))
+
   def describe(self) -> str:
     given = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
     return f"{self.name}({given})" if given else self.name

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpref import losses
 from jaxpref.models.logps import LogpsOptions, token_logps
 from jaxpref.train.reference import Reference
 from jaxpref.train.roles import policy
@@ -32,8 +31,7 @@ def needs_reference(cfg) -> bool:
   """A pairwise loss always reads the reference; a policy-gradient loss only for its KL."""
   if pairwise(cfg):
     return True
-  beta = {**losses.hparams(cfg.loss), **cfg.loss_hparams}.get("beta", 0.0)
-  return float(beta) > 0
+  return float(cfg.loss_spec.value("beta", 0.0)) > 0
 
 
 def forward(graphdef: nnx.GraphDef, needs: Any = False, opts: LogpsOptions = LogpsOptions(),
