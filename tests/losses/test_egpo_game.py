@@ -11,7 +11,7 @@ import pytest
 
 from jaxpref.losses import egpo
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

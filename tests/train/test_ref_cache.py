@@ -10,7 +10,7 @@ import pytest
 
 from jaxpref import models
 from jaxpref.data import make_tiny
-from jaxpref.train import loop, ref_cache
+from jaxpref.train import loop, precompute, ref_cache
 from jaxpref.train.config import DataConfig, RunConfig
 
 TINY = make_tiny.OUT
@@ -33,7 +33,7 @@ def test_same_key_reads_other_keys_recompute(tmp_path, monkeypatch):
   first = loop.run(config(tmp_path / "a", cache))
   assert len(glob.glob(f"{cache}/*.npz")) == 2  # train and eval
   with monkeypatch.context() as m:
-    m.setattr(loop, "precompute_reference", _no_compute)
+    m.setattr(precompute, "precompute_reference", _no_compute)
     second = loop.run(config(tmp_path / "b", cache))
   assert second == first
   # Each of these changes the key, so the (patched-out) computation would be needed.
@@ -45,7 +45,7 @@ def test_same_key_reads_other_keys_recompute(tmp_path, monkeypatch):
                            config(tmp_path / "d", cache, max_len=40),
                            config(tmp_path / "e", cache, train=str(edited))]):
     with monkeypatch.context() as m:
-      m.setattr(loop, "precompute_reference", _no_compute)
+      m.setattr(precompute, "precompute_reference", _no_compute)
       with pytest.raises(AssertionError, match="recomputed"):
         loop.run(cfg)
   loop.run(config(tmp_path / "f", cache, seed=1))
