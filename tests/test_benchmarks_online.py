@@ -5,6 +5,8 @@ import math
 import os
 import sys
 
+import pytest
+
 from cli_util import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -16,6 +18,7 @@ ARGS = ["--skip_trl", "--preset=tiny", "--vocab_size=64", "--batch_size=8",
         "--rounds=2", "--sampler_batches=2", "--sampler_new=4", "--sampler_reps=1"]
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_the_jaxpref_side_of_the_grpo_benchmark_runs(capsys):
   res = trl_grpo_compare.main(ARGS)
   step = res["step"]

@@ -42,6 +42,7 @@ BAD_LINES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_LINES))
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_malformed_jsonl_names_file_line_field(tmp_path, case):
   line, needle = BAD_LINES[case]
   path = tmp_path / f"{case}.jsonl"

@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from cli_util import QUICKSTART, ROOT, env
 from jaxpref import sweep
 
@@ -11,6 +13,7 @@ def test_rows_exclude_included_files():
   assert rows == ["beta_0.05.flags", "beta_0.1.flags", "beta_0.5.flags"]
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_sweep_runs_rows_and_writes_table_and_plot(tmp_path):
   folder = tmp_path / "ablation"
   folder.mkdir()

@@ -81,6 +81,7 @@ def test_label_smoothing_in_some_records_only_is_an_error(tmp_path):
     read_pairs(path)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_tiny_data_with_per_record_label_smoothing_trains(tmp_path):
   """The field flows records -> batch -> Logps -> dpo: training on it lowers the loss, and
   equal per-record values evaluate exactly as the scalar hyperparameter."""

@@ -47,6 +47,7 @@ def _response_logps(tok, mask):
 
 @pytest.mark.parametrize("make_ds", [_pairs_ds, _ranked_ds], ids=["pairs", "ranked_k4"])
 @pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_packed_logps_equal_separate_sequences(make_ds, fused):
   ds = make_ds()
   graphdef, params = _model()

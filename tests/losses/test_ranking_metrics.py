@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pytest
+
 from jaxpref import losses
 from jaxpref.eval import ranking
 from jaxpref.types import Logps
@@ -38,6 +40,7 @@ def test_idealized_ranking_accuracy_by_hand():
   np.testing.assert_allclose(ranking.idealized_ranking_accuracy(ref_w, ref_l, alpha, 10.0), 0.0)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_flip_threshold_on_a_tabular_policy():
   """Gradient descent on DPO over a tabular policy: the pair's ranking flips exactly when the
   loss crosses -logsig(beta c) (Thm 4.1 of Chen et al.)."""

@@ -220,6 +220,7 @@ def log_softmax(x):
 
 
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_step_kl_tok_matches_numpy_from_full_logits(softcap):
   graphdef, params, ref, needs = two_models("mapo", softcap)
   batch = tiny_batch()

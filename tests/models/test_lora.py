@@ -239,6 +239,7 @@ def test_adapters_follow_their_weights_sharding_and_match_one_device(train_ds, t
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_merged_export_has_the_adapted_models_logits(train_ds, tmp_path):
   cfg = config(tmp_path, model=MODEL)
   graphdef, base = base_params(MODEL)

@@ -304,6 +304,7 @@ def test_sliding_window_sees_only_recent_positions():
   assert m[8].nonzero()[0].tolist() == [6, 7, 8]  # segment 2, position 2: not segment 1
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_switches_keep_packing_exact():
   """Packed segments equal each sequence alone with every switch on (windows by position)."""
   m = make(models.get_config("tiny", **GEMMA2_TINY), seed=3)

@@ -30,6 +30,7 @@ def _batch(b=2, k=2, t=12, v=97, seed=0):
     LogpsOptions(impl="pallas", fused_lm_head=False),
     LogpsOptions(fused_lm_head=True),
 ], ids=["xla", "pallas", "fused"])
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_paths_match_naive_values_and_gradients(opts):
   cfg = models.get_config("tiny", vocab_size=97)
   graphdef, params = nnx.split(models.Decoder(cfg, rngs=nnx.Rngs(0)))

@@ -107,6 +107,7 @@ def test_adam_count_is_replicated_and_moments_follow_their_parameter():
 
 
 @pytest.mark.parametrize("spec", MESHES)
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_sharded_steps_match_one_device(spec, train_ds, one_device, tmp_path):
   want_losses, want, _ = one_device
   mesh = mesh_lib.make_mesh(spec)
@@ -142,6 +143,7 @@ def test_checkpoint_restores_into_another_meshs_layout(train_ds, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_train_loop_resumes_on_another_mesh(tmp_path):
   """loop.run on fsdp:4,tensor:2; its step-2 checkpoint resumed on data:2,fsdp:2,tensor:2
   logs the same losses for steps 3 and 4."""

@@ -36,6 +36,7 @@ def test_a_held_workdir_is_refused_with_the_holder(tmp_path):
   assert "in use by another run" in last_line(proc) and str(os.getpid()) in last_line(proc)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_resume_with_other_flags_is_refused_and_flags_txt_kept(finished):
   before = open(finished / "flags.txt").read()
   proc = train(finished, *SHORT[:-1], "--steps=6", "--loss.beta=0.2", "--noplot", check=False)
@@ -54,6 +55,7 @@ def test_allowed_flag_changes_resume_and_are_recorded(finished, tmp_path):
   assert "history" in open(workdir / "run.json").read(), proc.stdout[-1000:]
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_a_nonfinite_step_stops_the_run_naming_it(tmp_path):
   proc = train(tmp_path / "w", *SHORT, "--loss.beta=1e30", check=False)
   assert proc.returncode == 1, proc.stderr[-2000:]
@@ -112,6 +114,7 @@ def test_sigterm_saves_exits_3_and_the_rerun_finishes(tmp_path):
   assert os.path.exists(workdir / "final_metrics.json")
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_a_run_killed_after_its_last_checkpoint_is_finished_by_a_rerun(finished, tmp_path):
   import shutil
   workdir = tmp_path / "w"

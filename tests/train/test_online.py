@@ -61,6 +61,7 @@ def grpo_run(tmp_path_factory):
   return workdir, final
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_an_online_run_logs_its_rollouts(grpo_run):
   workdir, final = grpo_run
   train = rows(workdir)
@@ -78,6 +79,7 @@ def test_an_online_run_logs_its_rollouts(grpo_run):
   assert os.path.exists(os.path.join(workdir, "checkpoints", "4"))
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_online_resume_is_exact(grpo_run, tmp_path):
   """Killed after its step-2 checkpoint and run again: the same rollouts and losses."""
   reference, _ = grpo_run

@@ -28,6 +28,7 @@ def _no_compute(*a, **k):
   raise AssertionError("recomputed although the cache holds this key")
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_same_key_reads_other_keys_recompute(tmp_path, monkeypatch):
   cache = tmp_path / "cache"
   first = loop.run(config(tmp_path / "a", cache))

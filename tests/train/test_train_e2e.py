@@ -22,6 +22,7 @@ def short_run(tmp_path_factory):
   return workdir, proc
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_quickstart_writes_everything(short_run):
   workdir, proc = short_run
   for name in ("flags.txt", "metrics.jsonl", "metrics.png", "final_metrics.json"):
@@ -40,6 +41,7 @@ def test_quickstart_writes_everything(short_run):
   assert "eval" in proc.stdout and "train data:" in proc.stdout
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_resume_after_sigkill_matches_uninterrupted_run(short_run, tmp_path):
   reference, _ = short_run
   workdir = str(tmp_path / "killed")
@@ -73,6 +75,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(short_run, tmp_path):
   assert len({tuple(r["groups"]) for r in want_ids}) == 40  # a new batch every step
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_flags_txt_reproduces_the_run(short_run, tmp_path):
   reference, _ = short_run
   flagfile = os.path.join(reference, "flags.txt")
@@ -85,6 +88,7 @@ def test_flags_txt_reproduces_the_run(short_run, tmp_path):
   np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # over 10 s on 2 cores: kept out of the fast tier
 def test_data_parallel_over_8_devices_matches_one_device(short_run, tmp_path):
   """The same run with the batch sharded over 8 (fake CPU) devices logs the same losses."""
   import jax
