@@ -80,7 +80,7 @@ class Rollouts:
   def __call__(self, params, ds, step: int) -> GroupBatch:
     cfg, o = self.cfg, self.o
     b, k = cfg.data.batch_size, o.num_generations
-    idx = ds.indices(step, b, cfg.data.seed)
+    idx = self.last_indices = ds.indices(step, b, cfg.data.seed)
     t0 = time.perf_counter()
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 0), step)
     tokens, starts, ends, finished = self.sample(params, ds, idx, k, o.temperature, rng)
@@ -191,6 +191,7 @@ def program(s) -> Program:
     except sources.RewardError as e:
       raise cli_errors.RunError(f"step {step}: {e}") from e
     rollouts.stats.update(rollouts.stats_extra)
+    order.last_indices = rollouts.last_indices  # --log_records: the step's prompts
     return host, distributed.put_global(host, batch_sharding)
 
   def extra() -> dict:
@@ -220,7 +221,8 @@ def program(s) -> Program:
              "length/mean": float((ends - starts).mean()),
              "length/truncated_fraction": float(np.mean(~finished))}]
 
-  prog = Program(cfg, mesh, graphdef, state, ref, train_step, eval_step, [_Order(cfg)], batch,
+  order = _Order(cfg)
+  prog = Program(cfg, mesh, graphdef, state, ref, train_step, eval_step, [order], batch,
                  lambda b: distributed.put_global(b, batch_sharding), [cfg.workdir],
                  evaluate=evaluate if s.eval_ds is not None else None, extra=extra,
                  panels=plots.ONLINE_PANELS)
@@ -233,6 +235,7 @@ class _Order:
   def __init__(self, cfg):
     self.text = (f"online prompts batch={cfg.data.batch_size} seed={cfg.data.seed} "
                  f"k={cfg.online.num_generations}")
+    self.last_indices = None  # the prompts of the last rollout
 
   def describe(self) -> str:
     return self.text

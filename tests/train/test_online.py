@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from cli_util import ROOT, env, metrics, train_cmd
+from cli_util import ROOT, env, train_cmd
 from jaxpref import models
 from jaxpref.data import make_tiny
 from jaxpref.train import loop
@@ -171,3 +171,40 @@ def test_prompts_come_from_any_prompt_bearing_file(tmp_path):
   assert prompts.load(str(bad), tok, skip_invalid=True).skipped == 1
   padded, lengths = pairs.padded(np.arange(3), (4, 16, 32), tok.pad_id)
   assert padded.shape == (3, 16) and list(lengths) == [len(pairs.ids[i]) for i in range(3)]
+
+
+@pytest.mark.slow  # two CLI runs and a killed one (~2 min)
+def test_online_run_killed_with_sigkill_resumes_to_the_same_rollouts(tmp_path):
+  """A `jaxpref-train --role=online` run killed after its first checkpoint and run again
+  samples the same responses and logs the same losses as one that was not killed."""
+  flags = ("--role=online", "--loss=grpo", "--steps=30", "--log_every=1", "--eval_every=30",
+           "--checkpoint_every=5", "--batch_size=8", "--noplot",
+           f"--train_data={TINY}/prompts_train.jsonl", "--eval_data=",
+           f"--online.reward_fn={LENGTH}", "--online.num_generations=4",
+           "--online.max_new_tokens=6", "--log_records")
+  reference = tmp_path / "whole"
+  proc = subprocess.run(train_cmd(reference, *flags), cwd=ROOT, env=env(),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  killed = tmp_path / "killed"
+  run = subprocess.Popen(train_cmd(killed, *flags), cwd=ROOT, env=env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts, deadline = killed / "checkpoints", time.time() + 600
+  while time.time() < deadline and run.poll() is None:
+    if ckpts.is_dir() and any(d.isdigit() and int(d) >= 5 for d in os.listdir(ckpts)):
+      break
+    time.sleep(0.05)
+  assert run.poll() is None, "the run finished before it could be killed; make it longer"
+  run.send_signal(signal.SIGKILL)
+  run.wait()
+  assert max(r["step"] for r in rows(killed)) < 30
+  proc = subprocess.run(train_cmd(killed, *flags), cwd=ROOT, env=env(),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got, want = rows(killed), rows(reference)
+  assert [r["step"] for r in got] == list(range(1, 31))
+  for a, b in zip(got, want):
+    for k in ("reward/mean", "length/mean", "loss", "grad_norm"):
+      assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (a["step"], k)
+  read = lambda w: open(w / "records" / "process_0.jsonl").read()
+  assert read(killed) == read(reference)  # the same prompts, step by step
