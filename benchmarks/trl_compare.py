@@ -59,6 +59,27 @@ TRL_PINS = ("torch==2.13.0", "transformers==5.24.0", "trl==1.16.0", "accelerate=
 RESULT = "TRL_RESULT "
 
 
+def step_timer():
+  """A Trainer callback timing each optimizer step (on_step_begin to on_step_end) and
+  keeping the logged rows; built in the TRL worker, where transformers is importable."""
+  from transformers import TrainerCallback  # the TRL venv's: only the worker has it
+
+  class StepTimer(TrainerCallback):
+    def __init__(self):
+      self.times, self.logs, self._t0 = [], [], None
+
+    def on_step_begin(self, *unused, **unused_kw):
+      self._t0 = time.perf_counter()
+
+    def on_step_end(self, *unused, **unused_kw):
+      self.times.append(time.perf_counter() - self._t0)
+
+    def on_log(self, _args, _state, _control, logs=None, **unused_kw):
+      self.logs.append(dict(logs or {}))
+
+  return StepTimer()
+
+
 def ensure_venv() -> str:
   """Python of the TRL virtual environment, created (once) when missing or differently pinned."""
   python = os.path.join(VENV, "bin", "python")
@@ -178,8 +199,7 @@ def trl_worker(args):
   import trl
   from datasets import Dataset
   from tokenizers import Tokenizer, models as tok_models
-  from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
-                            TrainerCallback)
+  from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
   from trl import DPOConfig, DPOTrainer
 
   torch.set_num_threads(args.threads)
@@ -220,20 +240,7 @@ def trl_worker(args):
     def _prepare_dataset(self, dataset, *unused_args, **unused_kwargs):
       return dataset
 
-  class StepTimer(TrainerCallback):
-    def __init__(self):
-      self.times, self.logs, self._t0 = [], [], None
-
-    def on_step_begin(self, *unused, **unused_kw):
-      self._t0 = time.perf_counter()
-
-    def on_step_end(self, *unused, **unused_kw):
-      self.times.append(time.perf_counter() - self._t0)
-
-    def on_log(self, _args, _state, _control, logs=None, **unused_kw):
-      self.logs.append(dict(logs or {}))
-
-  timer = StepTimer()
+  timer = step_timer()
   dpo_args = DPOConfig(
       output_dir=tempfile.mkdtemp(prefix="trl_compare_"), max_steps=args.warmup + args.steps,
       per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,

@@ -39,7 +39,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from trl_compare import RESULT, ensure_venv, jaxpref_version  # noqa: E402
+from trl_compare import RESULT, ensure_venv, jaxpref_version, step_timer  # noqa: E402
 
 SPECIAL = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 on both sides
 
@@ -217,27 +217,13 @@ def trl_worker(args, mode: str, folder: str):
 
   import trl
   from datasets import Dataset
-  from transformers import TrainerCallback
   from trl import GRPOConfig, GRPOTrainer
 
   tok = AutoTokenizer.from_pretrained(folder)
   with open(os.path.join(folder, "prompts.jsonl")) as f:
     prompts = [json.loads(line)["prompt"] for line in f]
 
-  class StepTimer(TrainerCallback):
-    def __init__(self):
-      self.times, self.logs, self._t0 = [], [], None
-
-    def on_step_begin(self, *unused, **unused_kw):
-      self._t0 = time.perf_counter()
-
-    def on_step_end(self, *unused, **unused_kw):
-      self.times.append(time.perf_counter() - self._t0)
-
-    def on_log(self, _args, _state, _control, logs=None, **unused_kw):
-      self.logs.append(dict(logs or {}))
-
-  timer, gen_times, generate = StepTimer(), [], model.generate
+  timer, gen_times, generate = step_timer(), [], model.generate
 
   def timed_generate(*a, **kw):  # TRL's rollout calls the policy's own generate
     t0 = time.perf_counter()

@@ -9,6 +9,7 @@ the program, the writers and the rows logged so far.
 
 from __future__ import annotations
 
+import contextlib
 import collections
 import json
 import os
@@ -183,11 +184,11 @@ class Checkpoint:
   def __init__(self, loop: Loop):
     self.loop = loop
     self.requested = False
-    try:
+    # Outside the main thread (a test runner's) no handler can be set: SIGTERM then
+    # keeps its default action.
+    with contextlib.suppress(ValueError):
       old = signal.signal(signal.SIGTERM, self._handle)
       loop.on_close(lambda: signal.signal(signal.SIGTERM, old))
-    except ValueError:  # not the main thread (e.g. inside a test runner thread)
-      pass
 
   def _handle(self, signum, frame):
     self.requested = True

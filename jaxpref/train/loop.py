@@ -18,8 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from jaxpref import cli_errors, models
-from jaxpref.data import batching, passes
-from jaxpref.losses.reward import finish_metrics
+from jaxpref.data import batching
 from jaxpref.parallel import distributed, mesh as mesh_lib
 from jaxpref.train import checkpoint as ckpt_lib
 from jaxpref.train import hooks as hooks_lib
@@ -31,13 +30,7 @@ from jaxpref.train.program import Program
 from jaxpref.train.setup import Setup, batcher_of, say, setup
 from jaxpref.train.state import build_steps, init_state
 
-__all__ = ["Program", "Setup", "evaluate", "run", "setup", "train"]
-
-
-def evaluate(eval_step, params, ref, ds, batch_size, put) -> dict:
-  """Weighted mean of every metric over the whole eval set (each record exactly once)."""
-  return finish_metrics(passes.weighted_means(lambda b: eval_step(params, ref, b), ds,
-                                              batch_size, put))
+__all__ = ["Program", "Setup", "run", "setup", "train"]
 
 
 def run(cfg: RunConfig) -> dict:

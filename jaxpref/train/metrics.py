@@ -14,6 +14,7 @@ Neither can hang the run or tear the log:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -98,10 +99,8 @@ class TensorBoard:
       raise _fail(self.logdir, "write TensorBoard events", e) from e
 
   def close(self) -> None:
-    try:
+    with contextlib.suppress(OSError):  # the error that matters was raised by `write`
       self._writer.close()
-    except OSError:  # the error that matters was raised by `write` already
-      pass
 
 
 class MetricWriter:

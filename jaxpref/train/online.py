@@ -87,7 +87,6 @@ class Rollouts:
     t1 = time.perf_counter()
     scores, parts, _ = self.score(ds, idx, tokens, starts, ends, finished, k)
     t2 = time.perf_counter()
-    batch = self.layout(tokens, starts, ends, finished, scores, b, k)
     new_tokens = int((ends - starts).sum())
     self.stats = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
                   **{f"reward/{name}": float(np.mean(v)) for name, v in parts.items()
@@ -97,7 +96,7 @@ class Rollouts:
                   "length/truncated_fraction": float(np.mean(~finished)),
                   "rollout/tokens_per_sec": new_tokens / max(t1 - t0, 1e-9),
                   "time/sample": t1 - t0, "time/score": t2 - t1}
-    return batch
+    return self.layout(tokens, starts, ends, finished, scores, b, k)  # adds group stats
 
   def layout(self, tokens, starts, ends, finished, scores, b: int, k: int) -> GroupBatch:
     """The rollout as a `GroupBatch` [B, K, T]: the loss mask on each response's tokens
@@ -116,7 +115,7 @@ class Rollouts:
       scores[truncated] = o.truncated_score
     weight = np.ones(b, np.float32)
     zero_var = np.asarray(adv_lib.zero_variance_groups(scores, valid))
-    self.stats_extra = {"groups/zero_variance_fraction": float(zero_var.mean())}
+    self.stats["groups/zero_variance_fraction"] = float(zero_var.mean())
     if o.dynamic_sampling or role.pairwise(self.cfg):  # no spread: no preference, no signal
       weight = np.where(zero_var, 0.0, 1.0).astype(np.float32)
     shape = lambda x: x.reshape(b, k, t)
@@ -126,7 +125,7 @@ class Rollouts:
       return pair_rule(batch)
     kw = {"scale": o.advantage_scale} if o.advantage == "grpo" else {}
     a = np.asarray(adv_lib.compute(o.advantage, scores, valid & (weight > 0)[:, None], **kw))
-    self.stats_extra.update({"advantages/mean": float(a.mean()), "advantages/std": float(a.std())})
+    self.stats.update({"advantages/mean": float(a.mean()), "advantages/std": float(a.std())})
     return dataclasses.replace(batch, advantages=a.astype(np.float32))
 
 
@@ -175,7 +174,10 @@ def program(s) -> Program:
                                              state, mesh)
   rollouts = Rollouts(cfg, s, graphdef, mesh)
   batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
-  policy_params = jax.jit(lambda p, r: r.policy(p, lora_scale))
+  # The weights the sampler reads: the adapters merged into the base under LoRA (one
+  # jitted merge a step), else the trained params as they are.
+  merge = jax.jit(lambda p, r: r.policy(p, lora_scale))
+  policy_params = merge if lora_scale is not None else (lambda p, r: p)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   say(f"model: preset {cfg.model_preset}, {n_params:,} parameters; mesh {dict(mesh.shape)}; "
       f"loss {cfg.loss_spec.describe()}"
@@ -190,7 +192,6 @@ def program(s) -> Program:
       host = rollouts(params, s.train_ds, step)
     except sources.RewardError as e:
       raise cli_errors.RunError(f"step {step}: {e}") from e
-    rollouts.stats.update(rollouts.stats_extra)
     order.last_indices = rollouts.last_indices  # --log_records: the step's prompts
     return host, distributed.put_global(host, batch_sharding)
 

@@ -15,6 +15,7 @@ atomically (temp file + rename), so a killed run leaves the old record or the ne
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -92,10 +93,8 @@ class WorkdirLock:
     the same inode and a new one never lock two different files."""
     if self._fd is None:
       return
-    try:
+    with contextlib.suppress(OSError):  # a full or read-only disk must not stop the release
       os.ftruncate(self._fd, 0)
-    except OSError:  # a full or read-only disk must not stop the release
-      pass
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None

@@ -13,8 +13,9 @@ from flax import nnx
 from jax.test_util import check_grads
 
 from cli_util import ROOT
-from jaxpref import data as data_lib
 from jaxpref import losses, models
+from jaxpref.data import passes
+from jaxpref.losses.reward import finish_metrics
 from jaxpref.losses.token_level import zn_rescale
 from jaxpref.models import token_mask
 from jaxpref.models.logps import token_level_logps, token_logps
@@ -329,7 +330,8 @@ def test_mask_network_trains_and_is_checkpointed(tmp_path):
   # The restored mask network is the trained one: it reproduces the run's final eval.
   _, eval_step = build_steps(cfg, graphdef, optimizer, restored, s.mesh)
   put = lambda b: jax.device_put(b, NamedSharding(s.mesh, P(mesh_lib.BATCH_AXES)))
-  again = loop.evaluate(eval_step, restored.params, ref, s.eval_ds, cfg.data.eval_batch_size, put)
+  again = finish_metrics(passes.weighted_means(lambda b: eval_step(restored.params, ref, b),
+                                               s.eval_ds, cfg.data.eval_batch_size, put))
   np.testing.assert_allclose(again["loss"], final["loss"], rtol=1e-5)
   np.testing.assert_allclose(again["mask/kl_mean"], final["mask/kl_mean"], rtol=1e-5)
 

@@ -208,3 +208,25 @@ def test_online_run_killed_with_sigkill_resumes_to_the_same_rollouts(tmp_path):
       assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (a["step"], k)
   read = lambda w: open(w / "records" / "process_0.jsonl").read()
   assert read(killed) == read(reference)  # the same prompts, step by step
+
+
+@pytest.mark.parametrize("rule", ["keep", "mask", "penalize"])
+def test_truncated_responses_are_kept_masked_or_penalised(tmp_path, rule):
+  """--online.truncated on a rollout of 1 prompt x 2: response 0 ended on EOS, response 1
+  ran out of tokens."""
+  from jaxpref.train.online import Rollouts
+  r = Rollouts.__new__(Rollouts)
+  r.cfg = config(tmp_path, truncated=rule, truncated_score=-1.0, dynamic_sampling=False)
+  r.o, r.stats = r.cfg.online, {}
+  tokens = np.arange(2 * 6, dtype=np.int32).reshape(2, 6)
+  starts, ends = np.array([2, 2]), np.array([4, 6])
+  batch = r.layout(tokens, starts, ends, np.array([True, False]), np.array([[1.0, 3.0]]), 1, 2)
+  np.testing.assert_array_equal(batch.loss_mask[0, 0], [0, 0, 1, 1, 0, 0])
+  want_mask = [0, 0, 0, 0, 0, 0] if rule == "mask" else [0, 0, 1, 1, 1, 1]
+  np.testing.assert_array_equal(batch.loss_mask[0, 1], want_mask)
+  assert batch.valid[0].tolist() == [True, rule != "mask"]
+  assert batch.scores[0].tolist() == [1.0, -1.0 if rule == "penalize" else 3.0]
+  if rule == "mask":  # the one valid response is its group's only member: advantage 0
+    assert batch.advantages[0].tolist() == [0.0, 0.0]
+  else:  # two responses, group-normalised
+    assert batch.advantages[0, 0] == -batch.advantages[0, 1] != 0
