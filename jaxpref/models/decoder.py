@@ -1,6 +1,7 @@
-"""One decoder for the Llama, Mistral, Qwen2, Qwen3, Gemma and Gemma 2 families in Flax NNX:
-RMSNorm, RoPE, gated MLP, grouped-query attention, and per-family switches in `ModelConfig`
-(all off for Llama) rather than a copy of the model per family."""
+"""One decoder for the Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 and Phi-3
+families in Flax NNX: blocks of grouped-query attention (`jaxpref.models.attention`) and a
+gated MLP between RMSNorms (`jaxpref.models.layers`), with per-family switches in
+`ModelConfig` (all off for Llama) rather than a copy of the model per family."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpref.models.attention import (MASK, Attention, attention_mask,  # noqa: F401
+                                      sliding_window_mask)
+from jaxpref.models.layers import (ACTIVATIONS, MLP, RMSNorm, param, rope,  # noqa: F401
+                                   softcap)
 from jaxpref.parallel.sharding import constrain_batch
-
-_MASK = -1e30  # finite: a fully masked (padding) query row stays NaN-free
-
 
 # --model.remat: what each block keeps for the backward pass. "none" keeps everything;
 # "full" keeps only the block's input (least memory, one extra forward); "dots" keeps the
@@ -22,13 +24,6 @@ REMAT_POLICIES = {
     "none": False,
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-# --model.mlp_activation: the gate's nonlinearity. HF's "gelu_pytorch_tanh" is gelu_tanh.
-ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
 
@@ -74,6 +69,11 @@ class ModelConfig:
   # 2 alternates local, global, ...); 0 makes every layer local.
   sliding_window_pattern: int = 2
   query_pre_attn_scalar: float = 0.0  # scores scaled by this ** -0.5 (Gemma 2); 0 = head_dim
+  # Gemma 3: local (sliding-window) layers' RoPE theta, unscaled; 0 = the global layers' RoPE.
+  rope_local_theta: float = 0.0
+  # Phi-3: HF stores q/k/v as one qkv_proj and gate/up as one gate_up_proj. Ours stay apart
+  # and the compute is Llama's, so this only says which layout and family a save writes.
+  fused_projections: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -104,7 +104,7 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.mlp_activation must be one of {', '.join(ACTIVATIONS)}, "
                        f"got {self.mlp_activation!r}")
     for name in ("attn_logit_softcap", "final_logit_softcap", "sliding_window",
-                 "sliding_window_pattern", "query_pre_attn_scalar"):
+                 "sliding_window_pattern", "query_pre_attn_scalar", "rope_local_theta"):
       if getattr(self, name) < 0:
         raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -121,176 +121,22 @@ def is_local_layer(layer: int, sliding_window: int, pattern: int) -> bool:
   return sliding_window > 0 and (pattern == 0 or (layer + 1) % pattern != 0)
 
 
-def _softcap(x, cap: float):
-  """Gemma 2's tanh soft-cap: smooth, odd, and bounded by `cap`."""
-  return cap * jnp.tanh(x / cap) if cap else x
-
-
-def _param(rngs: nnx.Rngs, shape, std: float) -> nnx.Param:
-  return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32))
-
-
-class RMSNorm(nnx.Module):
-  """y * (offset + scale): offset 1 stores the scale as Gemma checkpoints do, as scale - 1,
-  so a load is a copy (1 + (w - 1) does not round-trip in float32)."""
-
-  def __init__(self, dim: int, eps: float, offset: float = 0.0):
-    self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, jnp.float32))
-    self.eps = eps
-    self.offset = offset
-
-  def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    scale = self.scale[...] + self.offset if self.offset else self.scale[...]
-    return (y * scale).astype(x.dtype)
-
-
-def _llama3_scaled(inv_freq, factor, low, high, original_len):
-  """Llama 3.1 long-context rule: wavelengths beyond original_len/low are stretched by
-  `factor`, those under original_len/high kept, and the band between interpolated."""
-  wavelen = 2 * jnp.pi / inv_freq
-  smooth = jnp.clip((original_len / wavelen - low) / (high - low), 0.0, 1.0)
-  return (1 - smooth) * inv_freq / factor + smooth * inv_freq
-
-
-def rope(x: jax.Array, positions: jax.Array, theta: float, scaling=None) -> jax.Array:
-  """Rotary embedding, rotate-half convention (as Hugging Face Llama). x: [N, T, H, Dh].
-
-  scaling: None or (factor, low_freq_factor, high_freq_factor, original_max_len[, type]),
-  the Llama 3.1 frequency scaling (`ModelConfig.rope_scaling_factor` and the fields after
-  it), or with type "linear" every frequency divided by the factor.
-  """
-  half = x.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
-  if scaling is not None and scaling[0] != 1.0:
-    linear = scaling[4:] == ("linear",)
-    inv_freq = inv_freq / scaling[0] if linear else _llama3_scaled(inv_freq, *scaling[:4])
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [N, T, Dh/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
-  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
-
-
-def attention_mask(n: int, t: int, segment_ids=None, shared_prompt: bool = False) -> jax.Array:
-  """bool[N, 1, T, T] (query, key): causal, and within one non-padding segment when given.
-
-  A padding query (segment 0) sees no key; its row is all _MASK, so its softmax is uniform
-  and finite rather than NaN, and the residual stream carries it harmlessly.
-  `shared_prompt`: segment 1 is a prompt that every non-padding segment of the row also
-  sees (the K responses of a group packed after one copy of their prompt).
-  """
-  causal = jnp.tril(jnp.ones((t, t), bool))
-  if segment_ids is None:
-    return jnp.broadcast_to(causal, (n, 1, t, t))
-  q_seg, k_seg = segment_ids[:, :, None], segment_ids[:, None, :]
-  visible = q_seg == k_seg
-  if shared_prompt:
-    visible = visible | ((k_seg == 1) & (q_seg > 0))
-  return (causal & visible & (k_seg > 0))[:, None]
-
-
-def sliding_window_mask(mask: jax.Array, positions: jax.Array, window: int) -> jax.Array:
-  """`mask` narrowed to keys fewer than `window` positions back (HF: kv > q - window).
-
-  By position rather than by index, so packed and shared-prompt rows measure the distance
-  within their own sequence (for an unpacked row the two are the same).
-  """
-  back = positions[:, :, None] - positions[:, None, :]  # [N, T (query), T (key)]
-  return mask & (back < window)[:, None]
-
-
-class Attention(nnx.Module):
-
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    s = cfg.init_std
-    self.cfg = cfg
-    self.q = _param(rngs, (cfg.d_model, cfg.n_heads, cfg.head_dim), s)
-    self.k = _param(rngs, (cfg.d_model, cfg.n_kv_heads, cfg.head_dim), s)
-    self.v = _param(rngs, (cfg.d_model, cfg.n_kv_heads, cfg.head_dim), s)
-    self.o = _param(rngs, (cfg.n_heads, cfg.head_dim, cfg.d_model), s)
-    if cfg.qkv_bias or cfg.attn_bias:
-      self.q_bias = nnx.Param(jnp.zeros((cfg.n_heads, cfg.head_dim), jnp.float32))
-      self.k_bias = nnx.Param(jnp.zeros((cfg.n_kv_heads, cfg.head_dim), jnp.float32))
-      self.v_bias = nnx.Param(jnp.zeros((cfg.n_kv_heads, cfg.head_dim), jnp.float32))
-    if cfg.attn_bias:
-      self.o_bias = nnx.Param(jnp.zeros((cfg.d_model,), jnp.float32))
-    if cfg.qk_norm:
-      self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-      self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-
-  def _project(self, x, name):
-    y = jnp.einsum("ntd,dhk->nthk", x, getattr(self, name)[...].astype(x.dtype))
-    if self.cfg.qkv_bias or self.cfg.attn_bias:
-      y = y + getattr(self, name + "_bias")[...].astype(x.dtype)
-    return y
-
-  def __call__(self, x, positions, mask):
-    """x: [N, T, D]; mask: bool[N, 1, T, T] (query, key) -> [N, T, D]."""
-    return self.attend(*self.qkv(x, positions), mask)
-
-  def qkv(self, x, positions):
-    """q [N, T, H, Dh], k and v [N, T, Hkv, Dh], RoPE applied to q and k. Split from
-    `attend` so a KV cache (`jaxpref.models.kv_cache`) can keep k and v between calls."""
-    cfg = self.cfg
-    scaling = (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
-               cfg.rope_original_max_len, cfg.rope_scaling_type)
-    q, k = self._project(x, "q"), self._project(x, "k")
-    if cfg.qk_norm:
-      q, k = self.q_norm(q), self.k_norm(k)
-    q, k = (rope(y, positions, cfg.rope_theta, scaling) for y in (q, k))
-    return q, k, self._project(x, "v")
-
-  def attend(self, q, k, v, mask):
-    """q [N, T, H, Dh] over k, v [N, S, Hkv, Dh]; mask bool[N, 1, T, S] -> [N, T, D]."""
-    cfg, dt = self.cfg, q.dtype
-    n, t, _, dh = q.shape
-    groups = cfg.n_heads // cfg.n_kv_heads
-    # GQA: query head h reads key/value head h // groups.
-    q = q.reshape(n, t, cfg.n_kv_heads, groups, dh)
-    scores = jnp.einsum("nqhgk,nshk->nhgqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (cfg.query_pre_attn_scalar or dh) ** -0.5
-    scores = _softcap(scores, cfg.attn_logit_softcap)  # before the mask, as Gemma 2
-    scores = jnp.where(mask[:, :, None], scores, _MASK)  # mask: [N, 1, 1, T, T]
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("nhgqs,nshk->nqhgk", probs, v).reshape(n, t, cfg.n_heads, dh)
-    out = jnp.einsum("nthk,hkd->ntd", out, self.o[...].astype(dt))
-    return out + self.o_bias[...].astype(dt) if cfg.attn_bias else out
-
-
-class MLP(nnx.Module):
-  """Gated: down(act(gate x) * up x); SwiGLU with silu, GeGLU with gelu_tanh."""
-
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    s = cfg.init_std
-    self.activation = cfg.mlp_activation
-    self.gate = _param(rngs, (cfg.d_model, cfg.d_ff), s)
-    self.up = _param(rngs, (cfg.d_model, cfg.d_ff), s)
-    self.down = _param(rngs, (cfg.d_ff, cfg.d_model), s)
-
-  def __call__(self, x):
-    dt = x.dtype
-    h = ACTIVATIONS[self.activation](x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
-    return h @ self.down[...].astype(dt)
-
-
 class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, local: bool = False):
     norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
     self.local = local  # attends within cfg.sliding_window (reads the local mask)
     self.attn_norm = norm()
-    self.attn = Attention(cfg, rngs)
+    self.attn = Attention(cfg, rngs, local)
     self.mlp_norm = norm()
     self.mlp = MLP(cfg, rngs)
     if cfg.post_norms:  # Gemma 2 normalises each branch's output before the residual add
       self.post_attn_norm = norm()
       self.post_mlp_norm = norm()
 
-  def __call__(self, x, positions, mask):
-    return self.apply(x, lambda h: self.attn(h, positions, mask))
+  def __call__(self, x, positions, mask, local=None):
+    """`local`: given (maybe traced) where one scanned body serves every layer."""
+    return self.apply(x, lambda h: self.attn(h, positions, mask, local))
 
   def apply(self, x, attention):
     """The block with `attention(normed x) -> [N, T, D]` in place of self-attention over x
@@ -310,13 +156,13 @@ class Decoder(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
-    self.embed = _param(rngs, (config.vocab_size, config.d_model), config.init_std)
+    self.embed = param(rngs, (config.vocab_size, config.d_model), config.init_std)
     blocks = [Block(config, rngs, config.is_local(i)) for i in range(config.n_layers)]
     # Built one by one either way, so a seed gives the same weights scanned or unrolled.
     self.layers = stack_blocks(blocks) if config.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(config.d_model, config.norm_eps, config.norm_offset)
     if not config.tie_embeddings:
-      self.lm_head = _param(rngs, (config.d_model, config.vocab_size), config.init_std)
+      self.lm_head = param(rngs, (config.d_model, config.vocab_size), config.init_std)
 
   def lm_head_weight(self) -> jax.Array:
     """[D, V]: the output projection (the embedding transposed when tied)."""
@@ -346,7 +192,7 @@ class Decoder(nnx.Module):
       gd, stacked = nnx.split(self.layers)
       def body(x, xs):
         mask = jnp.where(xs[1], local, full) if cfg.sliding_window else full
-        y = nnx.merge(gd, xs[0])(x, positions, mask)
+        y = nnx.merge(gd, xs[0])(x, positions, mask, xs[1])
         return y, (y.astype(jnp.float32) if all_layers else None)
       is_local = jnp.asarray([cfg.is_local(i) for i in range(cfg.n_layers)])
       step = body if policy is False else jax.checkpoint(body, policy=policy)  # keeps the carry
@@ -369,7 +215,7 @@ class Decoder(nnx.Module):
 
   def logits(self, h: jax.Array) -> jax.Array:
     """float32[..., V] from `hidden` states [..., D]: the LM head, then the final soft-cap."""
-    return _softcap(h @ self.lm_head_weight().astype(h.dtype), self.config.final_logit_softcap)
+    return softcap(h @ self.lm_head_weight().astype(h.dtype), self.config.final_logit_softcap)
 
   def __call__(self, tokens, segment_ids=None, positions=None) -> jax.Array:
     """Logits float32[N, T, V]; arguments as `hidden`."""
@@ -379,7 +225,7 @@ class Decoder(nnx.Module):
 def stack_blocks(blocks) -> Block:
   """One Block whose every param has a leading layer axis (the scanned layout)."""
   for b in blocks:
-    b.local = False  # data in the scanned model (Decoder._scan): one graph serves every layer
+    b.local = b.attn.local = False  # data in the scanned model (Decoder._scan): one graph serves every layer
   return nnx.merge(nnx.graphdef(blocks[0]),
                    jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks]))
 
