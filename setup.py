@@ -26,6 +26,8 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "safetensors>=0.8,<1",
+        # Hub ids in --init_from/--tokenizer/--train_data: the Hub cache (jaxpref/data/hub.py).
+        "huggingface_hub>=1.0,<3",
         "pyarrow>=15",
         # jaxpref-data prepare / prepared training data (no TensorFlow needed).
         "tensorflow-datasets>=4.9.10,<5",

@@ -23,6 +23,7 @@ from jaxpref.flag_files import expand_flagfiles
 from jaxpref import models
 from jaxpref import ops
 from jaxpref.data.pairs import TRUNCATION_MODES
+from jaxpref.data import hub
 from jaxpref.data.records import parse_fields
 from jaxpref.data.tokenizer import find
 from jaxpref.models import lora
@@ -284,18 +285,18 @@ def _dotted_values(prefix: str) -> dict[str, Any]:
           if n.startswith(prefix + ".") and FLAGS[n].present}
 
 
-def _tokenizer() -> str:
+def _tokenizer(paths: dict[str, str]) -> str:
   """--tokenizer, or the --init_from folder when it holds a tokenizer and none was given."""
-  if FLAGS.init_from and not FLAGS["tokenizer"].present and os.path.isdir(FLAGS.init_from):
+  if os.path.isdir(init_from := paths["init_from"]) and not FLAGS["tokenizer"].present:
     # The file, not the folder: --reference_cache keys on the tokenizer file's bytes. A
     # re-run from flags.txt resolves it again from the same --init_from.
-    return find(FLAGS.init_from) or FLAGS.tokenizer
-  return FLAGS.tokenizer
+    return find(init_from) or paths["tokenizer"]
+  return paths["tokenizer"]
 
 
-def _reward_dim() -> int:
-  if FLAGS.role == "reward" and FLAGS.init_from:
-    return hf_reward.reward_dim(FLAGS.init_from, FLAGS.reward_dim, FLAGS["reward_dim"].present)
+def _reward_dim(init_from: str) -> int:
+  if FLAGS.role == "reward" and init_from:
+    return hf_reward.reward_dim(init_from, FLAGS.reward_dim, FLAGS["reward_dim"].present)
   return FLAGS.reward_dim
 
 
@@ -307,8 +308,9 @@ def to_config(workdir: str | None = None) -> RunConfig:
     raise ValueError("--workdir is required (an existing one is resumed)")
   loss_hparams = _dotted_values("loss")
   parse_fields(FLAGS.data_fields)  # unknown target names -> error listing valid ones
+  paths = {name: hub.resolve(name, FLAGS[name].value or "") for name in hub.FLAGS}  # Hub ids
   if FLAGS.init_from:  # the checkpoint's config replaces the --model preset (often in a flag file)
-    model = convert.run_config(FLAGS.init_from, _dotted_values("model"))
+    model = convert.run_config(paths["init_from"], _dotted_values("model"))
   else:
     model = models.get_config(FLAGS.model, **_dotted_values("model"))
   for name in ("batch_size", "eval_batch_size", "steps", "max_len", "log_every", "eval_every",
@@ -316,11 +318,11 @@ def to_config(workdir: str | None = None) -> RunConfig:
     if FLAGS[name].value < 1:
       raise ValueError(f"--{name} must be >= 1, got {FLAGS[name].value}")
   cfg = RunConfig(
-      workdir=workdir, model=model, init_from=FLAGS.init_from,
+      workdir=workdir, model=model, init_from=paths["init_from"],
       model_preset=f"init_from={FLAGS.init_from}" if FLAGS.init_from else FLAGS.model,
       optim=OptimConfig(**{field: FLAGS[flag].value for flag, field, _ in _OPTIM_FLAGS}),
-      data=DataConfig(train_data=FLAGS.train_data, eval_data=FLAGS.eval_data,
-                      tokenizer=_tokenizer(), chat_template=FLAGS.chat_template,
+      data=DataConfig(train_data=paths["train_data"], eval_data=paths["eval_data"],
+                      tokenizer=_tokenizer(paths), chat_template=FLAGS.chat_template,
                       max_len=FLAGS.max_len, truncation=FLAGS.truncation,
                       max_prompt_len=FLAGS.max_prompt_len,
                       batch_size=FLAGS.batch_size, eval_batch_size=FLAGS.eval_batch_size,
@@ -330,7 +332,7 @@ def to_config(workdir: str | None = None) -> RunConfig:
                       batching=FLAGS.batching, bucket_multiple=FLAGS.bucket_multiple,
                       bucket_window=FLAGS.bucket_window, pack_groups=FLAGS.pack_groups,
                       curriculum=FLAGS.curriculum, curriculum_stages=FLAGS.curriculum_stages),
-      role=FLAGS.role, reward_dim=_reward_dim(), reward_head=FLAGS.reward_head,
+      role=FLAGS.role, reward_dim=_reward_dim(paths["init_from"]), reward_head=FLAGS.reward_head,
       reward_pool=FLAGS.reward_pool,
       export_hf=FLAGS.export_hf, export_hf_dtype=FLAGS.export_hf_dtype,
       export_hf_max_shard_size=FLAGS.export_hf_max_shard_size,

@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxpref import data as data_lib
-from jaxpref.data import batching, chat, chat_template, curriculum, grain_source, prompts
+from jaxpref.data import batching, chat, chat_template, curriculum, grain_source, hub, prompts
 from jaxpref.data.shared_prompt import SharedPromptView
 from jaxpref.parallel import mesh as mesh_lib
 from jaxpref.models import hf_export
@@ -110,6 +110,10 @@ def setup(cfg: RunConfig) -> Setup:
   """Reads the tokenizer and data and builds the mesh; bad input raises a ValueError that
   names the flag, file, line or field (the CLI prints it without a traceback)."""
   os.makedirs(cfg.workdir, exist_ok=True)
+  for flag, path in zip(hub.FLAGS, (cfg.init_from, cfg.data.tokenizer, cfg.data.train_data,
+                                    cfg.data.eval_data)):
+    if hub.origin(path or ""):  # a Hub id, resolved to the cache by flags.to_config
+      say(f"--{flag}: Hub {hub.origin(path)}, read from {path}")
   tok = data_lib.Tokenizer.load(cfg.data.tokenizer)
   if tok.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"--model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "

@@ -28,6 +28,7 @@ import socket
 from typing import Any, Optional
 
 from jaxpref.cli_errors import WorkdirError
+from jaxpref.data import hub
 
 LOCK_FILE = ".lock"
 RUN_FILE = "run.json"
@@ -142,7 +143,7 @@ def path_fingerprint(path: str) -> Any:
     files = sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names)
     base = path
   else:
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(path))
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(path, recursive=True))
     base = os.path.dirname(path)
   return {os.path.relpath(f, base): file_fingerprint(f) for f in files if os.path.isfile(f)}
 
@@ -198,6 +199,8 @@ def settings_of(cfg, fingerprints: bool = True) -> dict:
     for key, path in (("train_data", cfg.data.train_data), ("eval_data", cfg.data.eval_data),
                       ("tokenizer", cfg.data.tokenizer), ("init_from", cfg.init_from)):
       out[f"{key} files"] = path_fingerprint(path)
+      if hub.origin(path or ""):  # the Hub id and commit the snapshot folder holds
+        out[f"{key} hub"] = hub.origin(path)
   return out
 
 
