@@ -102,7 +102,7 @@ class CompileCounter:
 class JaxprefGRPO:
   """The online program of a GRPO run on the shared folder, stepped as the loop steps it."""
 
-  def __init__(self, args, folder: str, workdir: str):
+  def __init__(self, args, folder: str, workdir: str, shared_prompt: bool = True):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -120,7 +120,7 @@ class JaxprefGRPO:
         optim=OptimConfig(learning_rate=args.learning_rate, warmup_steps=0),
         online=OnlineConfig(num_generations=args.num_generations,
                             max_new_tokens=args.max_completion_length, temperature=1.0,
-                            reward_fn=f"{os.path.abspath(__file__)}:distinct_words"),
+                            shared_prompt=shared_prompt, reward_fn=f"{os.path.abspath(__file__)}:distinct_words"),
         data=DataConfig(train_data=os.path.join(folder, "prompts.jsonl"), eval_data="",
                         tokenizer=folder, batch_size=args.batch_size, seed=args.seed))
     self.s = setup_lib.setup(cfg)
@@ -146,9 +146,18 @@ class JaxprefGRPO:
     st = self.rollouts.stats
     return {"total": t2 - t0, "sample": st["time/sample"], "score": st["time/score"],
             "layout": (t1 - t0) - st["time/sample"] - st["time/score"], "update": t2 - t1,
-            "tokens": int(np.asarray(host.segment_ids).sum()),  # prompt + response tokens
+            "tokens": sequence_tokens(host),
             "completion_mean": st["length/mean"], "reward_mean": st["reward/mean"],
             "loss": float(metrics["loss"]), "kl": float(metrics["kl/mean"])}
+
+
+def sequence_tokens(host) -> int:
+  """Prompt + response tokens of the step's B*K sequences, each counting its prompt (as TRL
+  counts them), whether or not the update ran the prompt once per group."""
+  seg = np.asarray(host.segment_ids)
+  if seg.ndim == 2:  # shared-prompt rows [B, L]: segment 1 is the prompt of K responses
+    return int((seg == 1).sum() * host.group.valid.shape[1] + (seg > 1).sum())
+  return int((seg > 0).sum())
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -288,6 +297,8 @@ def parse(argv=None):
   p.add_argument("--mesh", default="data:-1")
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
   p.add_argument("--skip_trl", action="store_true", help="jaxpref's side only (no venv)")
+  p.add_argument("--compare_plain", type=int, default=1, help="also time jaxpref with "
+                 "--online.shared_prompt=false (the [B, K, T] update layout), alternating")
   p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
@@ -311,13 +322,20 @@ def main(argv=None) -> dict:
     os.makedirs(folder)
     res.update(write_inputs(args, folder))
     side = JaxprefGRPO(args, folder, os.path.join(tmp, "work"))
+    plain = (JaxprefGRPO(args, folder, os.path.join(tmp, "plain"), shared_prompt=False)
+             if args.compare_plain else None)
     t0 = time.perf_counter()
     side.step()  # compiles the sampler and the update
     res["compile_s"] = time.perf_counter() - t0
     side.step()  # warm-up
+    if plain is not None:
+      plain.step(), plain.step()
     warm = counter.n
+    plain_rows = []
     for r in range(args.rounds):
       rows += [side.step() for _ in range(args.steps)]
+      if plain is not None:
+        plain_rows += [plain.step() for _ in range(args.steps)]
       if python:
         trl = run_worker(python, worker_argv, "grpo", folder)
         trl_rows += [{"total": s, "sample": g, "tokens": args.batch_size * args.num_generations
@@ -332,8 +350,11 @@ def main(argv=None) -> dict:
     # The jitted sampler the rollouts called (an lru hit): its compiled specialisations.
     o, tok = side.s.cfg.online, side.s.tokenizer
     res["sampler_programs"] = sampler._compiled(side.prog.graphdef, o.max_new_tokens, tok.pad_id,
-                                                False, side.prog.mesh)._cache_size()
+                                                False, side.prog.mesh,
+                                                o.num_generations)._cache_size()
     res["step"] = summarize(rows)
+    if plain_rows:
+      res["plain"] = summarize(plain_rows)
     if trl_rows:
       res["trl"] = {**{k: v for k, v in trl.items() if k not in ("step_times",)},
                     **summarize(trl_rows)}
@@ -360,6 +381,12 @@ def report(res: dict) -> None:
     print(f"| {part} | {st[part]:.3f} | {st[part + '_share']:.1%} |")
   print(f"sampler: {res['sampler_programs']} compiled program(s); XLA compiles in the timed "
         f"steps: {res['xla_compiles_in_timed_steps']}")
+  if "plain" in res:
+    pl = res["plain"]
+    print(f"jaxpref with --online.shared_prompt=false: {pl['total']:.3f} s/step (sample "
+          f"{pl['sample']:.3f}, update {pl['update']:.3f}), {pl['tokens_per_s']:,.0f} tokens/s; "
+          f"the shared-prompt update is x{pl['update'] / st['update']:.2f} faster, the step "
+          f"x{pl['total'] / st['total']:.2f}")
   if "trl" in res:
     t, v = res["trl"], res["trl"]["versions"]
     print(f"TRL {v['trl']} GRPOTrainer (torch {v['torch']}, transformers {v['transformers']}, "

@@ -33,6 +33,7 @@ def test_the_jaxpref_side_of_the_grpo_benchmark_runs(capsys):
   # this worker built it under another graphdef), and no compile is timed.
   assert res["sampler_programs"] <= 1 and res["xla_compiles_in_timed_steps"] >= 0
   assert "trl" not in res and "ratio" not in res
+  assert res["plain"]["update"] > 0 and math.isfinite(res["plain"]["loss"])
   assert [(c["batch"], c["temperature"]) for c in res["sampler"]] == [(2, 0.0), (2, 1.0)]
   assert all(c["tokens_per_s"] > 0 for c in res["sampler"])
   out = capsys.readouterr().out
@@ -44,3 +45,18 @@ def test_the_reward_counts_distinct_words_alike_on_both_sides():
   assert trl_grpo_compare.distinct_words(["p", "q"], groups) == [[2.0, 0.0], [1.0, 3.0]]
   flat = [r for g in groups for r in g]
   assert trl_grpo_compare.trl_distinct_words(["p"] * 4, flat) == [2.0, 0.0, 1.0, 3.0]
+
+
+def test_tokens_count_each_sequences_prompt_in_either_layout():
+  """The shared-prompt layout runs a group's prompt once; tokens/s still counts it for every
+  one of the K sequences, as TRL does."""
+  import numpy as np
+  from jaxpref.data import shared_prompt
+  from jaxpref.types import GroupBatch
+  tokens = np.array([[[1, 5, 6, 7, 0], [1, 5, 8, 0, 0]]], np.int32)  # prompt [1, 5], K=2
+  mask = np.array([[[0, 0, 1, 1, 0], [0, 0, 1, 0, 0]]], np.float32)
+  batch = GroupBatch(tokens=tokens, loss_mask=mask, segment_ids=(tokens > 0).astype(np.int32),
+                     valid=np.ones((1, 2), bool), weight=np.ones(1, np.float32),
+                     scores=np.zeros((1, 2), np.float32))
+  assert trl_grpo_compare.sequence_tokens(batch) == 4 + 3
+  assert trl_grpo_compare.sequence_tokens(shared_prompt.pack(batch, length=8)) == 4 + 3

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxpref.models import kv_cache
 from jaxpref.models.decoder import Decoder
 from jaxpref.parallel.mesh import BATCH_AXES, batch_axis_size
-from jaxpref.parallel.sharding import in_mesh
+from jaxpref.parallel.sharding import constrain_batch, in_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,17 +90,21 @@ def _pick(logits: jax.Array, knobs, key: jax.Array) -> jax.Array:
 
 
 def _sample(graphdef, state, prompt, prompt_lengths, rng, knobs, stops, *, n: int,
-            pad_id: int, return_logits: bool) -> Output:
+            pad_id: int, return_logits: bool, copies: int = 1) -> Output:
   model = nnx.merge(graphdef, state)
   b, p = prompt.shape
   total = p + n
-  slot = jnp.arange(total, dtype=jnp.int32)[None, :]
-  tokens = jnp.pad(prompt, ((0, 0), (0, n)), constant_values=pad_id)
-  tokens = jnp.where(slot < prompt_lengths[:, None], tokens, pad_id)
-
   cache = kv_cache.init(model.config, b, total)
   hidden, cache = kv_cache.forward(model, cache, prompt, prompt_lengths)
   last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+  if copies > 1:  # each prompt's cache filled once, then copied for its `copies` samples
+    rep = lambda x: constrain_batch(jnp.repeat(x, copies, axis=0))
+    cache = jax.tree.map(rep, cache)
+    prompt, prompt_lengths, last = rep(prompt), rep(prompt_lengths), rep(last)
+    b *= copies
+  slot = jnp.arange(total, dtype=jnp.int32)[None, :]
+  tokens = jnp.pad(prompt, ((0, 0), (0, n)), constant_values=pad_id)
+  tokens = jnp.where(slot < prompt_lengths[:, None], tokens, pad_id)
   logits = model.logits(last)
   record = (jnp.zeros((b, n, logits.shape[-1]), jnp.float32) if return_logits
             else jnp.zeros((b, 0, 0), jnp.float32))
@@ -134,8 +138,10 @@ def _sample(graphdef, state, prompt, prompt_lengths, rng, knobs, stops, *, n: in
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef, n: int, pad_id: int, return_logits: bool, mesh: Optional[Mesh]):
-  fn = functools.partial(_sample, graphdef, n=n, pad_id=pad_id, return_logits=return_logits)
+def _compiled(graphdef, n: int, pad_id: int, return_logits: bool, mesh: Optional[Mesh],
+              copies: int = 1):
+  fn = functools.partial(_sample, graphdef, n=n, pad_id=pad_id, return_logits=return_logits,
+                         copies=copies)
   return jax.jit(in_mesh(fn, mesh) if mesh is not None else fn)
 
 
@@ -143,7 +149,8 @@ def generate(model, prompt, prompt_lengths=None, *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_tokens: Sequence[int] = (), pad_id: int = 0, rng=None,
              left_padded: bool = False, mesh: Optional[Mesh] = None,
-             return_logits: bool = False, vocab_size: int = 0) -> Output:
+             return_logits: bool = False, vocab_size: int = 0,
+             num_samples: int = 1) -> Output:
   """Samples up to `max_new_tokens` after each prompt.
 
   model: a Decoder, or (graphdef, params) as training holds them (sharded params stay
@@ -152,6 +159,9 @@ def generate(model, prompt, prompt_lengths=None, *, max_new_tokens: int = 128,
   mesh: the training mesh; the batch is then split over its data/fsdp axes.
   vocab_size: only ids below it are sampled (the tokenizer's size, when the model's
   vocabulary is padded past it); 0 = every id.
+  num_samples: samples per prompt; output row i * num_samples + j is prompt i's j-th. The
+  prompts' cache is filled once and copied (under a mesh, when the prompts divide over
+  its batch axes; else the prompts are repeated first, with the same result).
   """
   sp = SamplingParams(max_new_tokens, float(temperature), int(top_k), float(top_p),
                       tuple(int(t) for t in stop_tokens), int(pad_id))
@@ -170,6 +180,12 @@ def generate(model, prompt, prompt_lengths=None, *, max_new_tokens: int = 128,
   if sp.temperature > 0 and rng is None:
     raise ValueError("temperature > 0 samples: pass rng (a jax.random key)")
   rng = jax.random.key(0) if rng is None else rng
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  copies = num_samples
+  if mesh is not None and b % batch_axis_size(mesh):
+    prompt, lengths, b, copies = (np.repeat(prompt, copies, axis=0),
+                                  np.repeat(lengths, copies), b * copies, 1)
   prompt, lengths = jnp.asarray(prompt, jnp.int32), jnp.asarray(lengths, jnp.int32)
   if mesh is not None:
     if b % batch_axis_size(mesh):
@@ -179,5 +195,5 @@ def generate(model, prompt, prompt_lengths=None, *, max_new_tokens: int = 128,
   knobs = (jnp.float32(sp.temperature), jnp.int32(sp.top_k), jnp.float32(sp.top_p),
            jnp.int32(vocab_size if vocab_size > 0 else np.iinfo(np.int32).max))
   stops = jnp.asarray(sp.stop_tokens or (-1,), jnp.int32)
-  fn = _compiled(graphdef, sp.max_new_tokens, sp.pad_id, return_logits, mesh)
+  fn = _compiled(graphdef, sp.max_new_tokens, sp.pad_id, return_logits, mesh, copies)
   return fn(state, prompt, lengths, rng, knobs, stops)

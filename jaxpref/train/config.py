@@ -73,6 +73,23 @@ class OnlineConfig:
   eval_temperature: float = 0.0  # held-out evaluation samples (0 = greedy)
   eval_samples: int = 1  # samples per held-out prompt
   prompt_buckets: str = "16,32,64,128,256,512"  # prompt lengths padded to these (compiles)
+  # Model reward sources (rewards/rm_source.py, rewards/judge.py; docs/online.md):
+  reward_model: str = ""  # rm / pref_rm: a --role=reward run folder or an HF seq-cls folder
+  judge_model: str = ""  # judge: a policy run folder, jaxpref-convert or HF causal-LM folder
+  judge_template: str = ""  # judge: a file with {prompt}, {a}, {b}; "" = the default one
+  judge_labels: str = "A,B"  # judge: the answers naming the first / second response
+  score_max_len: int = 0  # rows the reward model / judge read; 0: the run's --max_len or
+  #                         the folder config's max length (at most 2048)
+  # PPO (a loss that reads values, `--loss=ppo`; docs/online.md#ppo): the value function,
+  # GAE, advantage whitening and the KL-penalised reward's controller (EasyLM's defaults).
+  value: str = "head"  # head: a scalar linear head on the policy trunk (no separate model)
+  gamma: float = 1.0  # GAE's discount
+  lam: float = 0.95  # GAE's lambda
+  whiten: str = "batch"  # advantages whitened over the batch's tokens | row | none
+  kl_coef: float = 0.2  # the KL penalty's (initial) coefficient in the per-token reward
+  kl_target: float = 0.0  # > 0: Ziegler et al.'s adaptive controller aims at this KL; 0: fixed
+  kl_horizon: float = 10000.0  # the adaptive controller's horizon (in sequences)
+  shared_prompt: bool = True  # update on each group's prompt once (train/online.py `packs`)
 
 
 @dataclasses.dataclass(frozen=True)

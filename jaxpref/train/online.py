@@ -19,12 +19,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpref import cli_errors
+from jaxpref.data import shared_prompt
 from jaxpref.losses import advantages as adv_lib
 from jaxpref.models import sampler
 from jaxpref.models.logps import token_logps
 from jaxpref.parallel import distributed, mesh as mesh_lib, sharding
-from jaxpref.rewards import sources
-from jaxpref.train import plots, step as step_lib
+from jaxpref.rewards import rm_source, sources
+from jaxpref.train import plots, ppo, step as step_lib
 from jaxpref.train.optimizer import make_optimizer
 from jaxpref.train.program import Program
 from jaxpref.train.roles import online as role
@@ -42,23 +43,23 @@ class Rollouts:
     self.cfg, self.o, self.tok, self.mesh = cfg, cfg.online, s.tokenizer, mesh
     self.graphdef = graphdef
     o = cfg.online  # jaxpref-generate samples without a reward
-    self.reward = (sources.build(o.reward, reward_fn=o.reward_fn) if o.reward or o.reward_fn
+    self.reward = (rm_source.for_online(o, s.tokenizer, say) if o.reward or o.reward_fn
                    else None)
     self.buckets = tuple(sorted(int(b) for b in cfg.online.prompt_buckets.split(",") if b))
+    self.packs = packs(cfg, mesh)
     self.stats: dict = {}
 
   def sample(self, params, ds, idx, k: int, temperature: float, rng):
     """(tokens int32[B*K, P+N], prompt lengths [B*K], lengths [B*K], finished [B*K])."""
     prompt, lengths = ds.padded(idx, self.buckets, self.tok.pad_id)
-    prompt, lengths = np.repeat(prompt, k, axis=0), np.repeat(lengths, k)
     o = self.o
     out = sampler.generate((self.graphdef, params), prompt, lengths,
                            max_new_tokens=o.max_new_tokens, temperature=temperature,
                            top_k=o.top_k, top_p=o.top_p, stop_tokens=(self.tok.eos_id,),
                            pad_id=self.tok.pad_id, rng=rng, mesh=self.mesh,
-                           vocab_size=self.tok.vocab_size)
+                           vocab_size=self.tok.vocab_size, num_samples=k)
     tokens, ends, finished = jax.device_get((out.tokens, out.lengths, out.finished))
-    return np.asarray(tokens), lengths, np.asarray(ends), np.asarray(finished)
+    return np.asarray(tokens), np.repeat(lengths, k), np.asarray(ends), np.asarray(finished)
 
   def decode(self, tokens, starts, ends) -> list[str]:
     """The sampled responses as text, EOS dropped."""
@@ -126,7 +127,13 @@ class Rollouts:
     kw = {"scale": o.advantage_scale} if o.advantage == "grpo" else {}
     a = np.asarray(adv_lib.compute(o.advantage, scores, valid & (weight > 0)[:, None], **kw))
     self.stats.update({"advantages/mean": float(a.mean()), "advantages/std": float(a.std())})
-    return dataclasses.replace(batch, advantages=a.astype(np.float32))
+    batch = dataclasses.replace(batch, advantages=a.astype(np.float32))
+    if not self.packs:
+      return batch
+    # One fixed shape (so one compile): the widest prompt bucket row holds the prompt
+    # once, then K responses of at most max_new_tokens each.
+    n = o.max_new_tokens
+    return shared_prompt.pack(batch, length=t + (k - 1) * n, response_length=n)
 
 
 def pair_rule(batch: GroupBatch) -> GroupBatch:
@@ -141,15 +148,33 @@ def pair_rule(batch: GroupBatch) -> GroupBatch:
                     weight=batch.weight, scores=pick(batch.scores))
 
 
+def packs(cfg, mesh) -> bool:
+  """Rollouts train in the shared-prompt layout (each prompt run once per group, the LM
+  head on response tokens only) when `--online.shared_prompt` asks and the prompts divide
+  over the mesh's batch axes (and `--grad_accum`'s micro-batches); a pairwise loss's
+  best-vs-worst pairs keep the plain layout."""
+  micro = cfg.data.batch_size // max(cfg.grad_accum, 1)
+  return (cfg.online.shared_prompt and not role.pairwise(cfg) and not ppo.uses_values(cfg) and
+          micro % mesh_lib.batch_axis_size(mesh) == 0)
+
+
+def _with_old(batch, old):
+  if isinstance(batch, shared_prompt.SharedPromptBatch):
+    return dataclasses.replace(batch, group=dataclasses.replace(batch.group, old_tok=old))
+  return dataclasses.replace(batch, old_tok=old)
+
+
 def updates(cfg, graphdef, inner_train_step, lora_scale):
   """One rollout's `updates_per_rollout` optimizer steps as one function: the old
   log-probs are the policy's before the first update (on-policy with one update)."""
+  if ppo.uses_values(cfg):  # PPO: GAE targets and the KL controller around the updates
+    return ppo.updates(cfg, graphdef, inner_train_step, lora_scale)
   mu = cfg.online.updates_per_rollout
 
   def train_step(state, ref, batch):
     if mu > 1 and not role.pairwise(cfg):
       old = token_logps(graphdef, ref.policy(state.params, lora_scale), batch, cfg.logps)
-      batch = dataclasses.replace(batch, old_tok=jax.lax.stop_gradient(old))
+      batch = _with_old(batch, jax.lax.stop_gradient(old))
     if mu == 1:
       return inner_train_step(state, ref, batch)
     state, metrics = jax.lax.scan(lambda st, _: inner_train_step(st, ref, batch), state,

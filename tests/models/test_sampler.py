@@ -197,6 +197,36 @@ def test_sharded_run_equals_one_device():
   np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=1e-4)
 
 
+def test_num_samples_equals_repeated_prompts(llama):
+  """Filling each prompt's cache once and copying it samples what repeating the prompts
+  does: same rows, same order (prompt i's j-th sample at row i * k + j), same logits."""
+  prompt, lens = prompts(b=3, p=6, seed=3), np.array([6, 2, 4])
+  kw = dict(max_new_tokens=6, temperature=1.0, rng=jax.random.key(5), return_logits=True)
+  want = sampler.generate(llama, np.repeat(prompt, 4, axis=0), np.repeat(lens, 4), **kw)
+  got = sampler.generate(llama, prompt, lens, num_samples=4, **kw)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+  np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=1e-5)
+  assert len({tuple(r) for r in np.asarray(got.tokens)[:4, 6:]}) > 1  # the copies differ
+  with pytest.raises(ValueError, match="num_samples must be >= 1"):
+    sampler.generate(llama, prompt, lens, num_samples=0)
+
+
+@pytest.mark.slow
+def test_num_samples_under_a_mesh():
+  """8 prompts fill their caches sharded and copy them in place; 3 prompts do not divide
+  over data:8, so they are repeated first: both equal one device."""
+  model = make("llama", seed=4)
+  mesh = mesh_lib.make_mesh("data:8")
+  graphdef, params = nnx.split(model)
+  kw = dict(max_new_tokens=5, temperature=1.0, rng=jax.random.key(2))
+  for b, k in ((8, 2), (3, 8)):
+    prompt = prompts(b=b, p=6, seed=b)
+    want = sampler.generate(model, prompt, num_samples=k, **kw)
+    got = sampler.generate((graphdef, params), prompt, num_samples=k, mesh=mesh, **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+
+
 def test_errors_name_the_argument(llama):
   with pytest.raises(ValueError, match="prompt_lengths must be \\[3\\] values in 1..6"):
     sampler.generate(llama, prompts(), [6, 0, 2])

@@ -217,7 +217,7 @@ def test_truncated_responses_are_kept_masked_or_penalised(tmp_path, rule):
   from jaxpref.train.online import Rollouts
   r = Rollouts.__new__(Rollouts)
   r.cfg = config(tmp_path, truncated=rule, truncated_score=-1.0, dynamic_sampling=False)
-  r.o, r.stats = r.cfg.online, {}
+  r.o, r.stats, r.packs = r.cfg.online, {}, False  # the [B, K, T] layout, read row by row
   tokens = np.arange(2 * 6, dtype=np.int32).reshape(2, 6)
   starts, ends = np.array([2, 2]), np.array([4, 6])
   batch = r.layout(tokens, starts, ends, np.array([True, False]), np.array([[1.0, 3.0]]), 1, 2)
@@ -230,3 +230,18 @@ def test_truncated_responses_are_kept_masked_or_penalised(tmp_path, rule):
     assert batch.advantages[0].tolist() == [0.0, 0.0]
   else:  # two responses, group-normalised
     assert batch.advantages[0, 0] == -batch.advantages[0, 1] != 0
+
+
+def test_shared_prompt_layout_trains_as_the_plain_one(tmp_path):
+  """--online.shared_prompt (the default) runs each prompt once per group and the LM head
+  on response tokens only; the same samples give the same loss, KL and gradient as the
+  [B, K, T] layout, with updates_per_rollout=2 so the old log-probs are read too."""
+  got = loop.run(config(tmp_path / "packed", steps=2, updates_per_rollout=2))
+  want = loop.run(config(tmp_path / "plain", steps=2, updates_per_rollout=2,
+                         shared_prompt=False))
+  assert got["reward/mean"] == want["reward/mean"]
+  for a, b in zip(rows(tmp_path / "packed"), rows(tmp_path / "plain")):
+    assert a["reward/mean"] == b["reward/mean"] and a["length/mean"] == b["length/mean"]
+    assert a["data/padding_efficiency"] > b["data/padding_efficiency"]
+    for k in ("loss", "kl/mean", "grad_norm", "policy/ratio_mean"):
+      assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
