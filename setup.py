@@ -33,10 +33,15 @@ setup(
         "tensorflow-datasets>=4.9.10,<5",
         "array-record>=0.8.6",
         "grain>=0.2.18,<0.3",
+        # gs:// workdirs, data and models (jaxpref/paths.py): etils' epath is the path library
+        # orbax writes through; gcsfs is its GCS backend without TensorFlow.
+        "etils[epath]>=1.7",
+        "gcsfs>=2024.2",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0,<6",
-                 "peft>=0.21,<1"],  # PEFT adapter export (tests/models/test_hf_export_formats.py)
+                 "peft>=0.21,<1",  # PEFT adapter export (tests/models/test_hf_export_formats.py)
+                 "gcp-storage-emulator>=2024.8"],  # the gs:// tests' local GCS (tests/gcs_util.py)
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         "gpu": ["jax[cuda12]>=0.10,<0.11"],
     },
