@@ -147,16 +147,18 @@ def parse(spec: str) -> list[tuple[float, str]]:
 
 class Reward:
   """A built reward: the weighted sum of checked sources. `reward(prompts, responses, **ctx)`
-  is the total float64 [B, K]; `reward.parts(...)` also returns each term's values."""
+  is the total float64 [B, K]; `reward.parts(...)` also returns each term's values. `ctx`
+  holds what every call gets besides its own ctx (loaded models, the policy's tokenizer)."""
 
-  def __init__(self, terms: list[tuple[float, str, Source, dict]]):
-    self.terms = terms
+  def __init__(self, terms: list[tuple[float, str, Source, dict]],
+               ctx: Optional[Mapping[str, Any]] = None):
+    self.terms, self.ctx = terms, dict(ctx or {})
 
   def parts(self, prompts, responses, **ctx) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     if len({len(r) for r in responses}) > 1 or len(responses) != len(prompts):
       raise ValueError(f"reward: need {len(prompts)} lists of K responses each, got lengths "
                        f"{[len(r) for r in responses]}")
-    total, values = 0.0, {}
+    total, values, ctx = 0.0, {}, {**self.ctx, **ctx}
     for weight, label, fn, bound in self.terms:
       kw = dict(ctx) if _accepts_all(fn) else {
           k: v for k, v in ctx.items() if k in inspect.signature(fn).parameters}
@@ -169,10 +171,11 @@ class Reward:
 
 
 def build(spec: str = "", *, reward_fn: str = "", params: Optional[Mapping[str, Mapping]] = None,
-          base: str = "") -> Reward:
+          base: str = "", ctx: Optional[Mapping[str, Any]] = None) -> Reward:
   """The reward named by `spec` (default "fn" when `reward_fn` is given). `params` maps a
   term's name to its hyperparameters; one it does not have is an error listing the valid
-  ones. `base` is where relative FILE.py paths are looked up (the flag file's folder)."""
+  ones. `base` is where relative FILE.py paths are looked up (the flag file's folder);
+  `ctx` is passed to every call (`Reward.ctx`)."""
   params = dict(params or {})
   spec = spec or (USER if reward_fn else "")
   if not spec:
@@ -199,7 +202,7 @@ def build(spec: str = "", *, reward_fn: str = "", params: Optional[Mapping[str, 
     terms.append((weight, label, fn, bound))
   if params:
     raise ValueError(f"hyperparameters for reward sources not in {spec!r}: {sorted(params)}")
-  return Reward(terms)
+  return Reward(terms, ctx)
 
 
 def _need(ctx: Mapping[str, Any], key: str, who: str, what: str):
