@@ -1,6 +1,7 @@
 """Hugging Face checkpoints (config.json + safetensors) to and from the jaxpref Decoder.
 
-The families in `hf_config.FAMILIES` (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2) map onto
+The families in `hf_config.FAMILIES` (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3,
+Phi-3) map onto
 `Decoder` exactly; anything else it cannot represent (other architectures, MLP biases, other RoPE
 scalings or activations) is refused by name rather than loaded into a model that would
 silently compute something else. Our RoPE is the same rotate-half convention as HF's, so
@@ -49,7 +50,7 @@ def sequence_classification(hf_config: dict) -> bool:
 
 
 def seq_cls_architecture(family) -> str:
-  return family.architecture.replace("ForCausalLM", "ForSequenceClassification")
+  return family.seq_cls or family.architecture.replace("ForCausalLM", "ForSequenceClassification")
 
 
 def check_causal(path: str) -> None:
@@ -147,6 +148,43 @@ def tensor_map(cfg: ModelConfig) -> list[Entry]:
   return out
 
 
+def fused_tensors(cfg: ModelConfig) -> list[tuple[str, list[str]]]:
+  """Phi-3's fused tensors: (HF name, the tensor_map names stacked along its rows, in
+  order), each part's rows as torch's [out, in] layout has them; [] for other layouts."""
+  if not cfg.fused_projections:
+    return []
+  out = []
+  for i in range(cfg.n_layers):
+    attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+    out += [(attn + "qkv_proj.weight", [attn + f"{n}_proj.weight" for n in "qkv"]),
+            (mlp + "gate_up_proj.weight", [mlp + "gate_proj.weight", mlp + "up_proj.weight"])]
+  return out
+
+
+def _split_fused(cfg: ModelConfig, tensors: dict, where: str) -> dict:
+  """`tensors` with each fused tensor split into its tensor_map parts (rows: q, then k, then
+  v; gate, then up). A fused tensor of the wrong row count is named with both counts."""
+  tensors = dict(tensors)
+  rows = {"q_proj": cfg.n_heads * cfg.head_dim, "k_proj": cfg.n_kv_heads * cfg.head_dim,
+          "v_proj": cfg.n_kv_heads * cfg.head_dim, "gate_proj": cfg.d_ff, "up_proj": cfg.d_ff}
+  for name, parts in fused_tensors(cfg):
+    if name not in tensors:
+      continue  # named as missing by _check_names
+    sizes = [rows[p.split(".")[-2]] for p in parts]
+    if tensors[name].shape[0] != sum(sizes):
+      raise UnsupportedCheckpoint(f"{where}: {name} has shape {tensors[name].shape}, which "
+                                  f"does not give {sum(sizes)} rows for this config.json")
+    fused = tensors.pop(name)
+    tensors.update(zip(parts, np.split(fused, np.cumsum(sizes)[:-1], axis=0)))
+  return tensors
+
+
+def _fuse(cfg: ModelConfig, tensors: dict) -> dict:
+  for name, parts in fused_tensors(cfg):
+    tensors[name] = np.concatenate([tensors.pop(p) for p in parts], axis=0)
+  return tensors
+
+
 # ---------------------------------------------------------------------------------------------
 # safetensors files
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +215,8 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
 
 def _check_names(cfg: ModelConfig, tensors: dict, entries: list[Entry], where: str) -> None:
   expected = {e[0] for e in entries}
+  for name, parts in fused_tensors(cfg):  # names as the checkpoint stores them
+    expected = (expected - set(parts)) | {name}
   present = {k for k in tensors if not k.endswith(_IGNORED_SUFFIXES)}
   if cfg.tie_embeddings and "lm_head.weight" in present:
     # Some tied checkpoints store the head anyway; it must be the embedding to be dropped.
@@ -224,6 +264,7 @@ def model_from_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=j
                        where: str = "checkpoint") -> Decoder:
   entries = tensor_map(cfg)
   _check_names(cfg, tensors, entries, where)
+  tensors = _split_fused(cfg, tensors, where)
   graphdef, state = _abstract(cfg)
   shapes = nnx.to_pure_dict(state)
   pure: dict = {}
@@ -270,7 +311,7 @@ def to_tensors(model_or_state, cfg: ModelConfig, dtype=None) -> dict[str, np.nda
     if dtype is not None:
       array = array.astype(jnp.dtype(dtype))
     out[name] = np.ascontiguousarray(to_hf(array))
-  return out
+  return _fuse(cfg, out)
 
 
 def save(model_or_state, config: ModelConfig, path: str, dtype=None,

@@ -42,6 +42,16 @@ _GEMMA2_DEFAULTS = dict(
     _GEMMA_DEFAULTS, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
     num_attention_heads=8, num_key_value_heads=4, query_pre_attn_scalar=256,
     sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+# Gemma 3 text: global layers' theta 1e6, local layers' (rope_local_base_freq) 1e4; without
+# layer_types, every sliding_window_pattern-th layer (6th) is global.
+_GEMMA3_DEFAULTS = dict(
+    _GEMMA2_DEFAULTS, vocab_size=262208, max_position_embeddings=131072, rope_theta=1e6,
+    rope_local_base_freq=1e4, sliding_window_pattern=6, attn_logit_softcapping=None,
+    final_logit_softcapping=None)
+_PHI3_DEFAULTS = dict(
+    _LLAMA_DEFAULTS, vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+    max_position_embeddings=4096, rms_norm_eps=1e-5, eos_token_id=32000, pad_token_id=32000,
+    sliding_window=None)
 
 
 def with_defaults(hf: dict, defaults: dict) -> dict:
@@ -59,7 +69,8 @@ def with_defaults(hf: dict, defaults: dict) -> dict:
 # A tuple is a switch the family leaves to its config.json (`fields`): any of those values.
 _LLAMA = dict(qkv_bias=False, attn_bias=False, qk_norm=False, embed_scale=False,
               mlp_activation="silu", norm_offset=0.0, post_norms=False, attn_logit_softcap=0.0,
-              final_logit_softcap=0.0, sliding_window=0, query_pre_attn_scalar=0.0)
+              final_logit_softcap=0.0, sliding_window=0, query_pre_attn_scalar=0.0,
+              rope_local_theta=0.0, fused_projections=False)
 _GEMMA = dict(_LLAMA, embed_scale=True, mlp_activation="gelu_tanh", norm_offset=1.0,
               rope_scaling_factor=1.0)
 
@@ -78,6 +89,43 @@ def _attention_bias(hf: dict) -> dict:
 def _mistral_fields(hf: dict) -> dict:
   # Mistral's window, when it has one, applies to every layer (pattern 0: none global).
   return dict(sliding_window=int(hf["sliding_window"] or 0), sliding_window_pattern=0)
+
+
+def _gemma3_fields(hf: dict) -> dict:
+  # transformers' Gemma 3 attention never applies attn_logit_softcapping (it is not passed
+  # to the attention function), so neither do we; the final cap is applied when set.
+  full, local = _gemma3_rope(hf)
+  if local[1].get("rope_type", "default") != "default":
+    raise UnsupportedCheckpoint(f"{local[0]}.rope_type={local[1]['rope_type']!r}: local "
+                                f"layers with scaled RoPE are not implemented")
+  return dict(final_logit_softcap=float(hf["final_logit_softcapping"] or 0.0),
+              query_pre_attn_scalar=float(hf["query_pre_attn_scalar"]),
+              rope_local_theta=float(local[1]["rope_theta"]), **_attention_bias(hf))
+
+
+def _gemma3_rope(hf: dict) -> tuple[tuple[str, dict], tuple[str, dict]]:
+  """((key, params) of the global layers' RoPE, the same of the local layers'), as
+  Gemma3TextConfig builds them: `rope_parameters.full_attention` / `.sliding_attention`, the
+  legacy `rope_scaling` merged into the global one, thetas from `rope_theta` and
+  `rope_local_base_freq` where those omit it. Flat keys of `rope_parameters` are ignored,
+  as transformers ignores them."""
+  params = hf.get("rope_parameters") or {}
+  full = {**(params.get("full_attention") or {"rope_type": "default"}),
+          **(hf.get("rope_scaling") or {})}
+  full.setdefault("rope_theta", hf.get("rope_theta") or _GEMMA3_DEFAULTS["rope_theta"])
+  local = dict(params.get("sliding_attention") or {"rope_type": "default"})
+  local.setdefault("rope_theta", hf.get("rope_local_base_freq") or
+                   _GEMMA3_DEFAULTS["rope_local_base_freq"])
+  where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters.full_attention"
+  return (where, full), ("rope_parameters.sliding_attention", local)
+
+
+def _gemma3_keys(cfg: ModelConfig) -> dict:
+  local = cfg.rope_local_theta or cfg.rope_theta
+  return {**_gemma2_keys(cfg), "attention_bias": cfg.attn_bias, "attn_logit_softcapping": None,
+          "use_bidirectional_attention": False, "rope_local_base_freq": local,
+          "rope_parameters": {"full_attention": _rope_to_hf(cfg),
+                              "sliding_attention": {"rope_type": "default", "rope_theta": local}}}
 
 
 def _qwen_keys(cfg: ModelConfig) -> dict:
@@ -107,18 +155,22 @@ class Family:
   default_pattern: int | None = None  # layer_types when omitted: HF's (i + 1) % p rule
   fields: Callable[[dict], dict] = lambda hf: {}  # family-only ModelConfig fields
   keys: Callable[[ModelConfig], dict] = lambda cfg: {}  # family-only config.json keys
+  # (config.json key, params) of the RoPE the global layers take, in the flat form
+  rope: Callable[[dict], tuple[str, dict]] = lambda hf: _rope_params(hf)
+  seq_cls: str = ""  # the *ForSequenceClassification architecture, if not the usual name
 
 
 FAMILIES: dict[str, Family] = {
     # attention_bias: biases on q/k/v and o (the switch attn_bias).
     "llama": Family("llama", "LlamaForCausalLM", dict(_LLAMA, attn_bias=(False, True)),
-                    {"mlp_bias": (False,), "hidden_act": ("silu",),
-                     "partial_rotary_factor": (1.0,)}, _LLAMA_DEFAULTS, fields=_attention_bias,
+                    {"mlp_bias": (False,), "hidden_act": ("silu",)}, _LLAMA_DEFAULTS,
+                    fields=_attention_bias,
                     keys=lambda cfg: {"hidden_act": "silu", "attention_bias": cfg.attn_bias,
                                       "mlp_bias": False}),
     # Mistral: Llama with a sliding window on every layer (or none: sliding_window null).
     "mistral": Family("mistral", "MistralForCausalLM",
-                      {k: v for k, v in _LLAMA.items() if k != "sliding_window"},
+                      dict({k: v for k, v in _LLAMA.items() if k != "sliding_window"},
+                           sliding_window_pattern=0),
                       {"hidden_act": ("silu",)}, _MISTRAL_DEFAULTS, fields=_mistral_fields,
                       keys=lambda cfg: {"hidden_act": "silu",
                                         "sliding_window": cfg.sliding_window or None}),
@@ -146,6 +198,27 @@ FAMILIES: dict[str, Family] = {
                      {"attention_bias": (False,), "hidden_activation": ("gelu_pytorch_tanh",),
                       "use_bidirectional_attention": (None, False)}, _GEMMA2_DEFAULTS,
                      default_pattern=2, fields=_gemma2_fields, keys=_gemma2_keys),
+    # Gemma 3 text: Gemma 2 with (1 + w) q/k norms, its own RoPE theta on local layers, and
+    # no attention soft-cap (see _gemma3_fields).
+    "gemma3_text": Family("gemma3_text", "Gemma3ForCausalLM",
+                          {k: v for k, v in dict(_GEMMA, post_norms=True, qk_norm=True).items()
+                           if k not in ("final_logit_softcap", "sliding_window", "attn_bias",
+                                        "query_pre_attn_scalar", "rope_local_theta",
+                                        "rope_scaling_factor")},
+                          {"hidden_activation": ("gelu_pytorch_tanh",),
+                           "use_bidirectional_attention": (None, False)}, _GEMMA3_DEFAULTS,
+                          fields=_gemma3_fields, keys=_gemma3_keys,
+                          rope=lambda hf: _gemma3_rope(hf)[0],
+                          seq_cls="Gemma3TextForSequenceClassification"),
+    # Phi-3: Llama computed from fused qkv_proj / gate_up_proj tensors (split on load, fused
+    # on save), with Mistral's every-layer sliding window when sliding_window is set.
+    "phi3": Family("phi3", "Phi3ForCausalLM",
+                   dict({k: v for k, v in _LLAMA.items() if k != "sliding_window"},
+                        fused_projections=True, sliding_window_pattern=0,
+                        rope_scaling_factor=1.0),
+                   {"hidden_act": ("silu",)}, _PHI3_DEFAULTS, fields=_mistral_fields,
+                   keys=lambda cfg: {"hidden_act": "silu",
+                                     "sliding_window": cfg.sliding_window or None}),
 }
 
 
@@ -183,14 +256,20 @@ def family_of(cfg: ModelConfig) -> Family:
                               "; ".join(f"not {n}: {', '.join(b)}" for n, b in why.items()))
 
 
-def _rope(hf: dict) -> tuple[float, dict]:
-  """(theta, scaling dict or {}) from either the transformers-5 `rope_parameters` or the
-  older top-level `rope_theta` + `rope_scaling`."""
+def _rope_params(hf: dict) -> tuple[str, dict]:
+  """(config.json key, flat RoPE params with rope_theta) from either the transformers-5
+  `rope_parameters` or the older top-level `rope_theta` + `rope_scaling`."""
   params = dict(hf.get("rope_parameters") or {})
   theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
-  scaling = dict(hf.get("rope_scaling") or params)
+  where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+  return where, {**(hf.get("rope_scaling") or params), "rope_theta": theta}
+
+
+def _rope(params: dict) -> tuple[float, dict]:
+  """(theta, scaling dict or {}) of flat RoPE params."""
+  scaling = {k: v for k, v in params.items() if k != "rope_theta"}
   kind = scaling.get("rope_type", scaling.get("type", "default"))
-  return float(theta), ({} if kind == "default" else {**scaling, "rope_type": kind})
+  return float(params["rope_theta"]), ({} if kind == "default" else {**scaling, "rope_type": kind})
 
 
 def _scaling_fields(scaling: dict, max_len: int) -> dict:
@@ -213,6 +292,8 @@ def _scaling_fields(scaling: dict, max_len: int) -> dict:
 
 def _layer_types(hf: dict, family: Family) -> list[str]:
   n, p = hf["num_hidden_layers"], family.default_pattern
+  if "sliding_window_pattern" in family.defaults:  # Gemma 3 reads it when layer_types is absent
+    p = hf["sliding_window_pattern"]
   if hf.get("layer_types") is not None:
     return list(hf["layer_types"])
   if p is None:
@@ -247,10 +328,17 @@ def config_from_hf(hf: dict) -> ModelConfig:
   hf = with_defaults(hf, family.defaults)
   bad = [f"{k}={hf[k]!r} (supported: {', '.join(map(repr, ok))})"
          for k, ok in family.unsupported.items() if k in hf and hf[k] not in ok]
-  theta, scaling = _rope(hf)
+  where, params = family.rope(hf)
+  theta, scaling = _rope(params)
   if scaling and scaling["rope_type"] not in ("llama3", "linear"):
-    bad.append(f"RoPE scaling {scaling} (only unscaled RoPE, Llama 3.1 'llama3' and 'linear' "
-               f"scaling are implemented)")
+    # The key, not the dict: longrope's factor lists would bury the one line.
+    bad.append(f"RoPE scaling {where}.rope_type={scaling['rope_type']!r} (implemented: "
+               f"default, 'llama3', 'linear')")
+  partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  if partial != 1.0:
+    key = "partial_rotary_factor"
+    bad.append(f"{f'{where}.{key}' if key in params else key}={partial!r} (partial RoPE is "
+               f"not implemented)")
   if bad:
     raise UnsupportedCheckpoint(f"unsupported {family.model_type} features: " + "; ".join(bad))
   fields = dict(family.switches, **family.fields(hf), **_sliding_fields(hf, family),

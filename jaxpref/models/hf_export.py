@@ -51,6 +51,9 @@ def check(cfg) -> None:
                                                                        rngs=nnx.Rngs(0)))))
     for path in lora.target_paths(shapes, cfg.lora):
       hf_write.module_name(path)  # raises for an adapter PEFT has no linear form for
+      if cfg.model.fused_projections and path.rsplit("/", 1)[-1] in ("q", "k", "v", "gate", "up"):
+        raise ValueError(f"--export_hf_adapter: {path} is a part of Phi-3's fused qkv_proj or "
+                         f"gate_up_proj, which PEFT adapts whole; only the merged export has it")
   if cfg.init_from and os.path.abspath(cfg.export_hf) == os.path.abspath(cfg.init_from):
     raise ValueError(f"--export_hf={cfg.export_hf!r} is the --init_from folder; the export "
                      "would overwrite the weights the run started from")
