@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxpref.models.decoder import Decoder, ModelConfig
 from jaxpref.parallel.sharding import constrain_batch
@@ -67,6 +68,21 @@ def cache_mask(cfg: ModelConfig, positions: jax.Array, max_len: int, local: bool
   return mask[:, None]
 
 
+def blocks(model: Decoder) -> list:
+  """The decoder's blocks one by one; a scanned stack (`scan_layers`) is sliced per layer,
+  each slice told whether it is a local layer, so decoding unrolls the depth either way."""
+  cfg = model.config
+  if not cfg.scan_layers:
+    return list(model.layers)
+  graphdef, stacked = nnx.split(model.layers)
+  out = []
+  for i in range(cfg.n_layers):
+    block = nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], stacked))
+    block.local = block.attn.local = cfg.is_local(i)
+    out.append(block)
+  return out
+
+
 def forward(model: Decoder, cache: KVCache, tokens: jax.Array,
             n_new: jax.Array) -> tuple[jax.Array, KVCache]:
   """Runs tokens int32[B, T] at positions cache.lengths[b] + t, storing their keys and
@@ -80,10 +96,11 @@ def forward(model: Decoder, cache: KVCache, tokens: jax.Array,
   t = tokens.shape[1]
   positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   x = embed(model, tokens)
+  layers = blocks(model)
   masks = {local: cache_mask(cfg, positions, cache.max_len, local)
-           for local in {layer.local for layer in model.layers}}
+           for local in {layer.local for layer in layers}}
   ks, vs = [], []
-  for i, layer in enumerate(model.layers):
+  for i, layer in enumerate(layers):
     def attention(h, i=i, layer=layer):
       q, k, v = layer.attn.qkv(h, positions)
       ks.append(constrain_batch(_write(cache.k[i], k, cache.lengths)))

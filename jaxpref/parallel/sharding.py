@@ -48,6 +48,9 @@ RULES: dict[str, Optional[str]] = {
     "mlp": "tensor",
     "head_dim": None,
     "lora_rank": None,
+    # A scanned stack's layer axis: every device holds every layer's shard, so the scan
+    # slices one layer locally; a pipeline axis would name a mesh axis here.
+    "layers": None,
 }
 
 
@@ -60,9 +63,23 @@ def _names(path) -> list[str]:
   return out
 
 
+def _scanned(path) -> bool:
+  """The leaf is a scanned stack's (`--model.scan_layers`): `layers/attn/q`, with no layer
+  index after `layers` as the unrolled `layers/0/attn/q` has."""
+  keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+  return any(a == "layers" and isinstance(b, str) for a, b in zip(keys, keys[1:]))
+
+
 def logical_axes(path, ndim: int) -> tuple[Optional[str], ...]:
-  """The logical axes of the leaf at `path` (a jax key path); None for unnamed dims."""
+  """The logical axes of the leaf at `path` (a jax key path); None for unnamed dims. A
+  scanned stack's leaf [L, ...] gets the `layers` axis, then its parameter's axes."""
   names = _names(path)
+  if _scanned(path):
+    return ("layers", *_leaf_axes(names, ndim - 1)) if ndim > 0 else ()
+  return _leaf_axes(names, ndim)
+
+
+def _leaf_axes(names: list[str], ndim: int) -> tuple[Optional[str], ...]:
   if len(names) >= 2 and names[-1] in ("lora_a", "lora_b"):
     return _lora_axes(names[-2].rsplit("/", 1)[-1], names[-1], ndim)
   for name in reversed(names):

@@ -41,6 +41,10 @@ FAMILIES = {
     "gemma2": dict(post_norms=True, sliding_window=4, attn_logit_softcap=50.0, norm_offset=1.0,
                    mlp_activation="gelu_tanh", embed_scale=True, final_logit_softcap=30.0),
     "qwen2": dict(qkv_bias=True, tie_embeddings=True),
+    # Local layers' own RoPE theta, picked per layer from scanned data (Gemma 3).
+    "gemma3": dict(post_norms=True, qk_norm=True, sliding_window=4, rope_local_theta=100.0,
+                   rope_scaling_type="linear", rope_scaling_factor=4.0, norm_offset=1.0,
+                   mlp_activation="gelu_tanh", embed_scale=True),
 }
 
 
@@ -106,3 +110,27 @@ def test_flag_exists():
   from jaxpref import flags  # noqa: F401  (defines --model.* from the ModelConfig fields)
   from absl import flags as absl_flags
   assert "model.scan_layers" in absl_flags.FLAGS
+
+
+def test_sampler_decodes_a_scanned_stack_as_the_unrolled_one():
+  from jaxpref.models import sampler
+  unrolled, scanned = _pair(**FAMILIES["gemma2"])  # local and global layers
+  prompt = np.asarray(_tokens(n=3, t=6))
+  kw = dict(max_new_tokens=6, temperature=1.0, rng=jax.random.key(4), return_logits=True)
+  a, b = (sampler.generate(m, prompt, np.array([6, 3, 5]), **kw) for m in (scanned, unrolled))
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+  np.testing.assert_allclose(np.asarray(a.logits), np.asarray(b.logits), rtol=1e-5, atol=1e-5)
+
+
+def test_a_scanned_stack_shards_its_inner_axes_and_keeps_the_layer_axis_whole():
+  from jaxpref.parallel import mesh as mesh_lib, sharding
+  cfg = models.get_config("tiny", n_layers=3, scan_layers=True)
+  mesh = mesh_lib.make_mesh("data:2,fsdp:2,tensor:2")
+  _, params = sharding.init_params(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
+  pure = nnx.to_pure_dict(params)
+  spec = lambda x: tuple(x.sharding.spec)
+  # [L, D, H, Dh]: the layer axis whole, D over fsdp, heads over tensor, as unrolled q's.
+  assert spec(pure["layers"]["attn"]["q"]) == (None, "fsdp", "tensor")
+  assert spec(pure["layers"]["mlp"]["down"]) == (None, "tensor", "fsdp")
+  assert spec(pure["layers"]["attn_norm"]["scale"]) == (None, "fsdp")
+  assert spec(pure["embed"]) == ("tensor", "fsdp")
