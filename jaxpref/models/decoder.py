@@ -232,8 +232,8 @@ def stack_blocks(blocks) -> Block:
 
 def scan_layers_conflicts(config: ModelConfig, *, lora_rank=0, init_from="", export_hf=""):
   """Start-up errors for `scan_layers` with options that read per-layer param paths (the
-  KV-cache sampler does too, and `jaxpref.parallel.sharding` shards [L, ...] params only
-  once it knows the layer axis)."""
+  KV-cache sampler slices the stack per layer; `jaxpref.parallel.sharding` gives the stack's
+  leading axis the `layers` logical axis)."""
   why = {"--lora_rank": (lora_rank, "adapters are keyed by per-layer paths (layers/0/attn/q)"),
          "--init_from": (init_from, "checkpoints and HF weights are stored per layer"),
          "--export_hf": (export_hf, "HF tensors are written per layer")}
