@@ -43,6 +43,11 @@ class GroupBatch:
   # log-probs when a rollout is reused for several updates (None: on-policy, ratio 1).
   advantages: Optional[Array] = None  # float32[B, K]
   old_tok: Optional[Array] = None  # float32[B, K, T]
+  # PPO (a loss that reads values): per-token whitened GAE advantages, the value head's V_t
+  # at rollout time and GAE's returns A_t + V_t, computed once per rollout, no gradient.
+  adv_tok: Optional[Array] = None  # float32[B, K, T]
+  old_values: Optional[Array] = None  # float32[B, K, T]
+  returns: Optional[Array] = None  # float32[B, K, T]
 
 
 @jax.tree_util.register_dataclass
@@ -79,6 +84,12 @@ class Logps:
   # fixed over the rollout's updates (PPO-style ratios), and one advantage per response.
   old_tok: Optional[Array] = None  # float32[B, K, T]
   advantages: Optional[Array] = None  # float32[B, K]
+  # PPO (docs/online.md#ppo): the value head's current V_t (with gradient), and the
+  # rollout's `adv_tok`, `old_values`, `returns` (GroupBatch's), all 0 off `mask`.
+  values: Optional[Array] = None  # float32[B, K, T]
+  old_values: Optional[Array] = None  # float32[B, K, T]
+  adv_tok: Optional[Array] = None  # float32[B, K, T]
+  returns: Optional[Array] = None  # float32[B, K, T]
 
 
 @jax.tree_util.register_dataclass

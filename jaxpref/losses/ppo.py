@@ -132,8 +132,9 @@ def ppo_policy_loss(policy_tok: jax.Array, old_tok: jax.Array, adv_tok: jax.Arra
   (the sampling policy's) and adv_tok (whitened GAE advantages) do not. All [..., T].
   Returns (loss, metrics).
   """
-  mask = mask.astype(policy_tok.dtype)
-  log_ratio = (policy_tok - sg(old_tok)) * mask  # 0 off the mask: exp never overflows
+  mask = mask.astype(policy_tok.dtype)  # 0/1, or per-token weights (a group's weight)
+  # 0 off the mask, so exp never overflows; the mask's weights stay out of the ratio.
+  log_ratio = jnp.where(mask > 0, policy_tok - sg(old_tok), 0.0)
   ratio = jnp.exp(log_ratio)
   adv = sg(adv_tok)
   per_tok = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1.0 - eps, 1.0 + eps))

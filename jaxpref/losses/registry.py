@@ -39,6 +39,9 @@ class TokenNeeds:
   # Logps.prob_sq: per response, the masked sum over its tokens of log sum_v pi(v|t)^2
   # under the policy (WPO's weight alignment); a sequence-level [B, K] term, not a token one.
   prob_sq: bool = False
+  # Logps.values / old_values / adv_tok / returns: a value head on the policy (PPO,
+  # `--online.value=head`); the online step then computes GAE once per rollout.
+  values: bool = False
 
   def __bool__(self):
     return self.tokens
@@ -49,7 +52,8 @@ class TokenNeeds:
       raise ValueError(f"losses asking for different token masks ({', '.join(sorted(masks))}) "
                        "cannot be summed")
     return TokenNeeds(self.tokens or other.tokens, self.vocab_kl or other.vocab_kl,
-                      masks.pop() if masks else None, self.prob_sq or other.prob_sq)
+                      masks.pop() if masks else None, self.prob_sq or other.prob_sq,
+                      self.values or other.values)
 
 
 _LOSSES: dict[str, LossFn] = {}
@@ -72,7 +76,7 @@ def _in_range(value: Any, spec: str) -> bool:
 
 def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = False,
              token_mask: Optional[str] = None, needs_prob_sq: bool = False,
-             role: str = "policy",
+             needs_values: bool = False, role: str = "policy",
              ranges: Optional[dict[str, str]] = None) -> Callable[[LossFn], LossFn]:
   """Decorator adding `fn` to the registry under `name` (a user's file may use it too).
 
@@ -82,6 +86,8 @@ def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = Fa
   `Logps.token_mask`: a full-vocabulary pass and per-layer reference states, paid only by
   the losses that ask (either implies `needs_tokens`). `needs_prob_sq` asks for
   `Logps.prob_sq` [B, K], a policy-side full-vocabulary pass without per-token arrays.
+  `needs_values` (role "online") asks for a value head's per-token values and the
+  rollout's GAE advantages and returns (`Logps.values`, `old_values`, `adv_tok`, `returns`).
   `role` (one of ROLES) is the step the loss is written for; a run under another role is
   refused at start-up. `ranges` maps hyperparameters to the values the paper allows
   ("> 0", "[0, 0.5)"); `bind` refuses others at start-up, naming the flag.
@@ -108,9 +114,9 @@ def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = Fa
     _LOSSES[name] = fn
     _ROLES[name] = role
     _RANGES[name] = dict(ranges or {})
-    if needs_tokens or needs_vocab_kl or token_mask or needs_prob_sq:
-      _NEEDS[name] = TokenNeeds(bool(needs_tokens or needs_vocab_kl or token_mask),
-                                needs_vocab_kl, token_mask, needs_prob_sq)
+    if needs_tokens or needs_vocab_kl or token_mask or needs_prob_sq or needs_values:
+      _NEEDS[name] = TokenNeeds(bool(needs_tokens or needs_vocab_kl or token_mask or needs_values),
+                                needs_vocab_kl, token_mask, needs_prob_sq, needs_values)
     return fn
 
   return add

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from jaxpref.train import ppo
 from jaxpref.train.roles import online, policy, reward
 
 ROLES: dict[str, ModuleType] = {"policy": policy, "reward": reward, "online": online}
@@ -26,6 +27,8 @@ def forward(cfg, graphdef):
   """The run's forward pass for the step builder, from its config."""
   if cfg.role == "reward":
     return reward.forward(graphdef, cfg.loss_spec.needs)
+  if cfg.role == "online" and ppo.uses_values(cfg):
+    return ppo.forward(graphdef, cfg.logps, cfg.lora.scale if cfg.lora is not None else None)
   if cfg.role == "online" and not online.pairwise(cfg):
     return online.forward(graphdef, cfg.loss_spec.needs, cfg.logps,
                           cfg.lora.scale if cfg.lora is not None else None)

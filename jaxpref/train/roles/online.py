@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpref.models.logps import LogpsOptions, token_logps
+from jaxpref.train import ppo
 from jaxpref.train.reference import Reference
 from jaxpref.train.roles import policy
 from jaxpref.types import GroupBatch, Logps
@@ -29,7 +30,7 @@ def pairwise(cfg) -> bool:
 
 def needs_reference(cfg) -> bool:
   """A pairwise loss always reads the reference; a policy-gradient loss only for its KL."""
-  if pairwise(cfg):
+  if pairwise(cfg) or ppo.uses_values(cfg):  # PPO: the KL to the reference is in its reward
     return True
   return float(cfg.loss_spec.value("beta", 0.0)) > 0
 
@@ -59,6 +60,8 @@ def init(cfg, mesh, optimizer):
   graphdef, state, ref = policy.init(cfg, mesh, optimizer)
   if not needs_reference(cfg):
     ref = Reference("none", None, base=ref.base)
+  if ppo.uses_values(cfg):  # the KL controller's coefficient, checkpointed with the state
+    state = ppo.with_controller(state, cfg, mesh)
   return graphdef, state, ref
 
 
@@ -92,6 +95,7 @@ def check(cfg, *datasets) -> None:
   if cfg.data.shared_prompt or cfg.data.batching != "pad":
     raise ValueError("--role=online lays out its own rollouts: --shared_prompt and "
                      "--batching=buckets|pack do not apply")
+  ppo.check(cfg)
   policy.check(cfg)
 
 
@@ -112,7 +116,9 @@ def probe(batch, cfg) -> Logps:
   if pairwise(cfg):
     return policy.probe_logps(b, cfg.loss_spec.needs)
   zeros = np.zeros(b.loss_mask.shape, np.float32)
+  values = ppo.uses_values(cfg)
+  ppo_fields = dict(values=zeros, old_values=zeros, adv_tok=zeros, returns=zeros) if values else {}
   return Logps(policy=zeros.sum(-1), ref=zeros.sum(-1), length=zeros.sum(-1), valid=b.valid,
                weight=b.weight, scores=b.scores, policy_tok=zeros,
-               ref_tok=zeros if needs_reference(cfg) else None, mask=zeros, old_tok=zeros,
-               advantages=b.advantages)
+               ref_tok=zeros if needs_reference(cfg) and not values else None, mask=zeros,
+               old_tok=zeros, advantages=b.advantages, **ppo_fields)

@@ -17,7 +17,7 @@ from jaxpref import models
 from jaxpref.data import passes
 from jaxpref.data.packing import PackedBatch
 from jaxpref.data.shared_prompt import SharedPromptBatch
-from jaxpref.models import convert, lora, token_mask
+from jaxpref.models import convert, lora, token_mask, value_head
 from jaxpref.models.logps import LogpsOptions, token_level_logps, token_logps
 from jaxpref.parallel import sharding
 from jaxpref.train.reference import Reference
@@ -101,12 +101,12 @@ def init(cfg, mesh, optimizer):
   `parallel.sharding` layout (FSDP/tensor shards of params and optimizer state)."""
   # A loss with learned token masks (sparse_po) trains a mask network held in the policy.
   needs = cfg.loss_spec.needs
-  make = lambda: token_mask.attach(models.Decoder(cfg.model, rngs=nnx.Rngs(cfg.seed)), needs,
-                                   cfg.seed)
+  # PPO's value head (a loss reading values) sits on the policy trunk, trained with it.
+  attach = lambda m: value_head.attach(token_mask.attach(m, needs, cfg.seed), needs)
+  make = lambda: attach(models.Decoder(cfg.model, rngs=nnx.Rngs(cfg.seed)))
   if cfg.init_from:  # the checkpoint's weights, placed in the shardings init would give them
     graphdef, abstract = sharding.abstract_params(make, mesh)
-    params = nnx.split(token_mask.attach(convert.load_pretrained(cfg.init_from, cfg.model),
-                                         needs, cfg.seed))[1]
+    params = nnx.split(attach(convert.load_pretrained(cfg.init_from, cfg.model)))[1]
     params = jax.device_put(params, jax.tree.map(lambda s: s.sharding, abstract))
   else:
     graphdef, params = sharding.init_params(make, mesh)
