@@ -200,6 +200,8 @@ flags.DEFINE_bool("plot", _R.plot, "Write WORKDIR/metrics.png at the end.")
 flags.DEFINE_enum("nonfinite", _R.nonfinite, ["stop", "skip"], "A step whose loss or gradient "
                   "is not finite never updates the model; stop: the run stops naming the step "
                   "and its groups; skip: such steps are skipped and counted.")
+flags.DEFINE_enum("tie_accuracy", _R.tie_accuracy, ["half", "loss"], "An exact tie in "
+                  "rewards/accuracy counts half a win (0.5 at step 0), or a loss as in TRL.")
 flags.DEFINE_bool("allow_flag_changes", False, "Resume a run whose result-changing flags "
                   "differ from its run.json record (the change is recorded as a new segment).")
 flags.DEFINE_bool("log_records", _R.log_records, "Write WORKDIR/records/process_P.jsonl: the "
@@ -345,12 +347,11 @@ def to_config(workdir: str | None = None) -> RunConfig:
       ref_sync_every=FLAGS.ref_sync_every, ref_sync_alpha=FLAGS.ref_sync_alpha,
       rounds=FLAGS.rounds,
       logps=LogpsOptions(impl=FLAGS.logps_impl, fused_lm_head=FLAGS.fused_lm_head),
-      grad_accum=FLAGS.grad_accum,
-      seed=FLAGS.seed,
+      grad_accum=FLAGS.grad_accum, seed=FLAGS.seed,
       steps=FLAGS.steps, log_every=FLAGS.log_every, eval_every=FLAGS.eval_every,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       progress=FLAGS.progress, plot=FLAGS.plot,
-      log_records=FLAGS.log_records, nonfinite=FLAGS.nonfinite,
+      log_records=FLAGS.log_records, nonfinite=FLAGS.nonfinite, tie_accuracy=FLAGS.tie_accuracy,
       online=OnlineConfig(**_dotted_values("online")))
   _ = cfg.loss_spec  # resolved here: an unknown loss or --loss.X is an error listing valid ones
   conflicts = models.decoder.scan_layers_conflicts(model, lora_rank=FLAGS.lora_rank,

@@ -12,6 +12,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxpref.losses.common import half_wins
 from jaxpref.losses.registry import register
 from jaxpref.losses.reward import calibration_bins
 from jaxpref.types import RewardOutputs
@@ -54,12 +55,13 @@ def attribute_bt(lp: RewardOutputs, *, tau: float = 1.0):
   total = jnp.maximum(jnp.sum(m), 1e-8)
   loss = jnp.sum(-jax.nn.log_sigmoid(t * d) * m) / total
   sd = jax.lax.stop_gradient(t * d)  # > 0: the model agrees with the record
-  win = jnp.where(sd > 0, 1.0, jnp.where(sd == 0, 0.5, 0.0))
+  win, tie = half_wins(sd)
   cared = jnp.maximum(jnp.sum(m, 0), 1e-8)
-  metrics = {"rewards/accuracy": jnp.sum(win * m) / total,
+  metrics = {"rewards/accuracy": jnp.sum(win * m) / total, "rewards/ties": jnp.sum(tie * m) / total,
              "rewards/margin": jnp.sum(sd * tau * m) / total}
-  metrics.update({f"rewards/accuracy_attr{a}": jnp.sum(win[:, a] * m[:, a]) / cared[a]
-                  for a in range(s.shape[-1])})
+  for a in range(s.shape[-1]):
+    metrics[f"rewards/accuracy_attr{a}"] = jnp.sum(win[:, a] * m[:, a]) / cared[a]
+    metrics[f"rewards/ties_attr{a}"] = jnp.sum(tie[:, a] * m[:, a]) / cared[a]
   # Calibration of every cared-for entry, P(the record's side wins) = sig(t d).
   flat_w = m.reshape(-1)
   metrics.update(calibration_bins(jax.nn.sigmoid(sd).reshape(-1), flat_w))

@@ -42,6 +42,15 @@ def log1mexp(x: jax.Array) -> jax.Array:
   return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
 
 
+def half_wins(diff: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(win, tie) of reward differences `diff` (> 0: the preferred side ahead): win is 1, 0.5
+  for an exact tie, 0 otherwise; tie is 1 on exact ties. Every `rewards/accuracy*` counts
+  ties half and reports the tie share as `rewards/ties*`, so `--tie_accuracy=loss`
+  (TRL's rule, ties lost) is the accuracy minus half the ties (`train/metrics.py`)."""
+  tie = (diff == 0).astype(jnp.float32)
+  return jnp.where(diff > 0, 1.0, 0.5 * tie), tie
+
+
 def pair_metrics(lp: Logps, rewards: jax.Array) -> dict[str, jax.Array]:
   """TRL-compatible metrics for K=2 groups (index 0 chosen, 1 rejected).
 
@@ -51,13 +60,14 @@ def pair_metrics(lp: Logps, rewards: jax.Array) -> dict[str, jax.Array]:
   """
   rewards = jax.lax.stop_gradient(rewards)
   margin = rewards[:, 0] - rewards[:, 1]
-  win = jnp.where(margin > 0, 1.0, jnp.where(margin == 0, 0.5, 0.0))
+  win, tie = half_wins(margin)
   m = lambda x: weighted_mean(x, lp.weight)
   return {
       "rewards/chosen": m(rewards[:, 0]),
       "rewards/rejected": m(rewards[:, 1]),
       "rewards/margin": m(margin),
       "rewards/accuracy": m(win),
+      "rewards/ties": m(tie),
       "logps/chosen": m(jax.lax.stop_gradient(lp.policy[:, 0])),
       "logps/rejected": m(jax.lax.stop_gradient(lp.policy[:, 1])),
   }

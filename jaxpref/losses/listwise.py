@@ -11,7 +11,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxpref.losses.common import avg_logps, logratios, weighted_mean
+from jaxpref.losses.common import avg_logps, half_wins, logratios, weighted_mean
 from jaxpref.losses.registry import register
 from jaxpref.types import Logps
 
@@ -35,8 +35,9 @@ def list_metrics(lp: Logps, rewards: jax.Array) -> dict[str, jax.Array]:
   diff = rewards[:, :, None] - rewards[:, None, :]  # [B, K, K], i better than j for i < j
   k = lp.policy.shape[1]
   pairs = jnp.triu(jnp.ones((k, k)), 1) * valid[:, :, None] * valid[:, None, :]
-  win = jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0))
-  acc = (win * pairs).sum((1, 2)) / jnp.maximum(pairs.sum((1, 2)), 1.0)
+  win, tie = half_wins(diff)
+  n_pairs = jnp.maximum(pairs.sum((1, 2)), 1.0)
+  acc, ties = (win * pairs).sum((1, 2)) / n_pairs, (tie * pairs).sum((1, 2)) / n_pairs
   logps = jax.lax.stop_gradient(lp.policy)
   m = lambda x: weighted_mean(x, lp.weight)
   return {
@@ -44,6 +45,7 @@ def list_metrics(lp: Logps, rewards: jax.Array) -> dict[str, jax.Array]:
       "rewards/rejected": m(rejected),
       "rewards/margin": m(rewards[:, 0] - rejected),
       "rewards/accuracy": m(acc),
+      "rewards/ties": m(ties),
       "logps/chosen": m(logps[:, 0]),
       "logps/rejected": m((logps * others).sum(-1) / n_others),
   }

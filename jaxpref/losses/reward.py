@@ -22,7 +22,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jaxpref.losses.common import smoothed_logistic, weighted_mean
+from jaxpref.losses.common import half_wins, smoothed_logistic, weighted_mean
 from jaxpref.losses.pairwise import flip_rate
 from jaxpref.losses.registry import register
 from jaxpref.types import RewardOutputs
@@ -63,8 +63,8 @@ def reward_metrics(lp: RewardOutputs, margin: jax.Array, prob: jax.Array,
   """margin [B]: dr or the GPM score; prob [B]: the model's P(chosen wins); rewards [B, 2]."""
   margin, prob = jax.lax.stop_gradient(margin), jax.lax.stop_gradient(prob)
   m = lambda x: weighted_mean(x, lp.weight)
-  win = jnp.where(margin > 0, 1.0, jnp.where(margin == 0, 0.5, 0.0))
-  out = {"rewards/accuracy": m(win), "rewards/margin": m(margin),
+  win, tie = half_wins(margin)
+  out = {"rewards/accuracy": m(win), "rewards/ties": m(tie), "rewards/margin": m(margin),
          **calibration_bins(prob, lp.weight)}
   if rewards is not None:
     r = jax.lax.stop_gradient(rewards)

@@ -131,6 +131,7 @@ class RunConfig:
   plot: bool = True
   log_records: bool = False  # WORKDIR/records/process_P.jsonl: each step's groups (exact resume)
   nonfinite: str = "stop"  # a non-finite loss or gradient: stop | skip (the update is dropped)
+  tie_accuracy: str = "half"  # a tie in rewards/accuracy: half a win | loss (TRL; docs/trl.md)
   online: OnlineConfig = OnlineConfig()
 
   @functools.cached_property

@@ -106,7 +106,8 @@ def train(s: Setup, prog: Program | None = None) -> dict:
 
   process0 = jax.process_index() == 0
   # A fresh start drops every row a run killed before its first checkpoint left behind.
-  writers = [MetricWriter(w, resume_step=start if start else -1, enabled=process0)
+  writers = [MetricWriter(w, resume_step=start if start else -1, enabled=process0,
+                          tie_accuracy=cfg.tie_accuracy)
              for w in prog.workdirs]
   for note in [n for w in writers for n in w.notes] + ckpt.notes:
     say(note)

@@ -27,6 +27,27 @@ import numpy as np
 from jaxpref.cli_errors import WriterError
 
 
+# TRL's DPOTrainer names (plural), written beside ours in every row: a TRL user's scripts and
+# TensorBoard tags read a jaxpref run unchanged, and ours stay for the loop, plots and tools.
+TRL_ALIASES = {"rewards/accuracy": "rewards/accuracies", "rewards/margin": "rewards/margins"}
+TIE_ACCURACY = ("half", "loss")
+
+
+def finish_row(metrics: Mapping[str, float], tie_accuracy: str = "half") -> dict:
+  """A row as logged. `tie_accuracy="loss"` (TRL's rule) counts an exact tie as a loss in
+  every `rewards/accuracy*` that has a `rewards/ties*` share beside it (the losses count a
+  tie half, `losses/common.half_wins`): minus half that share. Then TRL's aliases."""
+  if tie_accuracy not in TIE_ACCURACY:
+    raise ValueError(f"--tie_accuracy={tie_accuracy!r} is not one of {', '.join(TIE_ACCURACY)}")
+  out = dict(metrics)
+  for key, value in metrics.items():
+    ties = key.replace("rewards/accuracy", "rewards/ties", 1)
+    if tie_accuracy == "loss" and key.startswith("rewards/accuracy") and ties in metrics:
+      out[key] = value - 0.5 * metrics[ties]
+  out.update({alias: out[key] for key, alias in TRL_ALIASES.items() if key in out})
+  return out
+
+
 def _scalar(v) -> float:
   v = float(np.asarray(v))
   return v if math.isfinite(v) else float("nan")
@@ -113,8 +134,9 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True,
-               enabled: bool = True):
+               enabled: bool = True, tie_accuracy: str = "half"):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tie_accuracy = tie_accuracy
     self.notes: list[str] = []
     self._file = self._tb = None
     if not enabled:  # multi-host: every process computes the rows, process 0 writes them
@@ -125,7 +147,8 @@ class MetricWriter:
       self._tb = TensorBoard(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, step: int, split: str, metrics: Mapping[str, object]) -> dict:
-    row = {"step": int(step), "split": split, **{k: _scalar(v) for k, v in metrics.items()}}
+    metrics = finish_row({k: _scalar(v) for k, v in metrics.items()}, self.tie_accuracy)
+    row = {"step": int(step), "split": split, **metrics}
     if self._file is None:
       return row
     self._file.write(row)
