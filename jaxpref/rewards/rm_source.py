@@ -11,7 +11,9 @@
 * `judge` (`judge.py`): an LLM judge (`--online.judge_model`, `--online.judge_template`).
 
 `for_online(o, tok)` loads the models the spec's terms name, once, and binds them (with
-the policy's tokenizer `tok`, for `length`/`repetition`) as the reward's fixed ctx.
+the policy's tokenizer `tok`, for `length`/`repetition`; the decoders of
+`--online.reward_lm`, `strong_lm`, `weak_lm` for `relevance`/`flr`/`cdr`) as the reward's
+fixed ctx; `--online.reward_params` sets the sources' hyperparameters.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from jaxpref.rewards import judge as judge_lib
 from jaxpref.rewards import loaded, sources
 
 RM_SOURCES = ("rm", "pref_rm")
+# (flag, ctx key, the sources that read it): decoders for the model_rewards sources.
+LM_FLAGS = (("reward_lm", "lm", ("relevance", "flr")), ("strong_lm", "strong_lm", ("cdr",)),
+            ("weak_lm", "weak_lm", ("cdr",)))
 
 
 def _scorer(ctx, who: str) -> loaded.RewardScorer:
@@ -106,4 +111,24 @@ def for_online(o, tok, say: Callable[[str], None] = print, base: str = "") -> so
   elif judge_flags:
     raise FlagError(f"--online.{judge_flags[0]} is given but --online.reward="
                     f"{o.reward or '(unset)'} does not name judge")
-  return sources.build(o.reward, reward_fn=o.reward_fn, base=base, ctx=ctx)
+  for field, key, users in LM_FLAGS:
+    wanted = sorted(names & set(users))
+    path = getattr(o, field)
+    if wanted and not path:
+      raise FlagError(f"--online.reward={o.reward} uses {', '.join(wanted)}: give "
+                      f"--online.{field}=PATH (a decoder folder or a policy run folder)")
+    if path and not wanted:
+      raise FlagError(f"--online.{field}={path} is given but --online.reward="
+                      f"{o.reward or '(unset)'} names none of {', '.join(users)}")
+    if path:
+      ctx[key] = loaded.load_decoder(path, f"--online.{field}", o.score_max_len)
+      say(f"--online.{field}: {path} for {', '.join(wanted)}")
+  try:
+    params = sources.parse_params(o.reward_params)
+    return sources.build(o.reward, reward_fn=o.reward_fn, base=base, ctx=ctx, params=params)
+  except sources.RewardError:
+    raise
+  except ValueError as e:  # an unknown source or hyperparameter: the flags' fault
+    raise FlagError(f"--online.reward={o.reward}: {e}"
+                    + (f" (--online.reward_params={o.reward_params})" if o.reward_params
+                       else "")) from None

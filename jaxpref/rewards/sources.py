@@ -199,10 +199,39 @@ def build(spec: str = "", *, reward_fn: str = "", params: Optional[Mapping[str, 
       valid = ", ".join(f"{k}={v!r}" for k, v in _hparams(fn).items()) or "(none)"
       raise ValueError(f"reward source {name!r} has no hyperparameter {', '.join(unknown)}; "
                        f"valid ones (with defaults): {valid}")
+    bound = {k: _typed(name, k, v, _hparams(fn)[k]) for k, v in bound.items()}
     terms.append((weight, label, fn, bound))
   if params:
     raise ValueError(f"hyperparameters for reward sources not in {spec!r}: {sorted(params)}")
   return Reward(terms, ctx)
+
+
+def _typed(source: str, key: str, value: Any, default: Any) -> Any:
+  """A hyperparameter given as text (from a flag) in the type of its default."""
+  if not isinstance(value, str) or isinstance(default, str) or default is None:
+    return value
+  try:
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(value)
+      return value.lower() in ("true", "1")
+    return type(default)(value)
+  except ValueError:
+    raise ValueError(f"reward source {source!r}: hyperparameter {key}={value!r} is not a "
+                     f"{type(default).__name__} (default {default!r})") from None
+
+
+def parse_params(text: str, flag: str = "--online.reward_params") -> dict[str, dict[str, str]]:
+  """'overlong.buffer=4;flr.positive=thanks|great' -> {"overlong": {"buffer": "4"}, ...};
+  entries are separated by ';' (values may hold commas), typed by `build`."""
+  out: dict[str, dict[str, str]] = {}
+  for entry in filter(None, (e.strip() for e in text.split(";"))):
+    key, eq, value = entry.partition("=")
+    source, dot, name = key.strip().partition(".")
+    if not eq or not dot or not source or not name:
+      raise ValueError(f"{flag}={text!r}: entry {entry!r} is not SOURCE.HYPERPARAMETER=VALUE")
+    out.setdefault(source, {})[name.strip()] = value
+  return out
 
 
 def _need(ctx: Mapping[str, Any], key: str, who: str, what: str):

@@ -80,6 +80,10 @@ class OnlineConfig:
   judge_labels: str = "A,B"  # judge: the answers naming the first / second response
   score_max_len: int = 0  # rows the reward model / judge read; 0: the run's --max_len or
   #                         the folder config's max length (at most 2048)
+  reward_lm: str = ""  # relevance / flr: their decoder (a run, jaxpref or HF folder)
+  strong_lm: str = ""  # cdr: the strong decoder
+  weak_lm: str = ""  # cdr: the weak decoder
+  reward_params: str = ""  # sources' hyperparameters: "overlong.buffer=4;cdr.system=..."
   # PPO (a loss that reads values, `--loss=ppo`; docs/online.md#ppo): the value function,
   # GAE, advantage whitening and the KL-penalised reward's controller (EasyLM's defaults).
   value: str = "head"  # head: a scalar linear head on the policy trunk (no separate model)

@@ -205,3 +205,21 @@ def test_for_online_loads_from_flags_and_names_bad_ones(judge_folder, bt_run, tm
   with pytest.raises(FlagError, match=r"--online.reward_model=.*: a --role=online run|"
                                       r"--online.reward_model=.*: neither"):
     rm_source.for_online(dataclasses.replace(o, reward_model=judge_folder), tok, said.append)
+
+
+def test_for_online_decoders_and_hyperparameters_from_flags(judge_folder):
+  tok = Tokenizer.load(TOK)
+  o = OnlineConfig(reward="cdr+overlong", strong_lm=judge_folder, weak_lm=judge_folder,
+                   reward_params="overlong.max_tokens=4;overlong.buffer=2;cdr.system=be brief. ")
+  reward = rm_source.for_online(o, tok, lambda line: None)
+  lengths = np.array([[1, 3, 4], [2, 2, 9]])
+  _, parts = reward.parts(PROMPTS, RESPONSES, lengths=lengths)
+  np.testing.assert_array_equal(parts["cdr"], 0.0)  # the same decoder as strong and weak
+  np.testing.assert_allclose(parts["overlong"], [[0, -0.5, -1], [0, 0, -1]])  # (2 - L) / 2
+  assert dict(reward.terms[1][3]) == {"max_tokens": 4, "buffer": 2}
+  bad = dataclasses.replace(o, reward_params="overlong.buffer=two")
+  with pytest.raises(FlagError, match=r"^--online.reward=cdr\+overlong: reward source "
+                                      r"'overlong': hyperparameter buffer='two' is not an? int"):
+    rm_source.for_online(bad, tok, lambda line: None)
+  with pytest.raises(FlagError, match=r"--online.strong_lm=.* names none of cdr"):
+    rm_source.for_online(dataclasses.replace(o, reward="overlong"), tok, lambda line: None)
