@@ -9,12 +9,11 @@ crashed (a traceback and a one-line summary).
 
 from __future__ import annotations
 
-import os
 
 import jax
 from absl import app, flags, logging
 
-from jaxpref import cli_errors
+from jaxpref import cli_errors, paths
 from jaxpref import flags as jflags
 from jaxpref.parallel import distributed
 from jaxpref.train import loop, memory, workdir
@@ -46,7 +45,7 @@ def main(argv: list[str]) -> None:
   _user_error(cli_errors.FlagError, distributed.initialize, FLAGS.coordinator_address,
               FLAGS.num_processes, FLAGS.process_id)
   cfg = _user_error(cli_errors.FlagError, jflags.to_config)
-  os.makedirs(cfg.workdir, exist_ok=True)
+  paths.makedirs(cfg.workdir)
   if FLAGS.estimate_only:
     prepared = _user_error(cli_errors.DataError, loop.setup, cfg)
     print(memory.report(memory.estimate(prepared), prepared.mesh))
@@ -62,7 +61,7 @@ def main(argv: list[str]) -> None:
                                 allow_changes=FLAGS.allow_flag_changes, step=step):
         say(line)
       # Written once the flags are checked, so a refused resume leaves the record intact.
-      with open(os.path.join(cfg.workdir, "flags.txt"), "w") as f:
+      with paths.open(paths.join(cfg.workdir, "flags.txt"), "w") as f:
         f.write(jflags.resolved_flags(cfg))
     loop.train(prepared)
   finally:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import builtins
 import fnmatch
 import glob as glob_lib
-import hashlib
 import os
 import shutil
 import tempfile
@@ -32,6 +31,16 @@ def is_remote(path: str) -> bool:
 def _epath(path: str):
   from etils import epath  # only runs with a cloud path pay for the import (and gcsfs)
   return epath.Path(path)
+
+
+def _fresh(path: str):
+  """`_epath(path)` with gcsfs's listing cache dropped first: another process (a resumed
+  run, orbax's tensorstore, another host) may have written since this one last listed."""
+  from etils.epath import backend  # only runs with a cloud path pay for the import
+  p = _epath(path)
+  if p._backend is backend.fsspec_backend:  # noqa: SLF001 (TensorFlow's gfile keeps none)
+    backend.fsspec_backend.fs(path).invalidate_cache()
+  return p
 
 
 def join(path: str, *parts: str) -> str:
@@ -57,21 +66,21 @@ def open(path: str, mode: str = "r", **kwargs):  # noqa: A001 (the builtin's dro
 
 
 def exists(path: str) -> bool:
-  return _epath(path).exists() if is_remote(path) else os.path.exists(path)
+  return _fresh(path).exists() if is_remote(path) else os.path.exists(path)
 
 
 def isfile(path: str) -> bool:
-  return _epath(path).is_file() if is_remote(path) else os.path.isfile(path)
+  return _fresh(path).is_file() if is_remote(path) else os.path.isfile(path)
 
 
 def isdir(path: str) -> bool:
-  return _epath(path).is_dir() if is_remote(path) else os.path.isdir(path)
+  return _fresh(path).is_dir() if is_remote(path) else os.path.isdir(path)
 
 
 def listdir(path: str) -> list[str]:
   if not is_remote(path):
     return os.listdir(path)
-  return [p.name for p in _epath(path).iterdir()]
+  return [p.name for p in _fresh(path).iterdir()]
 
 
 def makedirs(path: str) -> None:
@@ -133,11 +142,11 @@ def copy(src: str, dst: str) -> None:
 
 
 def size(path: str) -> int:
-  return _epath(path).stat().length if is_remote(path) else os.path.getsize(path)
+  return _fresh(path).stat().length if is_remote(path) else os.path.getsize(path)
 
 
 def mtime(path: str) -> float:
-  return _epath(path).stat().mtime if is_remote(path) else os.stat(path).st_mtime
+  return _fresh(path).stat().mtime if is_remote(path) else os.stat(path).st_mtime
 
 
 def has_magic(path: str) -> bool:
@@ -153,7 +162,7 @@ def glob(pattern: str) -> list[str]:
   fixed = next(i for i, p in enumerate(parts) if glob_lib.has_magic(p))
   base, pat = f"{scheme}://" + "/".join(parts[:fixed]), parts[fixed:]
   if "**" not in pat:
-    return [str(p) for p in _epath(base).glob("/".join(pat))]
+    return [str(p) for p in _fresh(base).glob("/".join(pat))]
   # epath refuses `**` on GCS (one listing per folder); one walk of the base matches it here.
   return [join(base, f) for f in walk_files(base) if _match(f.split("/"), pat)]
 
@@ -174,35 +183,37 @@ def walk_files(path: str) -> list[str]:
                   for root, _, names in os.walk(path) for n in names)
   bare = lambda p: str(p).split("://", 1)[-1].rstrip("/")  # walk's roots may lack the scheme
   top, out = bare(path), []
-  for root, _, names in _epath(path).walk():
+  for root, _, names in _fresh(path).walk():
     out += [os.path.relpath(f"{bare(root)}/{n}", top) for n in names]
   return sorted(out)
 
 
-def local_copy(path: str, names: Iterable[str] | None = None) -> str:
-  """A local path holding what a URL holds: `path` itself when it is local, else a copy in
-  `$JAXPREF_CACHE` (default `~/.cache/jaxpref/remote`), one folder per URL, made once and
-  reused while each file's size matches. For what needs a local file: memory-mapped
-  safetensors, sentencepiece and tokenizers, which open paths themselves. `names` limits a
-  folder's copy to those files (relative paths) where they exist."""
+def local_copy(path: str, patterns: Iterable[str] | None = None) -> str:
+  """A local path holding what a URL holds: `path` itself when it is local, else a copy under
+  `$JAXPREF_CACHE` (default `~/.cache/jaxpref/remote`) at the URL's own path
+  (`gs/bucket/models/llama`), made once and fetched again where a file's size or
+  modification time changed. For what needs a local file: memory-mapped safetensors,
+  sentencepiece and tokenizers, which open paths themselves. `patterns` (glob rules, `**` for
+  any depth) limit a folder's copy to the files they match."""
   if not is_remote(path):
     return path
   root = os.environ.get("JAXPREF_CACHE", os.path.expanduser("~/.cache/jaxpref/remote"))
-  dest = os.path.join(root, hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16],
-                      path.rstrip("/").rsplit("/", 1)[-1])
-  files = walk_files(path) if isdir(path) else None
-  if files is None:  # one file
+  scheme, rest = path.rstrip("/").split("://", 1)
+  dest = os.path.join(root, scheme, *[p for p in rest.split("/") if p not in ("", ".", "..")])
+  if not isdir(path):
+    if not exists(path):
+      raise FileNotFoundError(f"{path}: no such file or folder")
     _fetch(path, dest)
     return dest
-  wanted = set(names) if names is not None else None
-  for name in files:
-    if wanted is None or name in wanted:
+  wanted = [p.split("/") for p in patterns] if patterns is not None else [["**"]]
+  for name in walk_files(path):
+    if any(_match(name.split("/"), w) for w in wanted):
       _fetch(join(path, name), os.path.join(dest, name))
   return dest
 
 
 def _fetch(src: str, dest: str) -> None:
-  stat = _epath(src).stat()
+  stat = _fresh(src).stat()
   if (os.path.isfile(dest) and os.path.getsize(dest) == stat.length
       and int(os.path.getmtime(dest)) == int(stat.mtime)):
     return

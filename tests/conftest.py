@@ -19,6 +19,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 
+from gcs_util import _emulator, gcs  # noqa: E402,F401 (the gs:// tests' GCS emulator)
+
 
 @pytest.fixture
 def registry():

@@ -5,8 +5,6 @@ import os
 
 import pytest
 
-from gcs_util import gcs  # noqa: F401 (fixtures)
-from gcs_util import _emulator  # noqa: F401
 from jaxpref import paths
 
 
@@ -64,8 +62,10 @@ def test_local_copy_fetches_a_folder_once_and_again_when_it_changes(gcs, tmp_pat
   with paths.open(f"{root}/data/a.jsonl", "w") as f:  # changed in the bucket: fetched again
     f.write("10\n")
   assert open(os.path.join(paths.local_copy(root), "data", "a.jsonl")).read() == "10\n"
-  only = paths.local_copy(f"gs://{gcs.bucket}/model/data", names=["a.jsonl"])
-  assert sorted(os.listdir(only)) == ["a.jsonl"]
+  _fill(f"gs://{gcs.bucket}/other")
+  only = paths.local_copy(f"gs://{gcs.bucket}/other/data", ["*.jsonl", "sub/*"])
+  assert paths.walk_files(only) == ["a.jsonl", "sub/c.jsonl"]  # no README.md
+  assert only == os.path.join(os.environ["JAXPREF_CACHE"], "gs", gcs.bucket, "other", "data")
   assert paths.local_copy(str(tmp_path)) == str(tmp_path)  # a local path is used in place
 
 

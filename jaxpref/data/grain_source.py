@@ -28,6 +28,7 @@ import sys
 import jax
 import numpy as np
 
+from jaxpref import paths
 from jaxpref.data import batching
 from jaxpref.data import curriculum
 from jaxpref.data.pairs import Truncation
@@ -48,11 +49,11 @@ PREFETCH = 8  # host batches read ahead of the training loop
 
 
 def is_prepared(path: str) -> bool:
-  return os.path.isdir(path) and os.path.isfile(os.path.join(path, INFO_FILE))
+  return paths.isdir(path) and paths.isfile(paths.join(path, INFO_FILE))
 
 
 def read_info(path: str) -> dict:
-  with open(os.path.join(path, INFO_FILE)) as f:
+  with paths.open(paths.join(path, INFO_FILE)) as f:
     return json.load(f)
 
 
@@ -62,7 +63,7 @@ def dataset_dir(path: str) -> str:
 
 def file_sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
@@ -91,7 +92,10 @@ class PreparedDataset:
   def __init__(self, path: str):
     import tensorflow_datasets as tfds  # only prepared runs import TFDS
     self.path, self.info = path, read_info(path)
-    builder = tfds.builder_from_directory(dataset_dir(path))
+    # ArrayRecord files are read through local file descriptors only: a gs:// folder is
+    # copied to the local cache once (`paths.local_copy`), then read as a local one.
+    self.local = paths.local_copy(path)
+    builder = tfds.builder_from_directory(dataset_dir(self.local))
     self.source = builder.as_data_source(split=self.info["split"])
     self.n, self.max_len, self.k = len(self.source), self.info["max_len"], self.info["k"]
     self.n_truncated = self.info["truncated_groups"]
@@ -107,7 +111,7 @@ class PreparedDataset:
   def group_array(self, name: str) -> np.ndarray:
     """A per-group array of `GROUPS_FILE` (read once; small: one row per group)."""
     if name not in self._arrays:
-      file = os.path.join(self.path, GROUPS_FILE)
+      file = os.path.join(self.local, GROUPS_FILE)
       if "groups_sha256" not in self.info or not os.path.isfile(file):
         raise ValueError(f"{self.path} has no {GROUPS_FILE} (per-group lengths and curriculum "
                          "values, which training plans batches with): it was prepared by an "

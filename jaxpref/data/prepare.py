@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxpref import paths
 from jaxpref.data import curriculum, packing
 from jaxpref.data import records as records_lib
 from jaxpref.data.grain_source import (BUILDER_NAME, FORMATS, GROUPS_FILE, INFO_FILE, OPTIONAL,
@@ -285,20 +286,20 @@ class JaxprefPrepared(tfds.core.GeneratorBasedBuilder):
 
 def _clear(out: str) -> None:
   """Removes a previous prepared dataset from `out`; refuses to touch anything else."""
-  if not os.path.exists(out):
+  if not paths.exists(out):
     return
-  if not os.path.isdir(out):
+  if not paths.isdir(out):
     raise ValueError(f"--out={out!r} is a file, not a folder")
   ours = {INFO_FILE, BUILDER_NAME, GROUPS_FILE}
-  others = sorted(set(os.listdir(out)) - ours)
+  others = sorted(set(paths.listdir(out)) - ours)
   if others:
     raise ValueError(f"--out={out!r} holds files that are not a prepared dataset "
                      f"({', '.join(others[:5])}); give an empty or new folder")
-  if os.path.exists(os.path.join(out, INFO_FILE)):
-    os.remove(os.path.join(out, INFO_FILE))  # first: a half-cleared folder is not "prepared"
-  shutil.rmtree(os.path.join(out, BUILDER_NAME), ignore_errors=True)
-  if os.path.exists(os.path.join(out, GROUPS_FILE)):
-    os.remove(os.path.join(out, GROUPS_FILE))
+  if paths.exists(paths.join(out, INFO_FILE)):
+    paths.remove(paths.join(out, INFO_FILE))  # first: a half-cleared folder is not "prepared"
+  paths.rmtree(paths.join(out, BUILDER_NAME))
+  if paths.exists(paths.join(out, GROUPS_FILE)):
+    paths.remove(paths.join(out, GROUPS_FILE))
 
 
 def prepare(job: Job, out: str) -> dict:
@@ -311,6 +312,17 @@ def prepare(job: Job, out: str) -> dict:
     raise ValueError(f"--group_size must be >= 2, got {job.group_size}")
   if not job.split.isidentifier():
     raise ValueError(f"--split={job.split!r} must be a name such as train or eval")
+  if paths.is_remote(out):  # ArrayRecord writes local files: prepared here, then uploaded
+    _clear(out)
+    local = tempfile.mkdtemp(prefix="jaxpref-prepare-out-")
+    try:
+      stats = prepare(job, local)
+      names = paths.walk_files(local)
+      for name in sorted(names, key=lambda n: n == INFO_FILE):  # INFO_FILE last: "prepared"
+        paths.copy(os.path.join(local, name), paths.join(out, name))
+    finally:
+      shutil.rmtree(local, ignore_errors=True)
+    return stats
   _clear(out)
   builder = JaxprefPrepared(job, data_dir=out, file_format="array_record")
   downloads = tempfile.mkdtemp(prefix="jaxpref-prepare-")  # TFDS wants one; nothing is downloaded

@@ -10,7 +10,8 @@ A folder is read as its `*.jsonl` and `*.parquet` files (not recursively); other
 in it (a README, `.gitattributes`) are listed in the read report, never read. A glob
 (`data/train-*.parquet`, `data/**/*.jsonl`) is read as every file it matches. Files are
 read in sorted order, so the record order, and with it the batch order, is the same on
-every machine. A file is Parquet if its name ends in `.parquet` and JSONL otherwise.
+every machine. A file is Parquet if its name ends in `.parquet` and JSONL otherwise. Each
+of these may be a `gs://` URL (`jaxpref.paths`), read as a stream, never copied whole.
 
 Parquet columns map to record fields; a null is read as an absent field, since a
 columnar file has no other way to leave a field out of one row.
@@ -18,10 +19,10 @@ columnar file has no other way to leave a field out of one row.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from typing import Iterator
+
+from jaxpref import paths
 
 FILE_SUFFIXES = (".jsonl", ".parquet")
 _ROWS_PER_BATCH = 1024
@@ -33,19 +34,19 @@ class DataError(ValueError):
 
 def resolve(path: str) -> tuple[list[str], list[str]]:
   """(files to read in order, files in a given folder that are not read)."""
-  if os.path.isfile(path):
+  if paths.isfile(path):
     return [path], []
-  if os.path.isdir(path):
-    names = sorted(os.listdir(path))
-    files = [os.path.join(path, n) for n in names
-             if n.endswith(FILE_SUFFIXES) and os.path.isfile(os.path.join(path, n))]
-    ignored = [n for n in names if os.path.join(path, n) not in files]
+  if paths.isdir(path):
+    names = sorted(paths.listdir(path))
+    files = [paths.join(path, n) for n in names
+             if n.endswith(FILE_SUFFIXES) and paths.isfile(paths.join(path, n))]
+    ignored = [n for n in names if paths.join(path, n) not in files]
     if not files:
       raise DataError(f"{path}: a folder with no {' or '.join(FILE_SUFFIXES)} files"
                       + (f" (it holds {', '.join(ignored[:5])})" if ignored else ""))
     return files, ignored
-  if glob.has_magic(path):
-    files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+  if paths.has_magic(path):
+    files = sorted(f for f in paths.glob(path) if paths.isfile(f))
     if not files:
       raise DataError(f"{path}: no files match this pattern")
     return files, []
@@ -71,7 +72,7 @@ def _parse_line(raw: bytes, lineno: int):
 
 
 def _jsonl_rows(path: str):
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     # Iterating bytes splits on b"\n" only; str.splitlines would also split on U+2028 etc.
     for lineno, raw in enumerate(f, start=1):
       obj, problem = _parse_line(raw, lineno)
@@ -88,7 +89,8 @@ def _parquet_rows(path: str):
   import pyarrow.parquet as pq  # (the same)
   row = 0
   try:
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=_ROWS_PER_BATCH):
+    source = paths.open(path, "rb") if paths.is_remote(path) else path  # pyarrow reads ranges
+    for batch in pq.ParquetFile(source).iter_batches(batch_size=_ROWS_PER_BATCH):
       try:
         rows = batch.to_pylist()
       except UnicodeDecodeError:  # a string column with bad bytes: find the row(s)

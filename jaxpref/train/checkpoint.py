@@ -18,14 +18,13 @@ failure. `notes` holds what was moved, for the loop to say.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from jaxpref import paths
 from jaxpref.cli_errors import WorkdirError, WriterError, one_line
 
 BAD_DIR = "bad"
@@ -52,7 +51,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, every: int, keep: int):
     self.every = max(every, 1)
-    self.directory = os.path.abspath(directory)
+    # A gs:// URL goes to orbax as it is: every host writes its shards to the bucket.
+    self.directory = paths.abspath(directory)
     self.notes: list[str] = []  # checkpoints moved aside by `restore`
     self._pending: Optional[int] = None  # the step of an async save not yet waited for
     self._manager = ocp.CheckpointManager(
@@ -123,27 +123,27 @@ class Checkpointer:
   def _missing_files(self, step: int) -> Optional[str]:
     """What a complete checkpoint has and this one lacks (orbax writes them all; some
     restore without complaint when lost, but such a checkpoint is not trusted)."""
-    folder = os.path.join(self.directory, str(step))
-    if not os.path.isdir(folder) or not os.listdir(folder):
+    folder = paths.join(self.directory, str(step))
+    if not paths.isdir(folder) or not paths.listdir(folder):
       return "empty step folder"
     for name in ("state/_METADATA", "data/metadata"):
-      if not os.path.isfile(os.path.join(folder, name)):
+      if not paths.isfile(paths.join(folder, name)):
         return f"missing {name}"
     try:
-      with open(os.path.join(folder, "data", "metadata")) as f:
+      with paths.open(paths.join(folder, "data", "metadata")) as f:
         json.load(f)
     except (OSError, ValueError) as e:
       return f"data/metadata unreadable ({one_line(e)})"
     return None
 
   def _move_aside(self, failed: list, used: int) -> None:
-    bad = os.path.join(self.directory, BAD_DIR)
-    os.makedirs(bad, exist_ok=True)
+    bad = paths.join(self.directory, BAD_DIR)
+    paths.makedirs(bad)
     for step, problem in failed:
-      dest, n = os.path.join(bad, str(step)), 1
-      while os.path.exists(dest):  # the same step may go bad twice
-        dest, n = os.path.join(bad, f"{step}.{n}"), n + 1
-      shutil.move(os.path.join(self.directory, str(step)), dest)
+      dest, n = paths.join(bad, str(step)), 1
+      while paths.exists(dest):  # the same step may go bad twice
+        dest, n = paths.join(bad, f"{step}.{n}"), n + 1
+      paths.move(paths.join(self.directory, str(step)), dest)
       self.notes.append(f"checkpoint at step {step} does not restore ({problem}); moved to "
                         f"{dest}, resuming from step {used}")
       logging.warning(self.notes[-1])

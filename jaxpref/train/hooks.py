@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpref import cli_errors
+from jaxpref import cli_errors, paths
 from jaxpref.data import passes
 from jaxpref.models import hf_export
 from jaxpref.train import plots, reference, rounds as rounds_lib
@@ -269,15 +269,14 @@ class Finish:
     process0 = jax.process_index() == 0
     if cfg.plot and process0:
       for w in loop.writers:
-        plots.plot_run(read_metrics(w.path), os.path.join(os.path.dirname(w.path),
-                                                          "metrics.png"),
+        plots.plot_run(read_metrics(w.path), paths.join(paths.dirname(w.path), "metrics.png"),
                        title=f"{cfg.loss} on {os.path.basename(cfg.data.train_data)}",
                        panels=loop.prog.panels or plots.PANELS)
     if cfg.export_hf and not loop.preempted:  # all processes gather; process 0 writes
       hf_export.export(cfg, loop.prog.state.params, loop.prog.ref, say)
     if process0 and not loop.preempted:
       for w, row in zip(loop.prog.workdirs, loop.final or [{}] * len(loop.prog.workdirs)):
-        with open(os.path.join(w, "final_metrics.json"), "w") as f:
+        with paths.open(paths.join(w, "final_metrics.json"), "w") as f:
           json.dump(row, f, indent=1)
 
 

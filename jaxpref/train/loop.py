@@ -9,7 +9,6 @@ metrics) is a hook of `hooks.py` called at fixed points of the loop.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -17,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from jaxpref import cli_errors, models
+from jaxpref import cli_errors, models, paths
 from jaxpref.data import batching
 from jaxpref.parallel import distributed, mesh as mesh_lib
 from jaxpref.train import checkpoint as ckpt_lib
@@ -78,7 +77,7 @@ def train(s: Setup, prog: Program | None = None) -> dict:
   cfg = s.cfg
   if prog is None:
     prog = online.program(s) if cfg.role == "online" else program(s)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(cfg.workdir, "checkpoints"),
+  ckpt = ckpt_lib.Checkpointer(paths.join(cfg.workdir, "checkpoints"),
                                cfg.checkpoint_every, cfg.keep_checkpoints)
   ckpt.data_iterator = getattr(prog.batchers[0], "iterator", None)  # grain's, saved with it
   # With reference syncing (or --rounds) the reference is training state too: checkpointed.
@@ -194,14 +193,14 @@ def _show(bar, done: int, rows: list[dict]) -> None:
 
 
 def _already_done(cfg: RunConfig, prog: Program, start: int) -> dict:
-  path = os.path.join(prog.workdirs[0], "metrics.jsonl")
+  path = paths.join(prog.workdirs[0], "metrics.jsonl")
   rows = [r for r in read_metrics(path) if r["step"] <= start]
   say(f"{cfg.workdir} already finished {start} of --steps={cfg.steps}; nothing to do")
   evals = [r for r in rows if r["split"] == "eval"]
   final = evals[-1] if evals else rows[-1] if rows else {}
-  path = os.path.join(prog.workdirs[0], "final_metrics.json")
-  if jax.process_index() == 0 and prog.members == 1 and not os.path.exists(path):
-    with open(path, "w") as f:  # killed after its last checkpoint: finish the record
+  path = paths.join(prog.workdirs[0], "final_metrics.json")
+  if jax.process_index() == 0 and prog.members == 1 and not paths.exists(path):
+    with paths.open(path, "w") as f:  # killed after its last checkpoint: finish the record
       json.dump(final, f, indent=1)
   return final
 

@@ -10,6 +10,11 @@ Neither can hang the run or tear the log:
   `queue.put`. Here the error surfaces at once;
 - any failure to write becomes a `WriterError` naming the path and the reason, which the
   CLI prints as one FATAL line (the loop saves a checkpoint first when it can).
+
+In a `gs://` workdir (an object store has no appends) both are written to local files as
+above and uploaded whole to the bucket (`_Upload`): when a checkpoint is saved (`sync`), at
+the end, and at most every UPLOAD_EVERY_S seconds in between. So after a preemption the
+bucket holds every row up to the last checkpoint, which is all that a resume keeps.
 """
 
 from __future__ import annotations
@@ -18,13 +23,18 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import socket
+import tempfile
 import time
 from typing import Mapping, Optional
 
 import numpy as np
 
+from jaxpref import paths
 from jaxpref.cli_errors import WriterError
+
+UPLOAD_EVERY_S = 60.0
 
 
 # TRL's DPOTrainer names (plural), written beside ours in every row: a TRL user's scripts and
@@ -58,13 +68,49 @@ def _fail(path: str, what: str, e: OSError) -> WriterError:
                      "space or fix the storage, then re-run the same command to resume)")
 
 
+class _Upload:
+  """A local file standing in for an object in a bucket: `start` fetches the object (if
+  any), `push` uploads the file whole, `maybe` does so once UPLOAD_EVERY_S have passed."""
+
+  def __init__(self, remote: str):
+    self.remote = remote
+    self._dir = tempfile.mkdtemp(prefix="jaxpref_upload_")
+    self.local = os.path.join(self._dir, remote.rstrip("/").rsplit("/", 1)[-1])
+    self._last = time.monotonic()
+
+  def start(self) -> str:
+    try:
+      if paths.exists(self.remote):
+        paths.copy(self.remote, self.local)
+    except OSError as e:
+      raise _fail(self.remote, "read", e) from e
+    return self.local
+
+  def push(self) -> None:
+    try:
+      paths.copy(self.local, self.remote)
+    except OSError as e:
+      raise _fail(self.remote, "upload", e) from e
+    self._last = time.monotonic()
+
+  def maybe(self) -> None:
+    if time.monotonic() - self._last >= UPLOAD_EVERY_S:
+      self.push()
+
+  def close(self) -> None:
+    shutil.rmtree(self._dir, ignore_errors=True)
+
+
 class _Lines:
-  """An append-only JSONL file written one whole line per `os.write`."""
+  """An append-only JSONL file written one whole line per `os.write` (a gs:// one through a
+  local file, `_Upload`)."""
 
   def __init__(self, path: str):
     self.path = path
+    self._upload = _Upload(path) if paths.is_remote(path) else None
+    local = self._upload.start() if self._upload else path
     try:
-      self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+      self._fd = os.open(local, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as e:
       raise _fail(path, "open for appending", e) from e
 
@@ -75,17 +121,26 @@ class _Lines:
         data = data[os.write(self._fd, data):]
     except OSError as e:
       raise _fail(self.path, "append a row", e) from e
+    if self._upload:
+      self._upload.maybe()
 
   def sync(self) -> None:
     try:
       os.fsync(self._fd)
     except OSError as e:
       raise _fail(self.path, "sync", e) from e
+    if self._upload:
+      self._upload.push()
 
   def close(self) -> None:
     if self._fd is not None:
       os.close(self._fd)
       self._fd = None
+      if self._upload:
+        try:
+          self._upload.push()
+        finally:
+          self._upload.close()
 
 
 class TensorBoard:
@@ -98,10 +153,17 @@ class TensorBoard:
     from tensorboardX.proto.summary_pb2 import Summary  # heavy, only when used
     self._Event, self._Summary = Event, Summary
     self.logdir = logdir
+    # gs://: tensorboardX would need google-cloud-storage and uploads the whole file at
+    # every flush; events go to a local file uploaded as metrics.jsonl is (module doc).
+    self._upload = _Upload(paths.join(logdir, "events")) if paths.is_remote(logdir) else None
+    local = os.path.dirname(self._upload.local) if self._upload else logdir
     try:
-      os.makedirs(logdir, exist_ok=True)
+      os.makedirs(local, exist_ok=True)
       # The pid keeps a resumed run (started within the same second) off the old file.
-      self._writer = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}")
+      self._writer = EventsWriter(os.path.join(local, "events"), f".{os.getpid()}")
+      if self._upload:  # uploaded under the event file's own name
+        self._upload.local = self._writer._file_name
+        self._upload.remote = paths.join(logdir, os.path.basename(self._writer._file_name))
       if purge_step is not None:  # as SummaryWriter(purge_step=): hides the killed run's tail
         self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
                                        session_log=SessionLog(status=SessionLog.START)))
@@ -118,10 +180,21 @@ class TensorBoard:
       self._writer.flush()
     except OSError as e:
       raise _fail(self.logdir, "write TensorBoard events", e) from e
+    if self._upload:
+      self._upload.maybe()
+
+  def sync(self) -> None:
+    if self._upload:
+      self._upload.push()
 
   def close(self) -> None:
     with contextlib.suppress(OSError):  # the error that matters was raised by `write`
       self._writer.close()
+    if self._upload:
+      try:
+        self._upload.push()
+      finally:
+        self._upload.close()
 
 
 class MetricWriter:
@@ -135,7 +208,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True,
                enabled: bool = True, tie_accuracy: str = "half"):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")
     self.tie_accuracy = tie_accuracy
     self.notes: list[str] = []
     self._file = self._tb = None
@@ -144,7 +217,7 @@ class MetricWriter:
     self.notes += _keep_until(self.path, resume_step)
     self._file = _Lines(self.path)
     if tensorboard:
-      self._tb = TensorBoard(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+      self._tb = TensorBoard(paths.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, step: int, split: str, metrics: Mapping[str, object]) -> dict:
     metrics = finish_row({k: _scalar(v) for k, v in metrics.items()}, self.tie_accuracy)
@@ -161,6 +234,8 @@ class MetricWriter:
     """fsync metrics.jsonl: call when a checkpoint is saved, so its rows outlive a crash."""
     if self._file is not None:
       self._file.sync()
+    if self._tb is not None:
+      self._tb.sync()
 
   def close(self) -> None:
     if self._file is not None:
@@ -173,7 +248,7 @@ def read_rows(path: str) -> tuple[list[dict], list[str]]:
   """(rows, notes): the rows of a JSONL log; a line that does not parse is dropped and noted
   (a torn last line is what a kill or a full disk mid-write leaves)."""
   rows, notes = [], []
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     lines = f.read().split(b"\n")
   for i, line in enumerate(lines):
     if not line.strip():
@@ -195,7 +270,7 @@ def read_rows(path: str) -> tuple[list[dict], list[str]]:
 def _keep_until(path: str, resume_step: int) -> list[str]:
   """Keeps the rows of a JSONL log up to `resume_step` (none for a fresh start), each
   (step, split) once; rewrites the file atomically. Returns what it noted."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return []
   try:
     rows, notes = read_rows(path)
@@ -209,6 +284,10 @@ def _keep_until(path: str, resume_step: int) -> list[str]:
       kept.append(row)
   tmp = f"{path}.{os.getpid()}.tmp"
   try:
+    if paths.is_remote(path):  # an object is replaced whole or not at all
+      with paths.open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+      return notes
     with open(tmp, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
       f.flush()
@@ -226,8 +305,8 @@ class RecordLog:
   killed and resumed equals that of one that was not, exactly when the same data was read."""
 
   def __init__(self, workdir: str, process_index: int, resume_step: int = 0):
-    os.makedirs(os.path.join(workdir, "records"), exist_ok=True)
-    self.path = os.path.join(workdir, "records", f"process_{process_index}.jsonl")
+    paths.makedirs(paths.join(workdir, "records"))
+    self.path = paths.join(workdir, "records", f"process_{process_index}.jsonl")
     self.notes = _keep_until(self.path, resume_step)
     self._file = _Lines(self.path)
 

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from jaxpref import paths  # noqa: E402
+
 PANELS = (("loss", "loss"), ("rewards/margin", "reward margin"), ("rewards/accuracy", "reward accuracy"))
 ONLINE_PANELS = (("reward/mean", "reward"), ("loss", "loss"), ("length/mean", "response length"))
 
@@ -33,7 +35,8 @@ def plot_run(rows: Sequence[dict], path: str, title: str = "",
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with paths.open(path, "wb") as f:  # a gs:// workdir's too
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
 
 
@@ -55,5 +58,6 @@ def plot_runs(runs: Mapping[str, Sequence[dict]], path: str, split: str = "eval"
   handles, labels = axes[0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="center right", fontsize=7, ncol=1 + len(labels) // 16)
   fig.tight_layout(rect=(0, 0, 1 - 0.07 * (1 + len(labels) // 16), 1))
-  fig.savefig(path, dpi=110)
+  with paths.open(path, "wb") as f:  # a gs:// workdir's too
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)

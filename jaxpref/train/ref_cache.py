@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jaxpref import paths
 from jaxpref.data import chat_template
 from jaxpref.data.sources import resolve
 from jaxpref.data.tokenizer import Tokenizer
@@ -35,7 +36,7 @@ _CHUNK = 1 << 24
 
 def file_digest(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     while block := f.read(_CHUNK):
       h.update(block)
   return h.hexdigest()
@@ -110,7 +111,7 @@ def key_parts(cfg, data_path: str, weights: str) -> dict:
 
 def _entry(cache_dir: str, parts: dict) -> str:
   digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-  return os.path.join(cache_dir, f"ref_logps_{digest}.npz")
+  return paths.join(cache_dir, f"ref_logps_{digest}.npz")
 
 
 def load(cache_dir: str, parts: dict, shape: tuple[int, ...],
@@ -118,10 +119,10 @@ def load(cache_dir: str, parts: dict, shape: tuple[int, ...],
   """The cached array for these key parts, or None (absent, stored under other parts, or
   unreadable: then a line saying so is appended to `notes`, and the caller recomputes)."""
   path = _entry(cache_dir, parts)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return None
   try:
-    with np.load(path) as z:
+    with paths.open(path, "rb") as f, np.load(f) as z:
       stored = json.loads(str(z["key"]))
       if stored != parts or z["ref_logps"].shape != tuple(shape):
         return None
@@ -136,9 +137,14 @@ def load(cache_dir: str, parts: dict, shape: tuple[int, ...],
 
 
 def save(cache_dir: str, parts: dict, ref_logps: np.ndarray) -> str:
-  """Writes atomically (temp file + rename), so a killed run leaves no half entry."""
-  os.makedirs(cache_dir, exist_ok=True)
+  """Writes atomically (temp file + rename; a gs:// object is written whole), so a killed run
+  leaves no half entry."""
+  paths.makedirs(cache_dir)
   path = _entry(cache_dir, parts)
+  if paths.is_remote(path):
+    with paths.open(path, "wb") as f:
+      np.savez(f, ref_logps=ref_logps, key=np.array(json.dumps(parts, sort_keys=True)))
+    return path
   tmp = f"{path}.{os.getpid()}.tmp.npz"
   np.savez(tmp, ref_logps=ref_logps, key=np.array(json.dumps(parts, sort_keys=True)))
   os.replace(tmp, path)

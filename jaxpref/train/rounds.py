@@ -21,12 +21,12 @@ batches it would have; `describe` puts the scheme in the order string checkpoint
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import jax
 import numpy as np
 
+from jaxpref import paths
 from jaxpref.data import batching, curriculum, grain_source
 from jaxpref.data import passes
 from jaxpref.parallel import sharding
@@ -134,10 +134,10 @@ class Rounds:
                start: int):
     self.cfg, self.batcher, self.graphdef, self.ds = cfg, batcher, graphdef, ds
     self.put, self.mesh, self.say, self.start = put, mesh, say, start
-    self.folder = os.path.join(cfg.workdir, "rounds")
+    self.folder = paths.join(cfg.workdir, "rounds")
 
   def path(self, r: int) -> str:
-    return os.path.join(self.folder, f"round_{r + 1}.npy")
+    return paths.join(self.folder, f"round_{r + 1}.npy")
 
   def begin(self, step: int, params, ref_params, sync: Callable):
     """The reference for train step `step`: at a round's first step, the policy (and the
@@ -156,8 +156,9 @@ class Rounds:
 
   def _rerank(self, r: int, params, ref_params, may_compute: bool) -> None:
     path = self.path(r)
-    if os.path.exists(path):
-      scores, how = np.load(path), f"loaded from {path}"
+    if paths.exists(path):
+      with paths.open(path, "rb") as f:
+        scores, how = np.load(f), f"loaded from {path}"
       if scores.shape != (self.ds.n,):
         raise ValueError(f"{path} holds {scores.shape} scores; the train data has {self.ds.n} "
                          "groups (the data changed since the run started?)")
@@ -166,9 +167,10 @@ class Rounds:
                      self.put, self.mesh, self.cfg.logps)
       how = "scored"
       if jax.process_index() == 0:
-        os.makedirs(self.folder, exist_ok=True)
-        np.save(path + ".tmp.npy", scores)  # renamed: a kill mid-write leaves no half file
-        os.replace(path + ".tmp.npy", path)
+        paths.makedirs(self.folder)
+        with paths.open(path + ".tmp.npy", "wb") as f:
+          np.save(f, scores)
+        paths.replace(path + ".tmp.npy", path)  # a kill mid-write leaves no half file
     else:
       raise ValueError(f"{self.cfg.workdir}: resuming inside round {r + 1}, but {path} (its "
                        "scores) is missing; the batches cannot be rebuilt")

@@ -5,14 +5,13 @@ prints it without a traceback)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxpref import data as data_lib
+from jaxpref import data as data_lib, paths
 from jaxpref.data import batching, chat, chat_template, curriculum, grain_source, hub, prompts
 from jaxpref.data.shared_prompt import SharedPromptView
 from jaxpref.parallel import mesh as mesh_lib
@@ -109,7 +108,7 @@ class Setup:
 def setup(cfg: RunConfig) -> Setup:
   """Reads the tokenizer and data and builds the mesh; bad input raises a ValueError that
   names the flag, file, line or field (the CLI prints it without a traceback)."""
-  os.makedirs(cfg.workdir, exist_ok=True)
+  paths.makedirs(cfg.workdir)
   for flag, path in zip(hub.FLAGS, (cfg.init_from, cfg.data.tokenizer, cfg.data.train_data,
                                     cfg.data.eval_data)):
     if hub.origin(path or ""):  # a Hub id, resolved to the cache by flags.to_config
@@ -120,7 +119,7 @@ def setup(cfg: RunConfig) -> Setup:
                      f"vocabulary ({tok.vocab_size}, {cfg.data.tokenizer})")
   template = chat_template.resolve(cfg.data.chat_template, tok)
   say(f"tokenizer: {tok.describe()}" + (" (the --init_from folder's)" if cfg.init_from and
-       os.path.dirname(os.path.abspath(tok.path)) == os.path.abspath(cfg.init_from) else "") +
+       paths.dirname(paths.abspath(tok.path)) == paths.abspath(cfg.init_from) else "") +
        (f"; message-list records rendered with {template.where}" if template else ""))
   with chat.using(template):
     train_ds, eval_ds = load_data(cfg, tok)

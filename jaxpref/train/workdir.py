@@ -7,6 +7,14 @@ is simply taken, and said so (its file still names the dead holder). flock works
 hosts on local disks and NFS (Linux emulates it with POSIX locks there), not on every
 network filesystem; there the lock is advisory at best.
 
+A `gs://` workdir cannot be locked (an object store has no flock, and a preempted run never
+releases anything). There `.lock` is a marker: the run writes its holder (pid, host, start,
+a random run id) and empties it at a clean end. A marker still naming a holder is taken
+over and said so, as above, since a preempted run is the usual cause; a second live run on
+the same gs:// workdir is not refused, so give each run its own workdir. Only process 0
+writes the workdir's files (lock, run.json, flags.txt, metrics); every process writes its
+checkpoint shards through orbax.
+
 `run.json` records the settings that change a run's result (`settings_of`): a resume
 compares them (`check_resume`) and refuses a mismatch listing each differing setting, or,
 allowed (`--allow_flag_changes`), appends a segment to the run's `history`. It is written
@@ -20,13 +28,14 @@ import dataclasses
 import datetime
 import errno
 import fcntl
-import glob
 import hashlib
 import json
 import os
 import socket
+import uuid
 from typing import Any, Optional
 
+from jaxpref import paths
 from jaxpref.cli_errors import WorkdirError
 from jaxpref.data import hub
 
@@ -56,11 +65,14 @@ class WorkdirLock:
 
   def __init__(self, workdir: str):
     self.workdir = workdir
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = paths.join(workdir, LOCK_FILE)
     self.note: Optional[str] = None
+    self.run_id: Optional[str] = None  # a gs:// workdir's marker names the run by it
     self._fd: Optional[int] = None
 
   def acquire(self) -> "WorkdirLock":
+    if paths.is_remote(self.workdir):
+      return self._mark()
     os.makedirs(self.workdir, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -89,10 +101,35 @@ class WorkdirLock:
     self._fd = fd
     return self
 
+  def _mark(self) -> "WorkdirLock":
+    """A gs:// workdir's `.lock`: a marker naming this run, not a lock (module doc)."""
+    previous = {}
+    if paths.exists(self.path):
+      with paths.open(self.path) as f:
+        with contextlib.suppress(ValueError):  # an empty or garbled marker names no one
+          previous = json.loads(f.read() or "{}")
+    if previous.get("pid") is not None:
+      self.note = (f"{self.workdir}: took over the run marker of pid {previous['pid']} on host "
+                   f"{previous.get('host', '?')} (since {previous.get('started', '?')}): that "
+                   "run ended without clearing it (a gs:// workdir cannot be locked; if it "
+                   "still runs, stop one of the two)")
+    self.run_id = uuid.uuid4().hex[:12]
+    with paths.open(self.path, "w") as f:
+      f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                          "started": _now(), "run_id": self.run_id}) + "\n")
+    self._fd = -1  # held: nothing to unlock, the marker to clear
+    return self
+
   def release(self) -> None:
     """Empties the file (a clean end) and unlocks; the file stays, so that a run waiting on
     the same inode and a new one never lock two different files."""
     if self._fd is None:
+      return
+    if self._fd == -1:  # a gs:// marker: cleared, unless the storage fails at the very end
+      with contextlib.suppress(OSError):
+        with paths.open(self.path, "w") as f:
+          f.write("")
+      self._fd = None
       return
     with contextlib.suppress(OSError):  # a full or read-only disk must not stop the release
       os.ftruncate(self._fd, 0)
@@ -123,15 +160,15 @@ def file_fingerprint(path: str) -> dict:
   """size and sha256 of a file up to 64 MiB; above, size, mtime and the sha256 of its first
   MiB (a change past it is then caught by size or mtime only). A small file's mtime is left
   out: a copy or a checkout of the same bytes is the same data."""
-  st = os.stat(path)
+  size = paths.size(path)
   h = hashlib.sha256()
-  with open(path, "rb") as f:
-    if st.st_size <= _FULL_HASH_BELOW:
+  with paths.open(path, "rb") as f:
+    if size <= _FULL_HASH_BELOW:
       while block := f.read(1 << 24):
         h.update(block)
-      return {"size": st.st_size, "sha256": h.hexdigest()}
+      return {"size": size, "sha256": h.hexdigest()}
     h.update(f.read(_FIRST_MB))
-  return {"size": st.st_size, "mtime": int(st.st_mtime), "sha256_first_mib": h.hexdigest()}
+  return {"size": size, "mtime": int(paths.mtime(path)), "sha256_first_mib": h.hexdigest()}
 
 
 def path_fingerprint(path: str) -> Any:
@@ -139,13 +176,11 @@ def path_fingerprint(path: str) -> Any:
   None for "" (no such input)."""
   if not path:
     return None
-  if os.path.isdir(path):
-    files = sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names)
-    base = path
-  else:
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(path, recursive=True))
-    base = os.path.dirname(path)
-  return {os.path.relpath(f, base): file_fingerprint(f) for f in files if os.path.isfile(f)}
+  if paths.isdir(path):
+    return {name: file_fingerprint(paths.join(path, name)) for name in paths.walk_files(path)}
+  files = [path] if paths.isfile(path) else sorted(paths.glob(path))
+  base = paths.dirname(path)
+  return {os.path.relpath(f, base): file_fingerprint(f) for f in files if paths.isfile(f)}
 
 
 # Settings that do not change the numbers a run produces: how often it logs, where it
@@ -211,6 +246,10 @@ def differences(old: dict, new: dict) -> dict:
 
 
 def _write_json(path: str, obj: dict) -> None:
+  if paths.is_remote(path):  # an object is written whole or not at all
+    with paths.open(path, "w") as f:
+      f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    return
   tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1, sort_keys=True)
@@ -221,11 +260,11 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def read_record(workdir: str) -> Optional[dict]:
-  path = os.path.join(workdir, RUN_FILE)
-  if not os.path.exists(path):
+  path = paths.join(workdir, RUN_FILE)
+  if not paths.exists(path):
     return None
   try:
-    with open(path) as f:
+    with paths.open(path) as f:
       return json.load(f)
   except ValueError as e:
     raise WorkdirError(f"{path}: not a readable run record ({e}); move it aside to start "
@@ -234,8 +273,8 @@ def read_record(workdir: str) -> Optional[dict]:
 
 def record(workdir: str, settings: dict) -> None:
   """Writes WORKDIR/run.json for a run that starts at step 0: its settings, one segment."""
-  os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, RUN_FILE), {
+  paths.makedirs(workdir)
+  _write_json(paths.join(workdir, RUN_FILE), {
       "settings": settings,
       "history": [{"segment": 0, "started": _now(), "host": socket.gethostname(),
                    "pid": os.getpid(), "changed": {}}]})
@@ -269,7 +308,7 @@ def check_resume(workdir: str, settings: dict, allow_changes: bool = False,
   history.append({"segment": len(history), "started": _now(), "host": socket.gethostname(),
                   "pid": os.getpid(), "step": step, "changed": diff})
   rec["settings"] = settings
-  _write_json(os.path.join(workdir, RUN_FILE), rec)
+  _write_json(paths.join(workdir, RUN_FILE), rec)
   return lines
 
 
@@ -287,6 +326,6 @@ def begin(cfg, resuming: bool, allow_changes: bool = False,
 def latest_checkpoint(workdir: str) -> Optional[int]:
   """The newest WORKDIR/checkpoints/<step> folder's step (None: a fresh run). Which one
   restores is the Checkpointer's question; this only says whether the run resumes."""
-  folder = os.path.join(workdir, "checkpoints")
-  steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+  folder = paths.join(workdir, "checkpoints")
+  steps = [int(d) for d in paths.listdir(folder) if d.isdigit()] if paths.isdir(folder) else []
   return max(steps) if steps else None

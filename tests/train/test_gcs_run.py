@@ -1,0 +1,61 @@
+"""Runs whose workdir, data and model live in a bucket (`gs://`, served by the local GCS
+emulator of tests/gcs_util.py): what a run writes lands in the bucket, orbax's checkpoint
+included (through tensorstore's own gcs driver), a resume reads it back, and the numbers are
+those of the same run on local paths."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cli_util import ROOT, train
+from jaxpref import paths
+from jaxpref.data import make_tiny
+
+FLAGS = ("--steps=4", "--checkpoint_every=2", "--eval_every=2", "--log_every=1")
+TIMING = ("steps_per_sec", "perf/")  # wall-clock columns differ between any two runs
+
+
+def _rows(workdir: str) -> list[dict]:
+  with paths.open(paths.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+
+def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
+  assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]
+  for a, b in zip(got, want):
+    assert a.keys() == b.keys()
+    np.testing.assert_allclose([a[k] for k in sorted(a) if k not in ("step", "split")],
+                               [b[k] for k in sorted(b) if k not in ("step", "split")],
+                               rtol=1e-6, err_msg=f"step {a['step']} {a['split']}")
+
+
+@pytest.mark.slow
+def test_gs_workdir_and_data_train_checkpoint_and_resume_like_local(gcs, tmp_path):
+  local = str(tmp_path / "local")
+  train(local, *FLAGS)
+  want = _rows(local)
+  data = f"gs://{gcs.bucket}/data/train.jsonl"
+  paths.copy(f"{make_tiny.OUT}/train.jsonl", data)
+  run = f"gs://{gcs.bucket}/run"
+  train(run, f"--train_data={data}", *FLAGS)
+  _assert_same_rows(_rows(run), want)
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))  # no local folder named after the URL
+  ckpt = paths.join(run, "checkpoints")
+  assert sorted(paths.listdir(ckpt)) == ["2", "4"]
+  assert any(f.startswith("state/ocdbt.process_0/d/") for f in paths.walk_files(f"{ckpt}/2"))
+  record = json.load(paths.open(paths.join(run, "run.json")))
+  with open(os.path.join(local, "run.json")) as f:
+    assert record["settings"]["train_data files"] == json.load(f)["settings"]["train_data files"]
+  with paths.open(paths.join(run, ".lock")) as f:
+    assert f.read() == ""  # the run marker, cleared at the clean end
+
+  paths.rmtree(f"{ckpt}/4")  # as if preempted after the checkpoint at step 2
+  proc = train(run, f"--train_data={data}", *FLAGS)
+  assert f"resuming from step 2 ({ckpt})" in proc.stdout
+  _assert_same_rows(_rows(run), want)  # steps 3 and 4 again, from the bucket's checkpoint
+  events = paths.listdir(paths.join(run, "tensorboard"))
+  assert len(events) == 2 and all(e.startswith("events.out.tfevents.") for e in events)
+  assert paths.isfile(paths.join(run, "metrics.png"))
