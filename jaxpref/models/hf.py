@@ -161,7 +161,7 @@ def fused_tensors(cfg: ModelConfig) -> list[tuple[str, list[str]]]:
   return out
 
 
-def _split_fused(cfg: ModelConfig, tensors: dict, where: str) -> dict:
+def split_fused(cfg: ModelConfig, tensors: dict, where: str) -> dict:
   """`tensors` with each fused tensor split into its tensor_map parts (rows: q, then k, then
   v; gate, then up). A fused tensor of the wrong row count is named with both counts."""
   tensors = dict(tensors)
@@ -169,7 +169,7 @@ def _split_fused(cfg: ModelConfig, tensors: dict, where: str) -> dict:
           "v_proj": cfg.n_kv_heads * cfg.head_dim, "gate_proj": cfg.d_ff, "up_proj": cfg.d_ff}
   for name, parts in fused_tensors(cfg):
     if name not in tensors:
-      continue  # named as missing by _check_names
+      continue  # named as missing by check_names
     sizes = [rows[p.split(".")[-2]] for p in parts]
     if tensors[name].shape[0] != sum(sizes):
       raise UnsupportedCheckpoint(f"{where}: {name} has shape {tensors[name].shape}, which "
@@ -190,7 +190,7 @@ def _fuse(cfg: ModelConfig, tensors: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _shard_files(path: str) -> list[str]:
+def shard_files(path: str) -> list[str]:
   index = os.path.join(path, INDEX_FILE)
   if os.path.isfile(index):
     with open(index) as f:
@@ -206,14 +206,14 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of a single-file or sharded safetensors checkpoint, as numpy (bf16 via
   ml_dtypes)."""
   tensors: dict[str, np.ndarray] = {}
-  for name in _shard_files(path):
+  for name in shard_files(path):
     with safe_open(os.path.join(path, name), framework="np") as f:
       for key in f.keys():
         tensors[key] = f.get_tensor(key)
   return tensors
 
 
-def _check_names(cfg: ModelConfig, tensors: dict, entries: list[Entry], where: str) -> None:
+def check_names(cfg: ModelConfig, tensors: dict, entries: list[Entry], where: str) -> None:
   expected = {e[0] for e in entries}
   for name, parts in fused_tensors(cfg):  # names as the checkpoint stores them
     expected = (expected - set(parts)) | {name}
@@ -263,8 +263,8 @@ def _abstract(cfg: ModelConfig):
 def model_from_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=jnp.float32,
                        where: str = "checkpoint") -> Decoder:
   entries = tensor_map(cfg)
-  _check_names(cfg, tensors, entries, where)
-  tensors = _split_fused(cfg, tensors, where)
+  check_names(cfg, tensors, entries, where)
+  tensors = split_fused(cfg, tensors, where)
   graphdef, state = _abstract(cfg)
   shapes = nnx.to_pure_dict(state)
   pure: dict = {}

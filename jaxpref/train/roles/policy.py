@@ -17,7 +17,7 @@ from jaxpref import models
 from jaxpref.data import passes
 from jaxpref.data.packing import PackedBatch
 from jaxpref.data.shared_prompt import SharedPromptBatch
-from jaxpref.models import convert, lora, token_mask, value_head
+from jaxpref.models import lora, streaming, token_mask, value_head
 from jaxpref.models.logps import LogpsOptions, token_level_logps, token_logps
 from jaxpref.parallel import sharding
 from jaxpref.train.reference import Reference
@@ -104,12 +104,9 @@ def init(cfg, mesh, optimizer):
   # PPO's value head (a loss reading values) sits on the policy trunk, trained with it.
   attach = lambda m: value_head.attach(token_mask.attach(m, needs, cfg.seed), needs)
   make = lambda: attach(models.Decoder(cfg.model, rngs=nnx.Rngs(cfg.seed)))
-  if cfg.init_from:  # the checkpoint's weights, placed in the shardings init would give them
-    graphdef, abstract = sharding.abstract_params(make, mesh)
-    params = nnx.split(attach(convert.load_pretrained(cfg.init_from, cfg.model)))[1]
-    params = jax.device_put(params, jax.tree.map(lambda s: s.sharding, abstract))
-  else:
-    graphdef, params = sharding.init_params(make, mesh)
+  graphdef, params = sharding.init_params(make, mesh)
+  if cfg.init_from:  # the checkpoint's tensors replace the decoder's, shard by shard
+    params = streaming.load_into(cfg.init_from, cfg.model, params)
   if cfg.lora is not None:  # the base is never donated nor saved
     adapters = sharding.init_tree(
         lambda: lora.init(params, cfg.lora, jax.random.fold_in(jax.random.key(cfg.seed), 1)),
