@@ -1,4 +1,5 @@
-"""Reward functions that report the shape of what they are given (tests/train/test_online_flags.py)."""
+"""Reward functions that report the shape of what they are given
+(tests/train/test_online_flags.py)."""
 
 
 def size_and_distinct(prompts, responses, **ctx):

@@ -30,9 +30,9 @@ PROMPTS = ["name a fruit.", "which animal do you like?"]
 RESPONSES = [["banana.", "drum.", "how about sheep?"], ["sheep.", "golf", "my answer is cat."]]
 
 
-def _reward_run(path, tiny_config, **kw):
-  """A --role=reward run folder as jaxpref-train leaves it: run.json and a checkpoint."""
-  cfg = tiny_config(path, role="reward", model=models.get_config("tiny", init_std=0.2), **kw)
+def _reward_run(path, tiny_config, role="reward", **kw):
+  """A run folder as jaxpref-train leaves it: run.json and a checkpoint."""
+  cfg = tiny_config(path, role=role, model=models.get_config("tiny", init_std=0.2), **kw)
   optimizer = make_optimizer(cfg.optim, cfg.steps)
   _, state, _ = init_state(cfg, mesh_lib.make_mesh("data:-1"), optimizer)
   ckpt = checkpoint.Checkpointer(os.path.join(path, "checkpoints"), every=1, keep=1)
@@ -116,6 +116,7 @@ def test_pref_rm_of_a_gated_gpm_run(tmp_path, tiny_config):
     sources.build("rm", ctx={"reward_model": rm})(PROMPTS, RESPONSES)
 
 
+@pytest.mark.slow  # imports torch and builds a transformers model: over 10 s on 2 busy cores
 def test_rm_from_a_hugging_face_sequence_classification_folder(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
@@ -223,3 +224,17 @@ def test_for_online_decoders_and_hyperparameters_from_flags(judge_folder):
     rm_source.for_online(bad, tok, lambda line: None)
   with pytest.raises(FlagError, match=r"--online.strong_lm=.* names none of cdr"):
     rm_source.for_online(dataclasses.replace(o, reward="overlong"), tok, lambda line: None)
+
+
+def test_a_policy_run_folder_loads_as_the_judge(tmp_path, tiny_config):
+  path, params = _reward_run(tmp_path / "policy", tiny_config, role="policy", loss="dpo")
+  lm = loaded.load_decoder(path, "--online.judge_model")
+  assert lm.max_len == 32 and lm.tok.vocab_size == Tokenizer.load(TOK).vocab_size
+  got = jax.tree.leaves(jax.device_get(lm.params.to_pure_dict()))
+  want = jax.tree.leaves(params)
+  assert len(got) == len(want) > 0
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(FlagError, match=r"--online.reward_model=.*policy: a --role=policy run, "
+                                      r"not a reward model"):
+    loaded.load_reward_model(path)
