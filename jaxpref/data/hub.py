@@ -129,6 +129,20 @@ def resolve(flag: str, value: str) -> str:
   return folder
 
 
+def tokenizer_flag(resolved: str, flags) -> str:
+  """What flags.txt writes for --tokenizer (`flags`: absl's parsed flags): the Hub id it came
+  from (its own, or --init_from's when it is that snapshot's tokenizer), which a re-run on
+  another machine resolves again; otherwise the file `resolved`."""
+  if origin(resolved) is None:
+    return resolved
+  explicit = flags["tokenizer"].present
+  if explicit and parse(flags.tokenizer, "tokenizer"):
+    return flags.tokenizer
+  if not explicit and parse(flags.init_from, "init_from"):
+    return flags.init_from
+  return resolved
+
+
 def origin(path: str) -> str | None:
   """`owner/name@commit` (`dataset:` before a dataset's) when `path` lies in a Hub cache
   snapshot, else None."""

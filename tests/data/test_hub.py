@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from absl import flags
 from flax import nnx
 
 from cli_util import ROOT, env, metrics, train_cmd
@@ -136,6 +137,11 @@ def test_train_from_a_model_id_and_a_dataset_id_offline(cache, tmp_path):
   assert metrics(str(workdir), "train")[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
   assert "train[-.]*.parquet: read 2000 records, skipped 0" in proc.stdout
   assert "test[-.]*.parquet: read 300 records, skipped 0" in proc.stdout
+  # flags.txt re-runs it elsewhere: the ids as given, never this machine's cache paths.
+  with open(workdir / "flags.txt") as f:
+    written = f.read().splitlines()
+  assert {f"--init_from={MODEL_ID}", f"--tokenizer={MODEL_ID}", f"--train_data={DATA_ID}",
+          f"--eval_data={DATA_ID}"} <= set(written)
 
 
 @pytest.mark.slow  # 10 s: a jaxpref-train start-up
@@ -196,6 +202,23 @@ def test_a_splits_files(tmp_path):
       unnamed, "**/*.jsonl")
   with pytest.raises(ValueError, match="no 'test' split"):
     hub._split_glob("eval_data", "o/n", unnamed, "test", False)
+
+
+def test_flags_txt_writes_the_tokenizers_id():
+  snap = "/c/hub/models--o--m/snapshots/abc/tokenizer.json"
+
+  def values(*argv):
+    fv = flags.FlagValues()
+    flags.DEFINE_string("tokenizer", "jaxpref/data/tiny/tokenizer.model", "", flag_values=fv)
+    flags.DEFINE_string("init_from", "", "", flag_values=fv)
+    fv(["prog", *argv])
+    return fv
+
+  assert hub.tokenizer_flag(snap, values("--init_from=o/m")) == "o/m"  # the snapshot's own
+  assert hub.tokenizer_flag(snap, values("--tokenizer=o/t@v1", "--init_from=x")) == "o/t@v1"
+  assert hub.tokenizer_flag(snap, values(f"--tokenizer={snap}")) == snap  # a path given
+  local = "jaxpref/data/tiny/tokenizer.model"
+  assert hub.tokenizer_flag(local, values("--init_from=o/m")) == local
 
 
 def test_origin_reads_the_id_and_commit_back():
