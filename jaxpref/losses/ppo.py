@@ -11,8 +11,8 @@ al. 2019 ("Fine-Tuning Language Models from Human Preferences") and Schulman et 
   5. kl_coef fixed or moved by Ziegler et al.'s proportional controller (`adaptive_kl_coef`).
 Every function is pure jnp over any leading shape [...] and a token axis T last; `mask`
 is 1 on response tokens (their log-probs, values and rewards count) and 0 elsewhere.
-Nothing here is registered: the `ppo` loss needs per-token advantages and values in
-`Logps` (docs/game_methods.md#what-the-loop-must-add).
+The registered `ppo` loss (`losses/ppo_loss.py`) and the rollout side
+(`train/ppo.py`) use them (docs/online.md#ppo).
 """
 
 from __future__ import annotations

@@ -23,12 +23,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpref.losses import ppo as ppo_math
 from jaxpref.models.logps import token_logps
+from jaxpref.models import value_head
 from jaxpref.models.value_head import token_logps_values
 from jaxpref.train.step import TrainState
 from jaxpref.types import GroupBatch, Logps
 
 sg = jax.lax.stop_gradient
-VALUES = ("head",)  # --online.value: what is built (a separate value model is not)
 WHITEN = {"batch": None, "row": -1}  # --online.whiten -> the axis `whiten` reduces over
 
 
@@ -47,16 +47,14 @@ def uses_values(cfg) -> bool:
 def check(cfg) -> None:
   """Start-up errors of the PPO flags (only when the loss reads values)."""
   o = cfg.online
-  if o.value not in VALUES + ("model",):
-    raise ValueError(f"--online.value must be head, got {o.value!r}")
+  if o.value not in value_head.KINDS:
+    raise ValueError(f"--online.value must be one of {', '.join(value_head.KINDS)}, got "
+                     f"{o.value!r}")
   if not uses_values(cfg):
     return
-  if o.value == "model":
-    raise ValueError("--online.value=model (a separate value model) is not built; use "
-                     "--online.value=head (a value head on the policy trunk)")
   if cfg.lora is not None:
-    raise ValueError(f"--loss={cfg.loss} trains a value head on the policy, which --lora_rank "
-                     "would leave frozen in the LoRA base; train without LoRA")
+    raise ValueError(f"--loss={cfg.loss} trains a value function held in the policy, which "
+                     "--lora_rank would leave frozen in the LoRA base; train without LoRA")
   if cfg.reference != "model":
     raise ValueError(f"--loss={cfg.loss} puts the KL to the reference into the reward: it "
                      f"needs --reference=model, got --reference={cfg.reference}")

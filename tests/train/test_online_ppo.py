@@ -96,9 +96,32 @@ def test_ppo_resume_is_exact(ppo_run, tmp_path):
       assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (a["step"], k)
 
 
+@pytest.mark.slow  # two rollouts (~10 s)
+def test_a_separate_value_model_starts_from_the_policy_and_trains(tmp_path):
+  """--online.value=model: a second decoder under the value head, initialised from the
+  policy's weights; the value loss moves its values off the zero-initialised head's 0."""
+  import jax
+  from flax import nnx
+  from jaxpref.train import online, setup
+  cfg = config(tmp_path / "vm", steps=2, value="model", lr=1e-2)
+  prog = online.program(setup.setup(cfg))
+  model = nnx.merge(prog.graphdef, prog.state.params)
+  vm = model.value_model
+  trunk = nnx.state(model, lambda path, _: path[0] != "value_model")
+  mine, theirs = jax.tree.leaves(nnx.state(vm.decoder)), jax.tree.leaves(trunk)
+  assert len(mine) == len(theirs)
+  for a, b in zip(mine, theirs):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.any(np.asarray(vm.head.value_proj[...]))
+  loop.run(cfg)
+  train = rows(tmp_path / "vm")
+  assert [r["step"] for r in train] == [1, 2]
+  assert train[0]["ppo/old_values_mean"] == 0.0 and train[1]["ppo/old_values_mean"] != 0.0
+  assert all(np.isfinite(r["loss/value"]) for r in train)
+
+
 @pytest.mark.parametrize("online, lora, message", [
-    ({"value": "model"}, False, "--online.value=model (a separate value model) is not built"),
-    ({"value": "critic"}, False, "--online.value must be head"),
+    ({"value": "critic"}, False, "--online.value must be one of head, model"),
     ({"lam": 1.5}, False, "--online.lam must be in [0, 1]"),
     ({"whiten": "group"}, False, "--online.whiten must be batch, row or none"),
     ({}, True, "would leave frozen in the LoRA base"),
