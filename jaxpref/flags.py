@@ -150,12 +150,17 @@ flags.DEFINE_string("coordinator_address", "", "Multi-host: HOST:PORT of process
 flags.DEFINE_integer("num_processes", 1, "Multi-host: processes (hosts) in the run.")
 flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
 flags.DEFINE_bool("estimate_only", False,
-                  "Print the per-device memory of the train step on --mesh (parameters, "
-                  "optimizer state, reference, batch, activations), from sharded shapes and "
-                  "the compiled step, allocating nothing; then exit without training.")
+                  "Print the per-device memory plan of the train step on --mesh (parameters, "
+                  "optimizer state, reference, gradients, batch, activations, LM head), "
+                  "counted from the config and the sharding rules, allocating nothing; then "
+                  "exit without training (docs/cloud.md#memory-plan).")
 flags.DEFINE_integer("estimate_devices", 0,
                      "With --estimate_only: plan a slice from any machine by estimating on this "
                      "many fake CPU devices (e.g. 32 for a v5p-64); 0 uses the real devices.")
+flags.DEFINE_bool("estimate_compile", False,
+                  "With --estimate_only: also compile the train step and print the compiler's "
+                  "own figure (the one to trust on the slice itself; XLA:CPU's overstates "
+                  "remat runs, and an 8B compile on CPU takes minutes).")
 flags.DEFINE_enum("reference", _R.reference, ["model", "precomputed", "lora_base"],
                   "model: run the frozen reference forward in every step; precomputed: compute "
                   "every group's reference log-probs once at start-up, then train without the "
@@ -395,7 +400,7 @@ _PER_LAUNCH = ("workdir", "coordinator_address", "num_processes", "process_id",
 def resolved_flags(cfg: RunConfig | None = None) -> str:
   """Every jaxpref flag with its value, as a flag file that re-runs this run exactly; with
   `cfg`, the values it resolved (the --init_from folder's tokenizer, its reward_dim)."""
-  resolved = {} if cfg is None else {"tokenizer": hub.tokenizer_flag(cfg.data.tokenizer, FLAGS),
+  resolved = {} if cfg is None else {"tokenizer": cfg.data.tokenizer,
                                      "reward_dim": cfg.reward_dim}
   lines = ["# Written by jaxpref: re-run with  jaxpref-train --flagfile=THIS --workdir=NEW_DIR"]
   for flag in sorted(FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):

@@ -48,7 +48,8 @@ def main(argv: list[str]) -> None:
   paths.makedirs(cfg.workdir)
   if FLAGS.estimate_only:
     prepared = _user_error(cli_errors.DataError, loop.setup, cfg)
-    print(memory.report(memory.estimate(prepared), prepared.mesh))
+    print(memory.report(memory.estimate(prepared, compile=FLAGS.estimate_compile),
+                       prepared.mesh))
     return
   lock = workdir.WorkdirLock(cfg.workdir).acquire() if jax.process_index() == 0 else None
   try:

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxpref.models import lora
 
@@ -49,6 +50,41 @@ class Reference:
 
 
 jax.tree_util.register_dataclass(Reference, data_fields=["params", "base"], meta_fields=["kind"])
+
+
+# Parameters the decoder casts to its compute dtype before any use (`models.decoder`: the
+# projections and their biases, and the embedding after its gather when the head does not
+# share it). A frozen copy may store these so and compute exactly what a float32 copy
+# would; norm scales are applied in float32 and the head runs in float32, so they stay.
+_CAST_IN_FORWARD = ("q", "k", "v", "o", "gate", "up", "down", "q_bias", "k_bias", "v_bias",
+                    "o_bias")
+
+
+def in_compute_dtype(names, model_cfg) -> bool:
+  """Whether a reference copy stores the parameter at path `names` in the compute dtype."""
+  names = [n for n in names if n != "value"]  # an nnx.Variable's own path key
+  if names and names[-1] == "embed":
+    return not model_cfg.tie_embeddings
+  return bool(names) and names[-1] in _CAST_IN_FORWARD
+
+
+def frozen_dtype(cfg) -> str:
+  """What a `--reference=model` copy stores its cast weights in: the compute dtype (half the
+  bytes of float32 under bfloat16), unless the reference is updated in place (TR-DPO's
+  `--ref_sync_every`, `--rounds`), where it mixes and is checkpointed in float32."""
+  return "float32" if cfg.ref_sync_every or cfg.rounds > 1 else cfg.model.dtype
+
+
+def frozen_copy(params: Any, cfg) -> Any:
+  """The reference's own buffers (the step donates the policy's), in `frozen_dtype`: its
+  log-probs are bit-identical to those of a float32 copy."""
+  dtype = jnp.dtype(frozen_dtype(cfg))
+  def one(path, x):
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if dtype != x.dtype and in_compute_dtype([n for n in names if isinstance(n, str)], cfg.model):
+      return x.astype(dtype)
+    return jnp.copy(x)
+  return jax.tree_util.tree_map_with_path(one, params)
 
 
 def sync(policy_params: Any, ref: Reference, alpha) -> Reference:

@@ -20,7 +20,7 @@ from jaxpref.data.shared_prompt import SharedPromptBatch
 from jaxpref.models import lora, streaming, token_mask, value_head
 from jaxpref.models.logps import LogpsOptions, token_level_logps, token_logps
 from jaxpref.parallel import sharding
-from jaxpref.train.reference import Reference
+from jaxpref.train.reference import Reference, frozen_copy
 from jaxpref.train.step import TrainState
 from jaxpref.types import GroupBatch, Logps
 
@@ -102,8 +102,7 @@ def init(cfg, mesh, optimizer):
   # A loss with learned token masks (sparse_po) trains a mask network held in the policy.
   needs = cfg.loss_spec.needs
   # PPO's value head (a loss reading values) sits on the policy trunk, trained with it.
-  value = getattr(getattr(cfg, "online", None), "value", "head")
-  attach = lambda m: value_head.attach(token_mask.attach(m, needs, cfg.seed), needs, value)
+  attach = lambda m: value_head.attach(token_mask.attach(m, needs, cfg.seed), needs)
   make = lambda: attach(models.Decoder(cfg.model, rngs=nnx.Rngs(cfg.seed)))
   graphdef, params = sharding.init_params(make, mesh)
   if cfg.init_from:  # the checkpoint's tensors replace the decoder's, shard by shard
@@ -112,12 +111,12 @@ def init(cfg, mesh, optimizer):
     adapters = sharding.init_tree(
         lambda: lora.init(params, cfg.lora, jax.random.fold_in(jax.random.key(cfg.seed), 1)),
         mesh)
-    ref = Reference(cfg.reference, sharding.copy(params) if cfg.reference == "model" else None,
-                    base=params)
+    ref = Reference(cfg.reference,
+                    frozen_copy(params, cfg) if cfg.reference == "model" else None, base=params)
     return graphdef, new_state(adapters, optimizer, mesh), ref
   # The reference is the initial policy, sharded alike in buffers of its own: the step
   # donates the policy's, never the reference's (a precomputed one is dropped once used).
-  ref = Reference(cfg.reference, sharding.copy(params))
+  ref = Reference(cfg.reference, frozen_copy(params, cfg))
   return graphdef, new_state(params, optimizer, mesh), ref
 
 
