@@ -400,7 +400,7 @@ _PER_LAUNCH = ("workdir", "coordinator_address", "num_processes", "process_id",
 def resolved_flags(cfg: RunConfig | None = None) -> str:
   """Every jaxpref flag with its value, as a flag file that re-runs this run exactly; with
   `cfg`, the values it resolved (the --init_from folder's tokenizer, its reward_dim)."""
-  resolved = {} if cfg is None else {"tokenizer": cfg.data.tokenizer,
+  resolved = {} if cfg is None else {"tokenizer": hub.tokenizer_flag(cfg.data.tokenizer, FLAGS),
                                      "reward_dim": cfg.reward_dim}
   lines = ["# Written by jaxpref: re-run with  jaxpref-train --flagfile=THIS --workdir=NEW_DIR"]
   for flag in sorted(FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):

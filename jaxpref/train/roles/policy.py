@@ -102,7 +102,8 @@ def init(cfg, mesh, optimizer):
   # A loss with learned token masks (sparse_po) trains a mask network held in the policy.
   needs = cfg.loss_spec.needs
   # PPO's value head (a loss reading values) sits on the policy trunk, trained with it.
-  attach = lambda m: value_head.attach(token_mask.attach(m, needs, cfg.seed), needs)
+  value = getattr(getattr(cfg, "online", None), "value", "head")
+  attach = lambda m: value_head.attach(token_mask.attach(m, needs, cfg.seed), needs, value)
   make = lambda: attach(models.Decoder(cfg.model, rngs=nnx.Rngs(cfg.seed)))
   graphdef, params = sharding.init_params(make, mesh)
   if cfg.init_from:  # the checkpoint's tensors replace the decoder's, shard by shard
