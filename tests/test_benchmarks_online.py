@@ -2,6 +2,8 @@
 the benchmark keeps running as the online program changes."""
 
 import math
+
+import numpy as np
 import os
 import sys
 
@@ -60,3 +62,21 @@ def test_tokens_count_each_sequences_prompt_in_either_layout():
                      scores=np.zeros((1, 2), np.float32))
   assert trl_grpo_compare.sequence_tokens(batch) == 4 + 3
   assert trl_grpo_compare.sequence_tokens(shared_prompt.pack(batch, length=8)) == 4 + 3
+
+
+@pytest.mark.slow  # torch and transformers load, both sides compile (~30 s loaded)
+def test_the_sampler_benchmark_counts_what_each_side_returned(capsys):
+  """benchmarks/sampler_speed.py at a toy size: both stop cases, two torch variants, the
+  same greedy tokens on both sides (one weights file), rates from the tokens returned."""
+  pytest.importorskip("transformers")
+  import sampler_speed
+  rows = sampler_speed.main(["--presets=tiny", "--batches=2", "--new=6", "--reps=1",
+                             "--torch_variants=eager,static"])
+  assert [(r["batch"], r["stop"]) for r in rows] == [(2, False), (2, True)]
+  for r in rows:
+    assert r["same"] == 1.0 and r["jaxpref_tok_s"] > 0 and r["torch_static_tok_s"] > 0
+  assert "| tiny | 2 | yes |" in capsys.readouterr().out
+  stop = 7
+  toks = np.array([[1, 2, 5, stop, 0, 0], [1, 2, 5, 6, 8, 9]])
+  assert sampler_speed.new_tokens(toks, 2, stop, 0) == 2 + 4
+  assert sampler_speed.new_tokens(toks, 2, None, 0) == 8

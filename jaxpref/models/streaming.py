@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpref.models import hf
+from jaxpref.models.convert import CONFIG_FILE, PARAMS_DIR
 from jaxpref.models.decoder import Decoder, ModelConfig
 
 
@@ -80,7 +81,7 @@ def load_into(path: str, cfg: ModelConfig, params: nnx.State) -> nnx.State:
   such as an attached value head, are kept) with every decoder leaf replaced by the
   checkpoint's at `path` (a Hugging Face or a jaxpref folder), in the same shardings."""
   pure = nnx.to_pure_dict(params)
-  if os.path.isfile(os.path.join(path, "model_config.json")):
+  if os.path.isfile(os.path.join(path, CONFIG_FILE)):
     _restore_jaxpref(path, cfg, pure)
   else:
     hf.check_causal(path)
@@ -99,7 +100,6 @@ def _restore_jaxpref(path: str, cfg: ModelConfig, pure: dict) -> None:
   """A jaxpref folder's orbax checkpoint restored straight into `pure`'s decoder leaves'
   shardings and dtypes."""
   import orbax.checkpoint as ocp  # heavy; only jaxpref folders need it here
-  from jaxpref.models.convert import PARAMS_DIR
   shapes = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))[1])
 
   def like(shape_tree: dict, leaves: dict) -> dict:
