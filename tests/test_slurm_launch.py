@@ -62,3 +62,18 @@ def test_slurm_errors(capsys):
   assert ">= 1" in error(capsys, "--flagfile=experiments/quickstart.flags", "--workdir=w",
                          "--nodes=0", module=slurm)
   assert "--workdir" in error(capsys, "--flagfile=experiments/quickstart.flags", module=slurm)
+
+
+def test_every_gpu_launch_sets_the_memory_fraction():
+  """JAX preallocates 75% of a GPU by default; each documented GPU launch of jaxpref-train
+  (the single-node recipe in docs/cloud.md, the h100x8 flag file's Run line) raises it, as
+  the sbatch script above does."""
+  doc = open(os.path.join(REPO, "docs", "cloud.md")).read()
+  section = doc[doc.index("## 8xH100"):]
+  section = section[:section.index("\n## ", 1)]
+  flags = open(os.path.join(REPO, "experiments", "scale", "h100x8.flags")).read()
+  launches = [line for text in (section, flags) for line in text.splitlines()
+              if "jaxpref-train" in line and not line.lstrip("# ").startswith("(")]
+  assert len(launches) >= 2, launches
+  for line in launches:
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9" in line, line

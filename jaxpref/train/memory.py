@@ -70,8 +70,9 @@ def _abstract_params(cfg, mesh):
   if cfg.role == "reward":
     return sharding.abstract_params(lambda: roles.get("reward").make_model(cfg), mesh)
   needs = cfg.loss_spec.needs  # the policy role's model (`roles.policy.init`)
+  value = getattr(getattr(cfg, "online", None), "value", "head")
   return sharding.abstract_params(lambda: value_head.attach(token_mask.attach(
-      models.Decoder(cfg.model, rngs=nnx.Rngs(cfg.seed)), needs, cfg.seed), needs), mesh)
+      models.Decoder(cfg.model, rngs=nnx.Rngs(cfg.seed)), needs, cfg.seed), needs, value), mesh)
 
 
 def _has_reference(cfg) -> bool:

@@ -162,9 +162,11 @@ def plan(cfg, sizes: dict[str, int], tokens_shape: tuple[int, ...], batch_bytes:
   layer_w //= L if c.scan_layers else 1
   fsdp = sizes.get("fsdp", 1) > 1
   gathered = layer_w * ((4 + 4) * fsdp + (cb if cb < 4 else 0))
+  held = (["gathered float32 weights and their float32 gradient"] if fsdp else []) + (
+      [f"their {c.dtype} cast"] if cb < 4 else [])
   add("layer working set", (0 if c.remat == "none" else work) + gathered,
-      "one block's recompute + its gathered weights"
-      + (" (float32 + cast) and their float32 gradient" if fsdp else " cast"))
+      ("one block's recompute" if c.remat != "none" else "(recompute: none)")
+      + "".join(f", {x}" for x in held))
   v = c.vocab_size
   h_io = 2 * a * d * 4  # final hidden (float32) and its gradient
   if not lm_head:
