@@ -1,7 +1,8 @@
-"""One decoder for the Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 and Phi-3
-families in Flax NNX: blocks of grouped-query attention (`jaxpref.models.attention`) and a
-gated MLP between RMSNorms (`jaxpref.models.layers`), with per-family switches in
-`ModelConfig` (all off for Llama) rather than a copy of the model per family."""
+"""One decoder for the Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 and
+Phi-3 families in Flax NNX: blocks of grouped-query attention (`jaxpref.models.attention`)
+and a gated MLP (`jaxpref.models.layers`; Mixtral's experts: `jaxpref.models.moe`) between
+RMSNorms, with per-family switches in `ModelConfig` (all off for Llama) rather than a copy of
+the model per family."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from jaxpref.models.attention import (MASK, Attention, attention_mask,  # noqa: 
                                       sliding_window_mask)
 from jaxpref.models.layers import (ACTIVATIONS, MLP, RMSNorm, param, rope,  # noqa: F401
                                    softcap)
+from jaxpref.models.moe import MoE
 from jaxpref.parallel.sharding import constrain_batch
 
 # --model.remat: what each block keeps for the backward pass. "none" keeps everything;
@@ -74,6 +76,10 @@ class ModelConfig:
   # Phi-3: HF stores q/k/v as one qkv_proj and gate/up as one gate_up_proj. Ours stay apart
   # and the compute is Llama's, so this only says which layout and family a save writes.
   fused_projections: bool = False
+  # Mixtral: each block's MLP is n_experts gated MLPs of width d_ff, experts_per_token of
+  # them weighted per token by a router (jaxpref.models.moe); 0 = the dense MLP.
+  n_experts: int = 0
+  experts_per_token: int = 2
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -83,6 +89,9 @@ class ModelConfig:
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of "
                        f"n_kv_heads ({self.n_kv_heads})")
+    if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+      raise ValueError(f"ModelConfig.experts_per_token must be in 1..n_experts "
+                       f"({self.n_experts}), got {self.experts_per_token}")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
     if self.rope_scaling_type not in ("llama3", "linear"):
@@ -104,7 +113,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.mlp_activation must be one of {', '.join(ACTIVATIONS)}, "
                        f"got {self.mlp_activation!r}")
     for name in ("attn_logit_softcap", "final_logit_softcap", "sliding_window",
-                 "sliding_window_pattern", "query_pre_attn_scalar", "rope_local_theta"):
+                 "sliding_window_pattern", "query_pre_attn_scalar", "rope_local_theta",
+                 "n_experts"):
       if getattr(self, name) < 0:
         raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
     if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -129,7 +139,7 @@ class Block(nnx.Module):
     self.attn_norm = norm()
     self.attn = Attention(cfg, rngs, local)
     self.mlp_norm = norm()
-    self.mlp = MLP(cfg, rngs)
+    self.mlp = MoE(cfg, rngs) if cfg.n_experts else MLP(cfg, rngs)
     if cfg.post_norms:  # Gemma 2 normalises each branch's output before the residual add
       self.post_attn_norm = norm()
       self.post_mlp_norm = norm()
@@ -225,7 +235,8 @@ class Decoder(nnx.Module):
 def stack_blocks(blocks) -> Block:
   """One Block whose every param has a leading layer axis (the scanned layout)."""
   for b in blocks:
-    b.local = b.attn.local = False  # data in the scanned model (Decoder._scan): one graph serves every layer
+    # Data in the scanned model (Decoder._scan): one graph serves every layer.
+    b.local = b.attn.local = False
   return nnx.merge(nnx.graphdef(blocks[0]),
                    jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks]))
 

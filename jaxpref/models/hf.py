@@ -1,7 +1,7 @@
 """Hugging Face checkpoints (config.json + safetensors) to and from the jaxpref Decoder.
 
-The families in `hf_config.FAMILIES` (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3,
-Phi-3) map onto
+The families in `hf_config.FAMILIES` (Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Gemma 2,
+Gemma 3, Phi-3) map onto
 `Decoder` exactly; anything else it cannot represent (other architectures, MLP biases, other RoPE
 scalings or activations) is refused by name rather than loaded into a model that would
 silently compute something else. Our RoPE is the same rotate-half convention as HF's, so
@@ -89,6 +89,11 @@ def _transpose(x):
   return x.T
 
 
+def _swap(x):
+  """Stacked experts: torch [E, out, in] <-> ours [E, in, out]."""
+  return np.swapaxes(x, 1, 2)
+
+
 def _bias(heads: int, dh: int):
   """q/k/v bias: torch [H*Dh] <-> ours [H, Dh]."""
   return lambda b: b.reshape(heads, dh), lambda b: b.reshape(-1)
@@ -119,11 +124,16 @@ def tensor_map(cfg: ModelConfig) -> list[Entry]:
         (hf + "self_attn.k_proj.weight", us + ("attn", "k"), *kv),
         (hf + "self_attn.v_proj.weight", us + ("attn", "v"), *kv),
         (hf + "self_attn.o_proj.weight", us + ("attn", "o"), *o),
-        (hf + "mlp.gate_proj.weight", us + ("mlp", "gate"), _transpose, _transpose),
-        (hf + "mlp.up_proj.weight", us + ("mlp", "up"), _transpose, _transpose),
-        (hf + "mlp.down_proj.weight", us + ("mlp", "down"), _transpose, _transpose),
         (hf + "input_layernorm.weight", us + ("attn_norm", "scale"), _same, _same),
     ]
+    if cfg.n_experts:  # Mixtral; the checkpoint holds each expert apart (stacked_tensors)
+      moe = hf + "block_sparse_moe."
+      out += [(moe + "gate.weight", us + ("mlp", "router"), _transpose, _transpose)]
+      out += [(moe + f"experts.{w}.weight", us + ("mlp", f"expert_{n}"), _swap, _swap)
+              for w, n in (("w1", "gate"), ("w3", "up"), ("w2", "down"))]
+    else:
+      out += [(hf + f"mlp.{n}_proj.weight", us + ("mlp", n), _transpose, _transpose)
+              for n in ("gate", "up", "down")]
     if cfg.post_norms:  # Gemma 2: HF's post_attention_layernorm is then the branch's output norm
       out += [
           (hf + "post_attention_layernorm.weight", us + ("post_attn_norm", "scale"), _same, _same),
@@ -182,6 +192,30 @@ def split_fused(cfg: ModelConfig, tensors: dict, where: str) -> dict:
 def _fuse(cfg: ModelConfig, tensors: dict) -> dict:
   for name, parts in fused_tensors(cfg):
     tensors[name] = np.concatenate([tensors.pop(p) for p in parts], axis=0)
+  for name, parts in stacked_tensors(cfg):
+    tensors.update(zip(parts, (np.ascontiguousarray(x) for x in tensors.pop(name))))
+  return tensors
+
+
+def stacked_tensors(cfg: ModelConfig) -> list[tuple[str, list[str]]]:
+  """Mixtral's experts: (the tensor_map name of an [E, ...] stack, the checkpoint's
+  per-expert names in expert order), w1/w3/w2 of every layer; [] for a dense model."""
+  out = []
+  for i in range(cfg.n_layers if cfg.n_experts else 0):
+    experts = f"model.layers.{i}.block_sparse_moe.experts."
+    out += [(experts + f"{w}.weight", [experts + f"{e}.{w}.weight" for e in range(cfg.n_experts)])
+            for w in ("w1", "w2", "w3")]
+  return out
+
+
+def stack_experts(cfg: ModelConfig, tensors: dict, where: str) -> dict:
+  """`tensors` with each layer's per-expert tensors stacked under the tensor_map name."""
+  tensors = dict(tensors)
+  for name, parts in stacked_tensors(cfg):
+    shapes = sorted({tensors[p].shape for p in parts})
+    if len(shapes) != 1:
+      raise UnsupportedCheckpoint(f"{where}: the experts of {name} differ in shape: {shapes}")
+    tensors[name] = np.stack([tensors.pop(p) for p in parts])
   return tensors
 
 
@@ -217,6 +251,8 @@ def check_names(cfg: ModelConfig, tensors: dict, entries: list[Entry], where: st
   expected = {e[0] for e in entries}
   for name, parts in fused_tensors(cfg):  # names as the checkpoint stores them
     expected = (expected - set(parts)) | {name}
+  for name, parts in stacked_tensors(cfg):
+    expected = (expected - {name}) | set(parts)
   present = {k for k in tensors if not k.endswith(_IGNORED_SUFFIXES)}
   if cfg.tie_embeddings and "lm_head.weight" in present:
     # Some tied checkpoints store the head anyway; it must be the embedding to be dropped.
@@ -265,6 +301,7 @@ def model_from_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=j
   entries = tensor_map(cfg)
   check_names(cfg, tensors, entries, where)
   tensors = split_fused(cfg, tensors, where)
+  tensors = stack_experts(cfg, tensors, where)
   graphdef, state = _abstract(cfg)
   shapes = nnx.to_pure_dict(state)
   pure: dict = {}

@@ -12,57 +12,14 @@ import dataclasses
 from typing import Callable
 
 from jaxpref.models.decoder import ModelConfig, is_local_layer
+from jaxpref.models.hf_defaults import (  # noqa: F401  (with_defaults: hf_reward, convert)
+    GEMMA2_DEFAULTS, GEMMA3_DEFAULTS, GEMMA_DEFAULTS, HEADS, HIDDEN, LLAMA_DEFAULTS,
+    MISTRAL_DEFAULTS, MIXTRAL_DEFAULTS, PHI3_DEFAULTS, QWEN2_DEFAULTS, QWEN3_DEFAULTS,
+    with_defaults)
 
 
 class UnsupportedCheckpoint(ValueError):
   """The checkpoint is not something the jaxpref Decoder can represent exactly."""
-
-
-# transformers' defaults (5.x config classes) for the config.json keys read here: a key a
-# config.json omits takes its family's value, as `from_pretrained` gives it, never ours.
-# HEADS: num_key_value_heads = num_attention_heads; HIDDEN: head_dim = hidden // heads.
-HEADS, HIDDEN = "num_attention_heads", "hidden_size // num_attention_heads"
-_LLAMA_DEFAULTS = dict(
-    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=HEADS, head_dim=HIDDEN, rms_norm_eps=1e-6,
-    max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0,
-    bos_token_id=1, eos_token_id=2, pad_token_id=None)
-_QWEN2_DEFAULTS = dict(
-    _LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
-    max_position_embeddings=32768, bos_token_id=None, eos_token_id=None)
-_GEMMA_DEFAULTS = dict(
-    _LLAMA_DEFAULTS, vocab_size=256000, hidden_size=3072, intermediate_size=24576,
-    num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16, head_dim=256,
-    max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
-    pad_token_id=0)
-_QWEN3_DEFAULTS = dict(_QWEN2_DEFAULTS, head_dim=128)
-_MISTRAL_DEFAULTS = dict(_LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
-                         max_position_embeddings=131072, sliding_window=4096)
-_GEMMA2_DEFAULTS = dict(
-    _GEMMA_DEFAULTS, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-    num_attention_heads=8, num_key_value_heads=4, query_pre_attn_scalar=256,
-    sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
-# Gemma 3 text: global layers' theta 1e6, local layers' (rope_local_base_freq) 1e4; without
-# layer_types, every sliding_window_pattern-th layer (6th) is global.
-_GEMMA3_DEFAULTS = dict(
-    _GEMMA2_DEFAULTS, vocab_size=262208, max_position_embeddings=131072, rope_theta=1e6,
-    rope_local_base_freq=1e4, sliding_window_pattern=6, attn_logit_softcapping=None,
-    final_logit_softcapping=None)
-_PHI3_DEFAULTS = dict(
-    _LLAMA_DEFAULTS, vocab_size=32064, hidden_size=3072, intermediate_size=8192,
-    max_position_embeddings=4096, rms_norm_eps=1e-5, eos_token_id=32000, pad_token_id=32000,
-    sliding_window=None)
-
-
-def with_defaults(hf: dict, defaults: dict) -> dict:
-  """`hf` with every omitted key at its family default. An explicit null keeps its meaning
-  (a null cap is off); a null head count or head_dim is derived, as transformers derives it."""
-  out = {**{k: v for k, v in defaults.items() if k not in hf}, **hf}
-  for key, derived in (("num_key_value_heads", HEADS), ("head_dim", HIDDEN)):
-    if out.get(key) in (None, derived):
-      out[key] = (out["num_attention_heads"] if derived == HEADS
-                  else out["hidden_size"] // out["num_attention_heads"])
-  return out
 
 
 # The switches as Llama has them (the ModelConfig defaults).
@@ -70,7 +27,7 @@ def with_defaults(hf: dict, defaults: dict) -> dict:
 _LLAMA = dict(qkv_bias=False, attn_bias=False, qk_norm=False, embed_scale=False,
               mlp_activation="silu", norm_offset=0.0, post_norms=False, attn_logit_softcap=0.0,
               final_logit_softcap=0.0, sliding_window=0, query_pre_attn_scalar=0.0,
-              rope_local_theta=0.0, fused_projections=False)
+              rope_local_theta=0.0, fused_projections=False, n_experts=0)
 _GEMMA = dict(_LLAMA, embed_scale=True, mlp_activation="gelu_tanh", norm_offset=1.0,
               rope_scaling_factor=1.0)
 
@@ -89,6 +46,14 @@ def _attention_bias(hf: dict) -> dict:
 def _mistral_fields(hf: dict) -> dict:
   # Mistral's window, when it has one, applies to every layer (pattern 0: none global).
   return dict(sliding_window=int(hf["sliding_window"] or 0), sliding_window_pattern=0)
+
+
+def _mixtral_fields(hf: dict) -> dict:
+  if not hf["num_local_experts"]:
+    raise UnsupportedCheckpoint(f"num_local_experts={hf['num_local_experts']!r}: a Mixtral "
+                                f"needs at least one expert")
+  return dict(_mistral_fields(hf), n_experts=int(hf["num_local_experts"]),
+              experts_per_token=int(hf["num_experts_per_tok"]))
 
 
 def _gemma3_fields(hf: dict) -> dict:
@@ -112,10 +77,10 @@ def _gemma3_rope(hf: dict) -> tuple[tuple[str, dict], tuple[str, dict]]:
   params = hf.get("rope_parameters") or {}
   full = {**(params.get("full_attention") or {"rope_type": "default"}),
           **(hf.get("rope_scaling") or {})}
-  full.setdefault("rope_theta", hf.get("rope_theta") or _GEMMA3_DEFAULTS["rope_theta"])
+  full.setdefault("rope_theta", hf.get("rope_theta") or GEMMA3_DEFAULTS["rope_theta"])
   local = dict(params.get("sliding_attention") or {"rope_type": "default"})
   local.setdefault("rope_theta", hf.get("rope_local_base_freq") or
-                   _GEMMA3_DEFAULTS["rope_local_base_freq"])
+                   GEMMA3_DEFAULTS["rope_local_base_freq"])
   where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters.full_attention"
   return (where, full), ("rope_parameters.sliding_attention", local)
 
@@ -163,7 +128,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     # attention_bias: biases on q/k/v and o (the switch attn_bias).
     "llama": Family("llama", "LlamaForCausalLM", dict(_LLAMA, attn_bias=(False, True)),
-                    {"mlp_bias": (False,), "hidden_act": ("silu",)}, _LLAMA_DEFAULTS,
+                    {"mlp_bias": (False,), "hidden_act": ("silu",)}, LLAMA_DEFAULTS,
                     fields=_attention_bias,
                     keys=lambda cfg: {"hidden_act": "silu", "attention_bias": cfg.attn_bias,
                                       "mlp_bias": False}),
@@ -171,32 +136,44 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("mistral", "MistralForCausalLM",
                       dict({k: v for k, v in _LLAMA.items() if k != "sliding_window"},
                            sliding_window_pattern=0),
-                      {"hidden_act": ("silu",)}, _MISTRAL_DEFAULTS, fields=_mistral_fields,
+                      {"hidden_act": ("silu",)}, MISTRAL_DEFAULTS, fields=_mistral_fields,
                       keys=lambda cfg: {"hidden_act": "silu",
                                         "sliding_window": cfg.sliding_window or None}),
+    # Mixtral: Mistral with a mixture-of-experts MLP (jaxpref.models.moe). The router's
+    # training-time jitter and load-balancing loss are training options transformers' forward
+    # pass in eval mode does not apply; they are not read.
+    "mixtral": Family("mixtral", "MixtralForCausalLM",
+                      dict({k: v for k, v in _LLAMA.items() if k not in ("sliding_window",
+                                                                        "n_experts")},
+                           sliding_window_pattern=0),
+                      {"hidden_act": ("silu",)}, MIXTRAL_DEFAULTS, fields=_mixtral_fields,
+                      keys=lambda cfg: {"hidden_act": "silu",
+                                        "sliding_window": cfg.sliding_window or None,
+                                        "num_local_experts": cfg.n_experts,
+                                        "num_experts_per_tok": cfg.experts_per_token}),
     # Qwen2 (and Qwen2.5, the same architecture): Llama with q/k/v biases.
     "qwen2": Family("qwen2", "Qwen2ForCausalLM",
                     dict(_LLAMA, qkv_bias=True, rope_scaling_factor=1.0),
-                    {"hidden_act": ("silu",), "use_sliding_window": (False,)}, _QWEN2_DEFAULTS,
+                    {"hidden_act": ("silu",), "use_sliding_window": (False,)}, QWEN2_DEFAULTS,
                     keys=_qwen_keys),
     # Qwen3: Llama with RMSNorm on each head's q and k (attention_bias: on q/k/v and o).
     "qwen3": Family("qwen3", "Qwen3ForCausalLM",
                     dict(_LLAMA, qk_norm=True, attn_bias=(False, True), rope_scaling_factor=1.0),
-                    {"hidden_act": ("silu",), "use_sliding_window": (False,)}, _QWEN3_DEFAULTS,
+                    {"hidden_act": ("silu",), "use_sliding_window": (False,)}, QWEN3_DEFAULTS,
                     fields=_attention_bias,
                     keys=lambda cfg: {**_qwen_keys(cfg), "attention_bias": cfg.attn_bias}),
     # Gemma's released configs say hidden_act "gelu", which transformers reads as the tanh
     # approximation (transformers PR 29402), so both mean gelu_tanh here.
     "gemma": Family("gemma", "GemmaForCausalLM", _GEMMA,
                     {"attention_bias": (False,), "hidden_act": ("gelu", "gelu_pytorch_tanh"),
-                     "use_bidirectional_attention": (None, False)}, _GEMMA_DEFAULTS,
+                     "use_bidirectional_attention": (None, False)}, GEMMA_DEFAULTS,
                     keys=lambda cfg: {"hidden_act": "gelu_pytorch_tanh", "attention_bias": False}),
     "gemma2": Family("gemma2", "Gemma2ForCausalLM",
                      {k: v for k, v in dict(_GEMMA, post_norms=True).items()
                       if k not in ("attn_logit_softcap", "final_logit_softcap", "sliding_window",
                                    "query_pre_attn_scalar")},
                      {"attention_bias": (False,), "hidden_activation": ("gelu_pytorch_tanh",),
-                      "use_bidirectional_attention": (None, False)}, _GEMMA2_DEFAULTS,
+                      "use_bidirectional_attention": (None, False)}, GEMMA2_DEFAULTS,
                      default_pattern=2, fields=_gemma2_fields, keys=_gemma2_keys),
     # Gemma 3 text: Gemma 2 with (1 + w) q/k norms, its own RoPE theta on local layers, and
     # no attention soft-cap (see _gemma3_fields).
@@ -206,7 +183,7 @@ FAMILIES: dict[str, Family] = {
                                         "query_pre_attn_scalar", "rope_local_theta",
                                         "rope_scaling_factor")},
                           {"hidden_activation": ("gelu_pytorch_tanh",),
-                           "use_bidirectional_attention": (None, False)}, _GEMMA3_DEFAULTS,
+                           "use_bidirectional_attention": (None, False)}, GEMMA3_DEFAULTS,
                           fields=_gemma3_fields, keys=_gemma3_keys,
                           rope=lambda hf: _gemma3_rope(hf)[0],
                           seq_cls="Gemma3TextForSequenceClassification"),
@@ -216,7 +193,7 @@ FAMILIES: dict[str, Family] = {
                    dict({k: v for k, v in _LLAMA.items() if k != "sliding_window"},
                         fused_projections=True, sliding_window_pattern=0,
                         rope_scaling_factor=1.0),
-                   {"hidden_act": ("silu",)}, _PHI3_DEFAULTS, fields=_mistral_fields,
+                   {"hidden_act": ("silu",)}, PHI3_DEFAULTS, fields=_mistral_fields,
                    keys=lambda cfg: {"hidden_act": "silu",
                                      "sliding_window": cfg.sliding_window or None}),
 }

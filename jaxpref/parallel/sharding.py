@@ -38,6 +38,11 @@ LOGICAL_AXES: dict[str, tuple[str, ...]] = {
     "up": ("embed", "mlp"),
     "down": ("mlp", "embed"),
     "scale": ("embed",),
+    # Mixtral's experts (jaxpref.models.moe): the expert axis first; the router is small.
+    "router": ("embed", None),
+    "expert_gate": ("experts", "embed", "mlp"),
+    "expert_up": ("experts", "embed", "mlp"),
+    "expert_down": ("experts", "mlp", "embed"),
 }
 
 # The one table from logical axes to mesh axes (None: never sharded).
@@ -46,6 +51,9 @@ RULES: dict[str, Optional[str]] = {
     "vocab": "tensor",
     "heads": "tensor",
     "mlp": "tensor",
+    # Expert parallelism: each `tensor` device holds whole experts (their `mlp` axis then
+    # stays unsplit, as a mesh axis shards one dimension of a weight at most).
+    "experts": "tensor",
     "head_dim": None,
     "lora_rank": None,
     # A scanned stack's layer axis: every device holds every layer's shard, so the scan

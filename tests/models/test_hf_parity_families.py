@@ -1,19 +1,24 @@
-"""jaxpref.models.hf against transformers' Gemma 3 (text) and Phi-3 causal LMs: logits on
-the same tokens, exact tensor round trips (Phi-3's fused qkv_proj / gate_up_proj split on
-load and fused on save), greedy sampling equal to `generate`, and one-line refusals of
-what the Decoder does not compute (longrope, partial RoPE, scaled local RoPE, ...)."""
+"""jaxpref.models.hf against transformers' Gemma 3 (text), Phi-3 and Mixtral causal LMs:
+logits on the same tokens, exact tensor round trips (Phi-3's fused qkv_proj / gate_up_proj
+split on load and fused on save, Mixtral's per-expert tensors stacked and unstacked),
+greedy sampling equal to `generate`, Mixtral's experts sharded over the tensor axis, and
+one-line refusals of what the Decoder does not compute (longrope, partial RoPE, ...)."""
 
 import dataclasses
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxpref.models import hf, hf_config, hf_write, sampler  # noqa: E402
+from jaxpref import models  # noqa: E402
+from jaxpref.models import hf, hf_config, hf_write, moe, sampler  # noqa: E402
+from jaxpref.parallel import mesh as mesh_lib, sharding  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +27,13 @@ IDS = hf_write.token_ids(bos=1, eos=2, pad=0)  # Phi-3's defaults (32000) lie ou
 
 
 def hf_model(family, tie=True, kv_heads=2, layers=2, seed=0, **extra):
-  """A random float32 Gemma3ForCausalLM or Phi3ForCausalLM; weights (norm scales and biases
-  too) far from the init, so a wrong split, norm offset or RoPE theta shows."""
+  """A random float32 Gemma3ForCausalLM, Phi3ForCausalLM or MixtralForCausalLM; weights
+  (norm scales and biases too) far from the init, so a wrong split, norm offset, RoPE theta
+  or expert order shows."""
   torch.manual_seed(seed)
   config_cls, model_cls = {"gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
-                           "phi3": ("Phi3Config", "Phi3ForCausalLM")}[family]
+                           "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+                           "mixtral": ("MixtralConfig", "MixtralForCausalLM")}[family]
   ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
   cfg = getattr(transformers, config_cls)(
       vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
@@ -52,7 +59,7 @@ def hf_logits(model, toks):
 
 
 def ours(model, toks):
-  return np.asarray(model(jnp.asarray(toks, jnp.int32)))
+  return np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(toks, jnp.int32)))
 
 
 CASES = {
@@ -72,6 +79,9 @@ CASES = {
     "phi3_sliding": dict(family="phi3", tie=False, sliding_window=8),
     "phi3_tied_mha": dict(family="phi3", tie=True, kv_heads=4, rope_parameters={
         "rope_type": "default", "rope_theta": 5e5}),
+    # 4 experts, the top 2 per token, a window (8) on every layer.
+    "mixtral_top2": dict(family="mixtral", tie=False, num_local_experts=4,
+                         num_experts_per_tok=2, sliding_window=8),
 }
 
 
@@ -82,8 +92,9 @@ def test_logits_match_transformers_and_round_trip(case, tmp_path):
   cfg, model = hf.load(str(tmp_path / "hf"))
   family = CASES[case]["family"]
   assert hf.family_of(cfg).model_type == family
-  assert cfg.fused_projections == (family == "phi3") and cfg.sliding_window == 8 or (
-      case == "phi3_tied_mha" and cfg.sliding_window == 0)
+  assert cfg.fused_projections == (family == "phi3")
+  assert cfg.sliding_window == (0 if case == "phi3_tied_mha" else 8)
+  assert (cfg.n_experts, cfg.experts_per_token) == ((4, 2) if family == "mixtral" else (0, 2))
   toks = tokens()
   want = hf_logits(src, toks)
   diff = float(np.abs(ours(model, toks) - want).max())
@@ -97,7 +108,8 @@ def test_logits_match_transformers_and_round_trip(case, tmp_path):
                                      dict(query_pre_attn_scalar=0.0)],
              "gemma3_bias_mqa": [dict(rope_local_theta=1e6)],
              "phi3_sliding": [dict(sliding_window=0)],
-             "phi3_tied_mha": [dict(rope_theta=1e4)]}[case]
+             "phi3_tied_mha": [dict(rope_theta=1e4)],
+             "mixtral_top2": [dict(experts_per_token=1), dict(sliding_window=0)]}[case]
   for change in changes:
     other = hf.model_from_tensors(dataclasses.replace(cfg, **change), tensors)
     assert np.abs(ours(other, toks) - want).max() > 1e-2, change
@@ -113,7 +125,7 @@ def test_logits_match_transformers_and_round_trip(case, tmp_path):
   assert hf.config_from_hf(json.loads((tmp_path / "back" / "config.json").read_text())) == cfg
 
 
-@pytest.mark.parametrize("case", ["gemma3_local_global", "phi3_sliding"])
+@pytest.mark.parametrize("case", ["gemma3_local_global", "mixtral_top2"])
 def test_greedy_matches_transformers_generate(case, tmp_path):
   src = hf_model(**CASES[case])
   src.save_pretrained(tmp_path / "hf")
@@ -207,7 +219,8 @@ def test_phi3_fused_tensors_checked(tmp_path):
                                             "input_layernorm", "post_attention_layernorm"))
   missing = {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.gate_up_proj.weight"}
   with pytest.raises(hf.UnsupportedCheckpoint,
-                     match=r"missing: \['model.layers.1.mlp.gate_up_proj.weight'\]; unexpected: none"):
+                     match=r"missing: \['model.layers.1.mlp.gate_up_proj.weight'\]; "
+                           r"unexpected: none"):
     hf.model_from_tensors(cfg, missing)
   short = dict(tensors, **{"model.layers.0.self_attn.qkv_proj.weight":
                            tensors["model.layers.0.self_attn.qkv_proj.weight"][:-16]})
@@ -219,10 +232,46 @@ def test_phi3_fused_tensors_checked(tmp_path):
 def test_config_defaults_cover_the_new_families():
   """The defaults test (test_hf_config_defaults.py) runs over every FAMILIES entry; these
   are the values a sparse config.json of each new family gets from transformers."""
-  g3 = hf_config.config_from_hf({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]})
+  g3 = hf_config.config_from_hf({"model_type": "gemma3_text",
+                                 "architectures": ["Gemma3ForCausalLM"]})
   assert (g3.vocab_size, g3.head_dim, g3.sliding_window, g3.query_pre_attn_scalar) == (
       262208, 256, 4096, 256.0)
   assert (g3.final_logit_softcap, g3.attn_logit_softcap, g3.rope_local_theta) == (0.0, 0.0, 1e4)
   phi3 = hf_config.config_from_hf({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]})
   assert (phi3.vocab_size, phi3.n_kv_heads, phi3.max_len, phi3.sliding_window) == (
       32064, 32, 4096, 0)
+  mixtral = hf_config.config_from_hf({"model_type": "mixtral",
+                                      "architectures": ["MixtralForCausalLM"]})
+  assert (mixtral.n_experts, mixtral.experts_per_token, mixtral.rope_theta) == (8, 2, 1e6)
+
+
+def test_route_matches_float64_reference():
+  """Mixtral's router: softmax over experts, the top k renormalised, the rest 0."""
+  logits = np.random.default_rng(0).normal(0, 2, (5, 7, 6))
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.zeros_like(p)
+  for idx in np.ndindex(p.shape[:-1]):
+    top = np.argsort(-p[idx])[:3]
+    want[idx][top] = p[idx][top] / p[idx][top].sum()
+  got = np.asarray(moe.route(jnp.asarray(logits, jnp.float32), 3))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  assert ((got > 0).sum(-1) == 3).all()
+
+
+def test_experts_shard_over_the_tensor_axis():
+  """Each tensor device holds whole experts (their d_ff axis unsplit, D over fsdp as for
+  every weight); the sharded forward pass equals the one-device one."""
+  cfg = models.get_config("tiny", vocab_size=V, n_layers=1, n_experts=4, experts_per_token=2)
+  make = lambda: models.Decoder(cfg, rngs=nnx.Rngs(0))
+  mesh = mesh_lib.make_mesh("data:2,fsdp:2,tensor:2")
+  graphdef, params = sharding.init_params(make, mesh)
+  layer = nnx.to_pure_dict(params)["layers"][0]["mlp"]
+  assert tuple(layer["expert_gate"].sharding.spec) == ("tensor", "fsdp")  # [E, D, F]
+  assert tuple(layer["expert_down"].sharding.spec) == ("tensor", None, "fsdp")  # [E, F, D]
+  assert tuple(layer["router"].sharding.spec) == ("fsdp",)  # [D, E]
+  toks = jnp.asarray(tokens(n=4, t=16), jnp.int32)
+  forward = lambda p, t: nnx.merge(graphdef, p)(t)
+  got = jax.jit(sharding.in_mesh(forward, mesh))(params, toks)
+  want = jax.jit(lambda t: make()(t))(toks)  # one device (eager op by op is slow)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
