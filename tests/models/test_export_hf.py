@@ -116,11 +116,27 @@ def test_lora_from_hf_flagfile_trains_and_exports_a_model_transformers_generates
     hf_dir, tmp_path):
   """experiments/lora_from_hf.flags as documented, on a random Llama folder: the folder's
   tokenizer is used, step 0 is log 2 (the base is the reference), and the merged export
-  loads in transformers and generates."""
+  loads in transformers and generates. The export flags through jaxpref-train: bfloat16
+  weights, sharded files with an index, and the adapters as a PEFT folder."""
   proc = train(str(tmp_path / "run"), f"--init_from={hf_dir}",
                f"--export_hf={tmp_path / 'export'}", "--steps=4", "--eval_every=4",
                "--checkpoint_every=4", "--log_every=1", "--noplot",
+               "--export_hf_dtype=bfloat16", "--export_hf_max_shard_size=20KB",
+               "--export_hf_adapter",
                flagfile=os.path.join(ROOT, "experiments", "lora_from_hf.flags"))
+  export = tmp_path / "export"
+  index = json.loads((export / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 1
+  from safetensors import safe_open
+  with safe_open(str(export / next(iter(index["weight_map"].values()))), "np") as f:
+    assert all(str(f.get_slice(k).get_dtype()) == "BF16" for k in f.keys())
+  adapter = json.loads((export / "adapter" / "adapter_config.json").read_text())
+  assert adapter["r"] == 8 and adapter["lora_alpha"] == 16  # the flag file's rank and alpha
+  peft = pytest.importorskip("peft")
+  base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+  tuned = peft.PeftModel.from_pretrained(base, str(export / "adapter"))
+  b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
+  assert b and any(float(p.abs().max()) > 0 for p in b)  # trained: B moved off its zero init
   log = proc.stdout + proc.stderr
   assert "tokenizer: " + os.path.join(hf_dir, "tokenizer.json") in log
   assert "--export_hf: wrote" in log
