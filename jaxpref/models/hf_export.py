@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from typing import Any, Callable
 
 import jax
 from flax import nnx
 
+from jaxpref import paths
 from jaxpref.data.tokenizer import Tokenizer
 from jaxpref.models import hf, hf_reward, hf_write, lora
 from jaxpref.models.decoder import Decoder
@@ -57,7 +59,7 @@ def check(cfg) -> None:
   if cfg.init_from and os.path.abspath(cfg.export_hf) == os.path.abspath(cfg.init_from):
     raise ValueError(f"--export_hf={cfg.export_hf!r} is the --init_from folder; the export "
                      "would overwrite the weights the run started from")
-  if os.path.isfile(cfg.export_hf):
+  if paths.isfile(cfg.export_hf):
     raise ValueError(f"--export_hf={cfg.export_hf!r} is a file; it names the output folder")
 
 
@@ -111,7 +113,9 @@ def export(cfg, params: Any, frozen: Any = None, say: Callable[[str], None] = pr
     adapters = host_copy(adapters)
   if jax.process_index() != 0:
     return
-  path = cfg.export_hf
+  # gs://: safetensors writes local files, so the folder is written here, then uploaded.
+  path = (tempfile.mkdtemp(prefix="jaxpref-export-") if paths.is_remote(cfg.export_hf)
+          else cfg.export_hf)
   tok = None
   if cfg.data.tokenizer:
     tok = Tokenizer.load(cfg.data.tokenizer)
@@ -136,5 +140,21 @@ def export(cfg, params: Any, frozen: Any = None, say: Callable[[str], None] = pr
                                 os.path.join(path, "adapter"),
                                 os.path.abspath(cfg.init_from) if cfg.init_from else "")
     what += "; the adapters alone in adapter/ (PEFT)"
-  say(f"--export_hf: wrote {path} ({kind}, {what}; tokenizer files: "
+  if path != cfg.export_hf:
+    _upload(path, cfg.export_hf)
+  say(f"--export_hf: wrote {cfg.export_hf} ({kind}, {what}; tokenizer files: "
       f"{', '.join(copied) or 'none'})")
+
+
+def _upload(local: str, remote: str) -> None:
+  """A local export folder copied to a gs:// one (its earlier weight shards removed first,
+  as `hf_write.save_tensors` does locally), then deleted."""
+  try:
+    for old in paths.glob(paths.join(remote, "model*.safetensors")) + [
+        paths.join(remote, hf_write.INDEX_FILE)]:
+      if paths.isfile(old):
+        paths.remove(old)
+    for name in paths.walk_files(local):
+      paths.copy(os.path.join(local, name), paths.join(remote, name))
+  finally:
+    shutil.rmtree(local, ignore_errors=True)

@@ -51,3 +51,30 @@ def test_init_from_and_tokenizer_in_a_bucket(gcs, tmp_path):
   assert tok.vocab_size == want_tok.vocab_size and tok.encode(text) == want_tok.encode(text)
   with pytest.raises(FileNotFoundError, match=f"gs://{gcs.bucket}/nothing: no such"):
     jflags._local("init_from", f"gs://{gcs.bucket}/nothing")
+
+
+def test_export_hf_to_a_bucket_writes_what_a_local_export_writes(gcs, tmp_path):
+  import types
+  from flax import nnx
+  from jaxpref import models
+  from jaxpref.models import hf_export
+  config = models.get_config("tiny", vocab_size=160)
+  model = models.Decoder(config, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  url = f"gs://{gcs.bucket}/export"
+  paths.makedirs(url)
+  with paths.open(paths.join(url, "model-00009-of-00009.safetensors"), "wb") as f:
+    f.write(b"stale")  # an earlier export's shard: removed, as a local export removes it
+  said = []
+  for out in (str(tmp_path / "export"), url):
+    run = types.SimpleNamespace(
+        lora=None, export_hf=out, role="policy", model=config, init_from="",
+        data=types.SimpleNamespace(tokenizer=os.path.join(make_tiny.OUT, "tokenizer.model")))
+    hf_export.check(run)
+    hf_export.export(run, params, None, said.append)
+  assert said[1].startswith(f"--export_hf: wrote {url} (")
+  local = str(tmp_path / "export")
+  assert paths.walk_files(url) == paths.walk_files(local)
+  for name in paths.walk_files(local):
+    with paths.open(paths.join(url, name), "rb") as f, open(os.path.join(local, name), "rb") as g:
+      assert f.read() == g.read(), name
