@@ -86,7 +86,8 @@ class OnlineConfig:
   reward_params: str = ""  # sources' hyperparameters: "overlong.buffer=4;cdr.system=..."
   # PPO (a loss that reads values, `--loss=ppo`; docs/online.md#ppo): the value function,
   # GAE, advantage whitening and the KL-penalised reward's controller (EasyLM's defaults).
-  value: str = "head"  # head: a scalar linear head on the policy trunk (no separate model)
+  value: str = "head"  # head: a linear head on the policy trunk | model: a separate value model
+  value_init: str = ""  # value=model starts from this reward run / HF seq-cls folder ("": policy)
   gamma: float = 1.0  # GAE's discount
   lam: float = 0.95  # GAE's lambda
   whiten: str = "batch"  # advantages whitened over the batch's tokens | row | none

@@ -19,12 +19,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxpref.cli_errors import FlagError
+from jaxpref.data.tokenizer import Tokenizer
 from jaxpref.losses import ppo as ppo_math
 from jaxpref.models.logps import token_logps
 from jaxpref.models import value_head
 from jaxpref.models.value_head import token_logps_values
+from jaxpref.rewards import loaded
 from jaxpref.train.step import TrainState
 from jaxpref.types import GroupBatch, Logps
 
@@ -52,6 +56,9 @@ def check(cfg) -> None:
                      f"{o.value!r}")
   if not uses_values(cfg):
     return
+  if o.value_init and o.value != "model":
+    raise ValueError(f"--online.value_init={o.value_init} starts a separate value model; it "
+                     f"needs --online.value=model, got --online.value={o.value}")
   if cfg.lora is not None:
     raise ValueError(f"--loss={cfg.loss} trains a value function held in the policy, which "
                      "--lora_rank would leave frozen in the LoRA base; train without LoRA")
@@ -73,6 +80,37 @@ def with_controller(state: TrainState, cfg, mesh) -> PPOState:
   coef = jax.device_put(np.float32(cfg.online.kl_coef), NamedSharding(mesh, P()))
   return PPOState(step=state.step, params=state.params, opt_state=state.opt_state,
                   kl_coef=coef)
+
+
+def value_from_reward_model(state: PPOState, cfg) -> PPOState:
+  """`--online.value_init=PATH`: the value model's decoder and head replaced by those of
+  a scalar reward model (a reward run folder or an HF sequence-classification folder) of
+  the policy's architecture and tokenizer (it reads the policy's token ids); the head's
+  bias starts at 0. As open-instruct and TRL initialise their value models."""
+  flag = f"--online.value_init={cfg.online.value_init}"
+  rm = loaded.load_reward_model(cfg.online.value_init, "--online.value_init")
+  if rm.kind != "scalar":
+    raise FlagError(f"{flag}: a {rm.kind} model; the value model starts from a scalar reward "
+                    "model (--reward_dim=1, a linear head)")
+  policy_tok = Tokenizer.load(cfg.data.tokenizer)
+  if rm.tok.vocab_size != policy_tok.vocab_size:
+    raise FlagError(f"{flag}: its tokenizer has {rm.tok.vocab_size} ids, the policy's "
+                    f"{policy_tok.vocab_size}; the value model reads the policy's tokens")
+  pure, ours = nnx.to_pure_dict(rm.params), nnx.to_pure_dict(state.params)["value_model"]
+  bias = np.zeros_like(ours["head"]["value_bias"])
+  new = {"decoder": pure["decoder"], "head": {"value_proj": pure["head"], "value_bias": bias}}
+  want = jax.tree_util.tree_flatten_with_path(ours)[0]
+  got = jax.tree_util.tree_flatten_with_path(new)[0]
+  if [k for k, _ in want] != [k for k, _ in got] or any(
+      np.shape(a) != np.shape(b) for (_, a), (_, b) in zip(want, got)):
+    diff = next((jax.tree_util.keystr(k) for (k, a), (j, b) in zip(want, got)
+                 if k != j or np.shape(a) != np.shape(b)), "(the parameter lists differ)")
+    raise FlagError(f"{flag}: its parameters do not fit the policy's architecture (first "
+                    f"difference at {diff}); the value model has the policy's shapes")
+  placed = jax.tree.map(lambda x, like: jax.device_put(np.asarray(x, like.dtype), like.sharding),
+                        new, ours)
+  nnx.replace_by_pure_dict(state.params, {"value_model": placed})
+  return state
 
 
 def forward(graphdef, opts, lora_scale=None):

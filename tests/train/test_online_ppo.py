@@ -122,6 +122,7 @@ def test_a_separate_value_model_starts_from_the_policy_and_trains(tmp_path):
 
 @pytest.mark.parametrize("online, lora, message", [
     ({"value": "critic"}, False, "--online.value must be one of head, model"),
+    ({"value_init": "rm"}, False, "--online.value_init=rm starts a separate value model"),
     ({"lam": 1.5}, False, "--online.lam must be in [0, 1]"),
     ({"whiten": "group"}, False, "--online.whiten must be batch, row or none"),
     ({}, True, "would leave frozen in the LoRA base"),
@@ -200,3 +201,46 @@ def test_rollout_targets_match_reference(whiten, gamma, lam):
   np.testing.assert_allclose(rewards, want_r, rtol=1e-12, atol=1e-12)
   np.testing.assert_allclose(adv, want_a, rtol=1e-10, atol=1e-10)
   np.testing.assert_allclose(returns, want_ret, rtol=1e-12, atol=1e-12)
+
+
+def _seq_cls_folder(cfg, path, model_cfg):
+  """A random scalar reward model of `model_cfg` written as an HF seq-cls folder."""
+  from flax import nnx
+  from jaxpref.data.tokenizer import Tokenizer
+  from jaxpref.models import hf_reward
+  from jaxpref.models.heads import RewardModel
+  rm = RewardModel(model_cfg, 1, rngs=nnx.Rngs(5))
+  tok = Tokenizer.load(cfg.data.tokenizer)
+  hf_reward.save(nnx.state(rm), model_cfg, str(path), pad_token_id=tok.pad_id,
+                 eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+  shutil.copy(cfg.data.tokenizer, path / "tokenizer.model")
+  return rm
+
+
+def test_a_value_model_starts_from_a_reward_model(tmp_path):
+  """--online.value_init: the value model's decoder and head are a scalar reward model's
+  (here an HF sequence-classification folder written from a random tiny reward model)."""
+  import jax
+  from flax import nnx
+  from jaxpref.train import online, setup
+  cfg = config(tmp_path / "run", steps=1, value="model", value_init=str(tmp_path / "rm"))
+  rm = _seq_cls_folder(cfg, tmp_path / "rm", cfg.model)
+  prog = online.program(setup.setup(cfg))
+  vm = nnx.merge(prog.graphdef, prog.state.params).value_model
+  mine, theirs = jax.tree.leaves(nnx.state(vm.decoder)), jax.tree.leaves(nnx.state(rm.decoder))
+  assert len(mine) == len(theirs)
+  for a, b in zip(mine, theirs):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(vm.head.value_proj[...]), np.asarray(rm.head[...]),
+                             rtol=1e-6)
+  assert not np.any(np.asarray(vm.head.value_bias[...]))
+
+
+def test_a_reward_model_of_another_shape_is_refused_in_one_line(tmp_path):
+  from jaxpref.cli_errors import FlagError
+  from jaxpref.train import online, setup
+  cfg = config(tmp_path / "run", steps=1, value="model", value_init=str(tmp_path / "rm"))
+  _seq_cls_folder(cfg, tmp_path / "rm", models.get_config("tiny", n_layers=1))
+  with pytest.raises(FlagError, match=r"--online.value_init=.*rm: its parameters do not fit "
+                     r"the policy's architecture \(first difference at"):
+    online.program(setup.setup(cfg))

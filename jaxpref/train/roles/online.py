@@ -62,6 +62,8 @@ def init(cfg, mesh, optimizer):
     ref = Reference("none", None, base=ref.base)
   if ppo.uses_values(cfg):  # the KL controller's coefficient, checkpointed with the state
     state = ppo.with_controller(state, cfg, mesh)
+    if cfg.online.value_init:
+      state = ppo.value_from_reward_model(state, cfg)
   return graphdef, state, ref
 
 
