@@ -3,7 +3,7 @@ the config, the mesh's axis sizes and the batch's token shape, compiling nothing
 
 Why not the compiled step: XLA:CPU, the only compiler a laptop has, does not keep to the
 remat policy as the TPU and GPU compilers do (at 8B it kept ~238 KiB per token per layer
-where full remat keeps the 8 KiB block input: 70 GiB per chip where this count gives ~20).
+where full remat keeps the 8 KiB block input: 70 GiB per chip where this count gives 24).
 
 Every line is one term of the hand count in docs/cloud.md#memory-plan. Parameters,
 optimizer state, reference, gradients and batch are exact (each leaf's shard under
@@ -104,7 +104,8 @@ def plan(cfg, sizes: dict[str, int], tokens_shape: tuple[int, ...], batch_bytes:
   leaves (from their shapes) when the run trains LoRA. `scalars`: int32 counters in the
   optimizer state plus the step. `leaves`: the model's parameters when not the plain
   decoder's (a reward head); `reference`: whether the step holds a reference model;
-  `lm_head`: whether the loss reads the LM head (not a reward model's)."""
+  `lm_head`: whether the loss reads the LM head (not a reward model's). Under LoRA the
+  `parameters` line is the trained adapters and `base (frozen)` the decoder."""
   c = cfg.model
   cb = jnp.dtype(c.dtype).itemsize  # compute dtype
   leaves = decoder_leaves(c) if leaves is None else leaves
@@ -121,8 +122,11 @@ def plan(cfg, sizes: dict[str, int], tokens_shape: tuple[int, ...], batch_bytes:
   else:
     t_bytes = leaves_bytes(lora_leaves, sizes, 4)
     n_lora = sum(math.prod(s) for _, s, _ in lora_leaves)
-    add("LoRA adapters", t_bytes, f"{n_lora:,} x 4 B (float32), sharded")
+    add("parameters", t_bytes, f"the LoRA adapters: {n_lora:,} x 4 B (float32), sharded")
     add("base (frozen)", p_bytes, shard_note)
+    targets = {p.rsplit("/", 1)[0] for p, _, _ in lora_leaves}
+    add("LoRA merged weights", leaves_bytes([x for x in leaves if x[0] in targets], sizes, 4),
+        "W + scale A @ B of each adapted weight, float32, sharded as W")
   add("optimizer state", 2 * t_bytes + 4 * scalars,
       f"Adam mu + nu: 2 x {'parameters' if cfg.lora is None else 'adapters'} + {scalars} int32")
   if reference:
@@ -131,6 +135,8 @@ def plan(cfg, sizes: dict[str, int], tokens_shape: tuple[int, ...], batch_bytes:
     low = leaves_bytes([x for x, k in zip(leaves, cast) if k], sizes, jnp.dtype(rd).itemsize)
     high = leaves_bytes([x for x, k in zip(leaves, cast) if not k], sizes, 4)
     add("reference", low + high, f"matmul weights in {rd}, norms and head float32")
+  else:  # printed all the same: a plan that holds no reference model says so
+    add("reference", 0, f"none (--reference={cfg.reference})")
   add("gradients", t_bytes, "float32, sharded as the trained params")
   if cfg.grad_accum > 1:
     add("grad accumulator", t_bytes, f"--grad_accum={cfg.grad_accum}: a second gradient tree")
@@ -158,9 +164,12 @@ def plan(cfg, sizes: dict[str, int], tokens_shape: tuple[int, ...], batch_bytes:
   add("saved activations", L * saved,
       f"--model.remat={c.remat}: {L} layers x {what[c.remat]} ({a} tokens/device)")
   layer = re.compile(r"(^|/)layers/" if c.scan_layers else r"(^|/)layers/0/")
-  layer_w = sum(shard_elems(s, a_, {**sizes, "fsdp": 1, "data": 1}) for p, s, a_ in leaves if layer.search(p))
+  gathered_sizes = {**sizes, "fsdp": 1, "data": 1}  # a block's weights once FSDP gathers them
+  layer_w = sum(shard_elems(s, ax, gathered_sizes) for p, s, ax in leaves if layer.search(p))
   layer_w //= L if c.scan_layers else 1
   fsdp = sizes.get("fsdp", 1) > 1
+  # With FSDP: the float32 gather and the float32 weight gradient before its reduce-scatter;
+  # in a lower compute dtype, the cast copy the matmuls read.
   gathered = layer_w * ((4 + 4) * fsdp + (cb if cb < 4 else 0))
   held = (["gathered float32 weights and their float32 gradient"] if fsdp else []) + (
       [f"their {c.dtype} cast"] if cb < 4 else [])
@@ -169,9 +178,7 @@ def plan(cfg, sizes: dict[str, int], tokens_shape: tuple[int, ...], batch_bytes:
       + "".join(f", {x}" for x in held))
   v = c.vocab_size
   h_io = 2 * a * d * 4  # final hidden (float32) and its gradient
-  if not lm_head:
-    pass
-  elif cfg.logps.fused_lm_head:
+  if lm_head and cfg.logps.fused_lm_head:
     # The vocabulary loop slices the head, so a sharded head is gathered whole; its
     # gradient is a whole [D, V] float32 carry until the reduce-scatter.
     head_w = d * v * 4 * (2 if fsdp or tp > 1 else 1)
@@ -179,11 +186,11 @@ def plan(cfg, sizes: dict[str, int], tokens_shape: tuple[int, ...], batch_bytes:
     add("LM head (fused)", h_io + head_w + 3 * a * bv * 4,
         f"head{' gathered' if fsdp or tp > 1 else ''} + its gradient [D, V] float32, "
         f"3 x [tokens, {bv}] float32 blocks")
-  else:
+  elif lm_head:
     head_w = d * split(v) * 4 * (2 if fsdp else 1)
     add("LM head (logits)", h_io + head_w + 3 * a * split(v) * 4,
         "logits, log-softmax and their gradient: 3 x [tokens, V] float32")
-  if fsdp:
+  if fsdp and cfg.lora is None:  # LoRA never differentiates the embedding
     add("embedding gradient", split(v) * d * 4, "scatter-add into [V, D] float32 before "
         "the reduce-scatter")
   return Plan(lines)

@@ -13,6 +13,7 @@ import pytest
 from cli_util import ROOT, env, train_cmd
 from jaxpref import models
 from jaxpref.data import make_tiny
+from jaxpref.models import lora
 from jaxpref.models.logps import LogpsOptions, token_logps
 from jaxpref.train import loop, memory
 from jaxpref.train.config import DataConfig, RunConfig
@@ -42,23 +43,26 @@ SWITCHES = dict(dtype="bfloat16", qkv_bias=True, attn_bias=True, qk_norm=True, p
                 tie_embeddings=False)
 
 
-@pytest.mark.parametrize("mesh,model", [
-    ("fsdp:4,tensor:2", SWITCHES),
-    ("data:2,fsdp:4", dict(dtype="bfloat16", scan_layers=True)),
-], ids=["switches", "scanned"])
-def test_exact_lines_equal_the_bytes_a_run_allocates(tmp_path, mesh, model):
+@pytest.mark.parametrize("mesh,model,kw", [
+    ("fsdp:4,tensor:2", SWITCHES, {}),
+    ("data:2,fsdp:4", dict(dtype="bfloat16", scan_layers=True), {}),
+    ("fsdp:4,tensor:2", dict(dtype="bfloat16"), dict(lora=lora.LoraConfig(4))),
+], ids=["switches", "scanned", "lora"])
+def test_exact_lines_equal_the_bytes_a_run_allocates(tmp_path, mesh, model, kw):
   """Parameters, optimizer state, reference and gradients, counted from the config, equal
   the bytes device 0 holds of the arrays `init_state` builds."""
-  s = setup(tmp_path, "tiny", mesh, model)
+  s = setup(tmp_path, "tiny", mesh, model, **kw)
   parts = memory.estimate(s).parts
   _, state, ref = init_state(s.cfg, s.mesh, make_optimizer(s.cfg.optim, s.cfg.steps))
-  assert parts["parameters"] == on_device0(state.params)
+  assert parts["parameters"] == on_device0(state.params)  # the adapters, under LoRA
+  if "lora" in kw:
+    assert parts["base (frozen)"] == on_device0(ref.base)
   assert parts["optimizer state"] == on_device0((state.opt_state, state.step))
   assert parts["reference"] == on_device0(ref.params)
   # The step pins the gradient to the params' shardings (step.make_steps) in their float32.
   assert parts["gradients"] == on_device0(state.params)
   if model.get("dtype") == "bfloat16":  # matmul weights in bfloat16
-    assert parts["reference"] < parts["parameters"]
+    assert parts["reference"] < parts.get("base (frozen)", parts["parameters"])
 
 
 def test_bfloat16_reference_gives_the_float32_references_logps(tmp_path):
@@ -85,7 +89,7 @@ def test_reference_stays_float32_when_it_is_trained_state(tmp_path):
 
 def test_precomputed_reference_holds_no_reference(tmp_path):
   parts = memory.estimate(setup(tmp_path, "tiny", "data:8", reference="precomputed")).parts
-  assert "reference" not in parts and parts["parameters"] > 0
+  assert parts["reference"] == 0 and parts["parameters"] > 0
 
 
 # The activation model against XLA:CPU's compiled temporaries (which hold the gradients too).
