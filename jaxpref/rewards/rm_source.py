@@ -18,7 +18,7 @@ fixed ctx; `--online.reward_params` sets the sources' hyperparameters.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +27,7 @@ from jaxpref.cli_errors import FlagError
 from jaxpref.losses.reward import gpm_score
 from jaxpref.rewards import judge as judge_lib
 from jaxpref.rewards import loaded, sources
+from jaxpref.rewards.model_rewards import LM
 
 RM_SOURCES = ("rm", "pref_rm")
 # (flag, ctx key, the sources that read it): decoders for the model_rewards sources.
@@ -81,10 +82,16 @@ def pref_rm(prompts, responses, **ctx) -> np.ndarray:
                            ctx.get("valid"))
 
 
-def for_online(o, tok, say: Callable[[str], None] = print, base: str = "") -> sources.Reward:
+SELF = "policy"  # --online.judge_model=policy: the policy judges its own samples (OSP)
+
+
+def for_online(o, tok, say: Callable[[str], None] = print, base: str = "",
+               policy_graphdef: Any = None, policy_max_len: int = 0) -> sources.Reward:
   """The reward of the online flags `o` (`OnlineConfig`): `--online.reward` (default `fn`
   with `--online.reward_fn`), with the models its terms name loaded from their flags. A
-  model flag given to no term is an error (it would be silently ignored)."""
+  model flag given to no term is an error (it would be silently ignored). With
+  `--online.judge_model=policy` the judge is the policy itself: its `lm.params` are unset
+  here and the rollout sets them to the sampling weights before each scoring."""
   names = {n for _, n in sources.parse(o.reward or sources.USER)}
   ctx = {"tok": tok}
   if names & set(RM_SOURCES):
@@ -104,7 +111,12 @@ def for_online(o, tok, say: Callable[[str], None] = print, base: str = "") -> so
                       "--online.judge_model=PATH (a policy run folder, a jaxpref-convert or a "
                       "Hugging Face causal-LM folder)")
     template = judge_lib.read_template(o.judge_template)
-    lm = loaded.load_decoder(o.judge_model, "--online.judge_model", o.score_max_len)
+    if o.judge_model == SELF:
+      lm = LM(policy_graphdef, None, tok,
+              o.score_max_len or min(policy_max_len or loaded.DEFAULT_MAX_LEN,
+                                     loaded.DEFAULT_MAX_LEN))
+    else:
+      lm = loaded.load_decoder(o.judge_model, "--online.judge_model", o.score_max_len)
     ctx["judge"] = judge_lib.Judge(lm, template, tuple(o.judge_labels.split(",")),
                                    o.judge_model)
     say(ctx["judge"].describe())

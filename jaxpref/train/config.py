@@ -75,7 +75,8 @@ class OnlineConfig:
   prompt_buckets: str = "16,32,64,128,256,512"  # prompt lengths padded to these (compiles)
   # Model reward sources (rewards/rm_source.py, rewards/judge.py; docs/online.md):
   reward_model: str = ""  # rm / pref_rm: a --role=reward run folder or an HF seq-cls folder
-  judge_model: str = ""  # judge: a policy run folder, jaxpref-convert or HF causal-LM folder
+  judge_model: str = ""  # judge: a policy run folder, jaxpref-convert or HF causal-LM folder;
+  # "policy": the policy judges its own samples (OSP's self-preferring loop)
   judge_template: str = ""  # judge: a file with {prompt}, {a}, {b}; "" = the default one
   judge_labels: str = "A,B"  # judge: the answers naming the first / second response
   score_max_len: int = 0  # rows the reward model / judge read; 0: the run's --max_len or
@@ -95,6 +96,9 @@ class OnlineConfig:
   kl_target: float = 0.0  # > 0: Ziegler et al.'s adaptive controller aims at this KL; 0: fixed
   kl_horizon: float = 10000.0  # the adaptive controller's horizon (in sequences)
   shared_prompt: bool = True  # update on each group's prompt once (train/online.py `packs`)
+  mixture_coef: float = 0.5  # nash_md: the opponent samples pi^(1-m) pi_ref^m (TRL's default)
+  pairs: str = "best_worst"  # a pairwise loss's pairs: best_worst | ranked (i with i + K/2)
+  eval_reward: str = ""  # reward spec for held-out samples ("": the training reward)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from jaxpref.models import sampler
 from jaxpref.models.logps import token_logps
 from jaxpref.parallel import distributed, mesh as mesh_lib, sharding
 from jaxpref.rewards import rm_source, sources
-from jaxpref.train import plots, ppo, step as step_lib
+from jaxpref.train import game_rollouts, plots, ppo, step as step_lib
 from jaxpref.train.optimizer import make_optimizer
 from jaxpref.train.program import Program
 from jaxpref.train.roles import online as role
@@ -43,14 +43,23 @@ class Rollouts:
     self.cfg, self.o, self.tok, self.mesh = cfg, cfg.online, s.tokenizer, mesh
     self.graphdef = graphdef
     o = cfg.online  # jaxpref-generate samples without a reward
-    self.reward = (rm_source.for_online(o, s.tokenizer, say) if o.reward or o.reward_fn
-                   else None)
+    self.reward = (rm_source.for_online(o, s.tokenizer, say, policy_graphdef=graphdef,
+                                        policy_max_len=cfg.model.max_len)
+                   if o.reward or o.reward_fn else None)
+    # OSP's self-judging: the judge reads the weights that sampled the rollout.
+    self.self_judge = (self.reward.ctx["judge"] if self.reward is not None and
+                       o.judge_model == rm_source.SELF else None)
+    # Held-out samples may be scored by another reward (a verifier, while a judge trains).
+    self.eval_reward = (sources.build(o.eval_reward, reward_fn=o.reward_fn, ctx=self.reward.ctx)
+                        if o.eval_reward and self.reward is not None else self.reward)
     self.buckets = tuple(sorted(int(b) for b in cfg.online.prompt_buckets.split(",") if b))
     self.packs = packs(cfg, mesh)
     self.stats: dict = {}
 
   def sample(self, params, ds, idx, k: int, temperature: float, rng):
     """(tokens int32[B*K, P+N], prompt lengths [B*K], lengths [B*K], finished [B*K])."""
+    if self.self_judge is not None:
+      self.self_judge.lm.params = params
     prompt, lengths = ds.padded(idx, self.buckets, self.tok.pad_id)
     o = self.o
     out = sampler.generate((self.graphdef, params), prompt, lengths,
@@ -66,20 +75,23 @@ class Rollouts:
     return [self.tok.decode([t for t in tokens[i, starts[i]:ends[i]].tolist()
                              if t != self.tok.eos_id]) for i in range(len(tokens))]
 
-  def score(self, ds, idx, tokens, starts, ends, finished, k: int):
-    """float64[B, K] rewards of the decoded responses (EOS dropped) and their texts."""
+  def score(self, ds, idx, tokens, starts, ends, finished, k: int, reward=None):
+    """float64[B, K] rewards of the decoded responses (EOS dropped) and their texts, under
+    `reward` (default: the training reward)."""
     texts = self.decode(tokens, starts, ends)
     b = len(idx)
     responses = [texts[j * k:(j + 1) * k] for j in range(b)]
     lengths = (ends - starts).reshape(b, k)
-    total, parts = self.reward.parts([ds.texts[i] for i in idx], responses, lengths=lengths,
-                                     truncated=~finished.reshape(b, k),
-                                     valid=np.ones((b, k), bool),
-                                     max_new_tokens=self.o.max_new_tokens)
+    total, parts = (reward or self.reward).parts(
+        [ds.texts[i] for i in idx], responses, lengths=lengths,
+        truncated=~finished.reshape(b, k), valid=np.ones((b, k), bool),
+        max_new_tokens=self.o.max_new_tokens)
     return np.asarray(total, np.float64), parts, responses
 
   def __call__(self, params, ds, step: int) -> GroupBatch:
     cfg, o = self.cfg, self.o
+    if game_rollouts.opponent(cfg):  # Nash-MD / XPO: a second set of samples
+      return game_rollouts.rollout(self, params, self.reference().model, ds, step, pair_rule)
     b, k = cfg.data.batch_size, o.num_generations
     idx = self.last_indices = ds.indices(step, b, cfg.data.seed)
     t0 = time.perf_counter()
@@ -123,7 +135,7 @@ class Rollouts:
     batch = GroupBatch(tokens=shape(tokens.astype(np.int32)), loss_mask=shape(mask),
                        segment_ids=shape(segs), valid=valid, weight=weight, scores=scores)
     if role.pairwise(self.cfg):
-      return pair_rule(batch)
+      return pair_rule(batch, o.pairs)
     kw = {"scale": o.advantage_scale} if o.advantage == "grpo" else {}
     a = np.asarray(adv_lib.compute(o.advantage, scores, valid & (weight > 0)[:, None], **kw))
     self.stats.update({"advantages/mean": float(a.mean()), "advantages/std": float(a.std())})
@@ -136,16 +148,32 @@ class Rollouts:
     return shared_prompt.pack(batch, length=t + (k - 1) * n, response_length=n)
 
 
-def pair_rule(batch: GroupBatch) -> GroupBatch:
-  """Each group's best and worst valid responses as a (chosen, rejected) pair, K=2; a
-  group whose scores all agree has no preference and gets weight 0."""
+def pair_rule(batch: GroupBatch, rule: str = "best_worst") -> GroupBatch:
+  """(chosen, rejected) pairs, K=2, from each group's valid responses.
+
+  best_worst: the best and the worst response, one pair per group; a group whose scores
+  all agree has no preference and gets weight 0. ranked (OSP's ranked pairs): the group
+  sorted by score, response i paired with response i + K/2, K/2 pairs per group (row
+  b * K/2 + i); a pair whose scores tie, or with an invalid member, gets weight 0."""
   s = np.where(batch.valid, batch.scores, np.nan)
-  best, worst = np.nanargmax(s, axis=1), np.nanargmin(s, axis=1)
-  rows = np.arange(len(s))
-  pick = lambda x: np.stack([x[rows, best], x[rows, worst]], axis=1)
+  if rule == "best_worst":
+    rows, first, second = np.arange(len(s)), np.nanargmax(s, axis=1), np.nanargmin(s, axis=1)
+    weight = batch.weight
+  elif rule == "ranked":
+    b, k = s.shape
+    order = np.argsort(np.where(np.isnan(s), np.inf, -s), axis=1, kind="stable")  # invalid last
+    half = k // 2
+    rows = np.repeat(np.arange(b), half)
+    first, second = order[:, :half].reshape(-1), order[:, half:2 * half].reshape(-1)
+    top, low = s[rows, first], s[rows, second]
+    weight = (np.repeat(batch.weight, half) * (np.isfinite(top) & np.isfinite(low) & (top > low))
+              ).astype(np.float32)
+  else:
+    raise ValueError(f"--online.pairs must be best_worst or ranked, got {rule!r}")
+  pick = lambda x: np.stack([x[rows, first], x[rows, second]], axis=1)
   return GroupBatch(tokens=pick(batch.tokens), loss_mask=pick(batch.loss_mask),
                     segment_ids=pick(batch.segment_ids), valid=pick(batch.valid),
-                    weight=batch.weight, scores=pick(batch.scores))
+                    weight=weight, scores=pick(batch.scores))
 
 
 def packs(cfg, mesh) -> bool:
@@ -197,7 +225,13 @@ def program(s) -> Program:
                                                                      state.params))
   train_step = sharding.keep_state_shardings(updates(cfg, graphdef, inner, lora_scale),
                                              state, mesh)
+  rows = cfg.data.batch_size * (o.num_generations // 2 if o.pairs == "ranked" else 1)
+  if role.pairwise(cfg) and rows % (mesh_lib.batch_axis_size(mesh) * max(cfg.grad_accum, 1)):
+    raise ValueError(f"--online.pairs={o.pairs}: {rows} pairs per step do not divide over the "
+                     f"mesh's batch axes ({mesh_lib.batch_axis_size(mesh)}) x --grad_accum="
+                     f"{cfg.grad_accum}; change --batch_size")
   rollouts = Rollouts(cfg, s, graphdef, mesh)
+  rollouts.reference = lambda: prog.ref  # Nash-MD's mixture and XPO sample from it
   batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
   # The weights the sampler reads: the adapters merged into the base under LoRA (one
   # jitted merge a step), else the trained params as they are.
@@ -240,7 +274,8 @@ def program(s) -> Program:
     idx = np.arange(ds.n)
     tokens, starts, ends, finished = rollouts.sample(params, ds, idx, o.eval_samples,
                                                      o.eval_temperature, rng)
-    scores, parts, _ = rollouts.score(ds, idx, tokens, starts, ends, finished, o.eval_samples)
+    scores, parts, _ = rollouts.score(ds, idx, tokens, starts, ends, finished, o.eval_samples,
+                                      rollouts.eval_reward)
     return [{"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
              **{f"reward/{name}": float(np.mean(v)) for name, v in parts.items()
                 if len(parts) > 1},

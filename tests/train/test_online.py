@@ -27,7 +27,7 @@ KEYS = ("loss", "reward/mean", "length/mean", "rewards/accuracy", "kl/mean", "gr
 
 
 def config(workdir, loss="grpo", mesh="data:-1", steps=4, **online):
-  o = dict(num_generations=4, max_new_tokens=6, reward_fn=LENGTH, **online)
+  o = {**dict(num_generations=4, max_new_tokens=6, reward_fn=LENGTH), **online}
   return RunConfig(
       workdir=str(workdir), model=models.get_config("tiny"), role="online", loss=loss,
       mesh=mesh, steps=steps, log_every=1, eval_every=steps, checkpoint_every=2,

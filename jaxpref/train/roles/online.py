@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpref.models.logps import LogpsOptions, token_logps
-from jaxpref.train import ppo
+from jaxpref.train import game_rollouts, ppo
 from jaxpref.train.reference import Reference
 from jaxpref.train.roles import policy
 from jaxpref.types import GroupBatch, Logps
@@ -31,6 +31,8 @@ def pairwise(cfg) -> bool:
 def needs_reference(cfg) -> bool:
   """A pairwise loss always reads the reference; a policy-gradient loss only for its KL."""
   if pairwise(cfg) or ppo.uses_values(cfg):  # PPO: the KL to the reference is in its reward
+    return True
+  if game_rollouts.opponent(cfg):  # Nash-MD's mixture and XPO's samples come from it
     return True
   return float(cfg.loss_spec.value("beta", 0.0)) > 0
 
@@ -83,6 +85,12 @@ def check(cfg, *datasets) -> None:
     raise ValueError("--ref_sync_every and --rounds both refresh the reference; pick one")
   if cfg.rounds > 1 and cfg.steps % cfg.rounds:
     raise ValueError(f"--rounds={cfg.rounds} must divide --steps={cfg.steps}")
+  if o.pairs not in ("best_worst", "ranked"):
+    raise ValueError(f"--online.pairs must be best_worst or ranked, got {o.pairs!r}")
+  if o.pairs == "ranked" and (not pairwise(cfg) or o.num_generations % 2):
+    raise ValueError(f"--online.pairs=ranked pairs response i with i + K/2 for a pairwise loss: "
+                     f"needs an even --online.num_generations (got {o.num_generations}) and a "
+                     f"pairwise --loss (got {cfg.loss})")
   if pairwise(cfg) and o.num_generations < 2:
     raise ValueError(f"--loss={cfg.loss} trains on each group's best and worst response: "
                      f"--online.num_generations must be >= 2, got {o.num_generations}")
@@ -97,13 +105,14 @@ def check(cfg, *datasets) -> None:
   if cfg.data.shared_prompt or cfg.data.batching != "pad":
     raise ValueError("--role=online lays out its own rollouts: --shared_prompt and "
                      "--batching=buckets|pack do not apply")
+  game_rollouts.check(cfg)
   ppo.check(cfg)
   policy.check(cfg)
 
 
 def probe_batch(cfg, pairs: bool) -> GroupBatch:
   """A zero rollout batch of the run's shapes (2 prompts), for tracing the loss."""
-  k = 2 if pairs else cfg.online.num_generations
+  k = 2 if pairs else game_rollouts.group_size(cfg)
   t = cfg.data.max_len + cfg.online.max_new_tokens
   z = np.zeros((2, k, t), np.float32)
   return GroupBatch(tokens=z.astype(np.int32), loss_mask=z, segment_ids=z.astype(np.int32),
