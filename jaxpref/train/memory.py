@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxpref import models
+from jaxpref import cli_errors, models
 from jaxpref.models import lora, token_mask, value_head
 from jaxpref.parallel import mesh as mesh_lib
 from jaxpref.parallel import sharding
@@ -52,6 +52,9 @@ def estimate(s, compile: bool = False) -> Estimate:
   """Per-device bytes of the train step of `s` (a `train.setup.Setup`) on `s.mesh`: the
   analytic plan, and with `compile` the step compiled from sharded shapes."""
   cfg, mesh = s.cfg, s.mesh
+  if cfg.role == "online":
+    raise cli_errors.FlagError("--estimate_only does not plan --role=online yet (its step "
+                               "trains on rollouts, not on the data's batches)")
   batch = _abstract_batch(s)
   lora_leaves = None
   if cfg.lora is not None:
@@ -76,10 +79,8 @@ def _abstract_params(cfg, mesh):
 
 
 def _has_reference(cfg) -> bool:
-  """Whether the step holds a reference model (`roles.*.init`)."""
-  if cfg.reference != "model" or cfg.role == "reward":
-    return False
-  return cfg.role != "online" or roles.get("online").needs_reference(cfg)
+  """Whether the step holds a reference model (`roles.*.init`; the reward role never does)."""
+  return cfg.reference == "model" and cfg.role == "policy"
 
 
 def _model_leaves(cfg, mesh):

@@ -136,7 +136,7 @@ def plan(cfg, sizes: dict[str, int], tokens_shape: tuple[int, ...], batch_bytes:
     high = leaves_bytes([x for x, k in zip(leaves, cast) if not k], sizes, 4)
     add("reference", low + high, f"matmul weights in {rd}, norms and head float32")
   else:  # printed all the same: a plan that holds no reference model says so
-    add("reference", 0, f"none (--reference={cfg.reference})")
+    add("reference", 0, "none: the step holds no reference model")
   add("gradients", t_bytes, "float32, sharded as the trained params")
   if cfg.grad_accum > 1:
     add("grad accumulator", t_bytes, f"--grad_accum={cfg.grad_accum}: a second gradient tree")

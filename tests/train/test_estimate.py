@@ -47,7 +47,8 @@ SWITCHES = dict(dtype="bfloat16", qkv_bias=True, attn_bias=True, qk_norm=True, p
     ("fsdp:4,tensor:2", SWITCHES, {}),
     ("data:2,fsdp:4", dict(dtype="bfloat16", scan_layers=True), {}),
     ("fsdp:4,tensor:2", dict(dtype="bfloat16"), dict(lora=lora.LoraConfig(4))),
-], ids=["switches", "scanned", "lora"])
+    ("fsdp:8", {}, dict(role="reward", loss="bt")),
+], ids=["switches", "scanned", "lora", "reward"])
 def test_exact_lines_equal_the_bytes_a_run_allocates(tmp_path, mesh, model, kw):
   """Parameters, optimizer state, reference and gradients, counted from the config, equal
   the bytes device 0 holds of the arrays `init_state` builds."""

@@ -118,8 +118,9 @@ def test_h100_file_compiles_its_step_on_8_fake_devices(tmp_path):
   # batch and accumulation settings through the same --estimate_only path.
   path = os.path.join(ROOT, "experiments", "scale", "h100x8.flags")
   proc = subprocess.run(
-      train_cmd(str(tmp_path), "--estimate_only", "--estimate_devices=8", "--model.n_layers=1",
-                "--model.vocab_size=4096", "--max_len=128", flagfile=path),
+      train_cmd(str(tmp_path), "--estimate_only", "--estimate_compile", "--estimate_devices=8",
+                "--model.n_layers=1", "--model.vocab_size=4096", "--max_len=128", flagfile=path),
       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "(8 devices)" in proc.stdout and "'fsdp': 8" in proc.stdout
+  assert "compiled by XLA:CPU" in proc.stdout
