@@ -223,8 +223,14 @@ def test_logs_copy_delete(capsys):
       f"{GC} ssh dpo {SCOPE} --worker=3 ")
   assert dry(capsys, "copy", "--name=dpo", "--zone=us-west4-a", "--workdir=runs/q",
              "--dest=gs://bkt/runs/q") == [
-      f"{GC} ssh dpo {SCOPE} --worker=0 --command "
+      f"{GC} ssh dpo {SCOPE} --worker=all --command "
       "'gcloud storage rsync --recursive jaxpref_run/runs/q gs://bkt/runs/q'"]
+  # A gs:// workdir is in the bucket already: copied within GCS, from this machine.
+  assert dry(capsys, "copy", "--name=dpo", "--zone=us-west4-a", "--workdir=gs://bkt/run",
+             "--dest=gs://bkt/keep/run") == [
+      "gcloud storage rsync --recursive gs://bkt/run gs://bkt/keep/run"]
+  assert "nothing to copy" in error(capsys, "copy", "--name=a", "--zone=z",
+                                    "--workdir=gs://b/r", "--dest=gs://b/r/")
   assert "gs://" in error(capsys, "copy", "--name=a", "--zone=z", "--workdir=w", "--dest=/tmp/x")
   assert dry(capsys, "delete", "--name=dpo", "--zone=us-west4-a") == [f"{GC} delete dpo {SCOPE} --quiet"]
   assert dry(capsys, "delete", "--name=dpo", "--zone=us-west4-a", "--queued") == [

@@ -293,10 +293,14 @@ def logs_cmds(args) -> list[list[str]]:
 def copy_cmds(args) -> list[list[str]]:
   if not args.dest.startswith("gs://"):
     raise LaunchError(f"--dest must be a gs:// URL, got {args.dest!r}")
+  if args.workdir.startswith("gs://"):  # the run wrote there: copied inside GCS, from here
+    if args.workdir.rstrip("/") == args.dest.rstrip("/"):
+      raise LaunchError(f"--workdir={args.workdir} is already --dest; nothing to copy")
+    return [["gcloud", "storage", "rsync", "--recursive", args.workdir, args.dest]]
   src = args.workdir if os.path.isabs(args.workdir) else f"{args.remote_dir}/{args.workdir}"
-  # Worker 0 is JAX process 0, the one that writes metrics and plots.
-  return [ssh(args, shlex.join(["gcloud", "storage", "rsync", "--recursive", src, args.dest]),
-              worker="0")]
+  # Every worker: each holds its own process's checkpoint shards (orbax's ocdbt.process_N);
+  # worker 0 (JAX process 0) also metrics, plots and the run record. No two write one file.
+  return [ssh(args, shlex.join(["gcloud", "storage", "rsync", "--recursive", src, args.dest]))]
 
 
 def delete_cmds(args) -> list[list[str]]:
