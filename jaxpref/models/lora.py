@@ -24,6 +24,7 @@ import jax.numpy as jnp
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # Leading dims the decoder contracts with its input, where not 1: o is [H, Dh, D].
 INPUT_DIMS = {"o": 2}
+NOT_ADAPTED = ("router", "expert_gate", "expert_up", "expert_down")  # jaxpref.models.moe
 FACTORS = ("lora_a", "lora_b")
 
 
@@ -91,6 +92,9 @@ def target_paths(params: Any, cfg: LoraConfig) -> dict[str, tuple[int, ...]]:
     p = param_path(path)
     name = p.rsplit("/", 1)[-1]
     if any(r.fullmatch(name) or r.fullmatch(p) for r in patterns):
+      if name in NOT_ADAPTED:
+        raise ValueError(f"--lora_targets selects {p}: LoRA on a Mixtral's router and experts "
+                         "is not built (an [E, ...] stack is not one matrix)")
       if len(x.shape) < 2:
         raise ValueError(f"--lora_targets selects {p} of shape {tuple(x.shape)}; LoRA adapts "
                          "matrices (norm scales are not one)")

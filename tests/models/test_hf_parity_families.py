@@ -275,3 +275,15 @@ def test_experts_shard_over_the_tensor_axis():
   got = jax.jit(sharding.in_mesh(forward, mesh))(params, toks)
   want = jax.jit(lambda t: make()(t))(toks)  # one device (eager op by op is slow)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_refuses_the_experts():
+  from jaxpref.models import lora
+  cfg = models.get_config("tiny", vocab_size=V, n_layers=1, n_experts=4)
+  shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: models.Decoder(
+      cfg, rngs=nnx.Rngs(0)))))
+  assert sorted(lora.target_paths(shapes, lora.LoraConfig(2, 4.0))) == [
+      f"layers/0/attn/{n}" for n in "koqv"]  # the defaults: attention only
+  with pytest.raises(ValueError,
+                     match="layers/0/mlp/expert_.*: LoRA on a Mixtral's router and experts"):
+    lora.target_paths(shapes, lora.LoraConfig(2, 4.0, ("q", "expert_.*")))
