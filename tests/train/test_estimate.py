@@ -104,15 +104,16 @@ def activation_ratio(s):
   return planned / est.compiled.memory_analysis().temp_size_in_bytes
 
 
-SHORT = dict(max_len=128, batch_size=16)
+SHORT = dict(max_len=64, batch_size=16)
 
 
 @pytest.mark.parametrize("preset,mesh,model,data,kw", [
     ("tiny", "fsdp:4,tensor:2", dict(dtype="bfloat16", remat="full"), {}, {}),
-    pytest.param("small", "fsdp:8", dict(remat="none"), SHORT, {}, marks=pytest.mark.slow),
+    pytest.param("small", "fsdp:8", dict(remat="none"), dict(SHORT, max_len=128), {},
+                 marks=pytest.mark.slow),
     pytest.param("small", "fsdp:4,tensor:2", dict(remat="full", dtype="bfloat16"), SHORT,
                  dict(grad_accum=2), marks=pytest.mark.slow),
-    pytest.param("small", "data:2,fsdp:4", dict(remat="full"), dict(max_len=64, batch_size=16),
+    pytest.param("small", "data:2,fsdp:4", dict(remat="full"), SHORT,
                  dict(logps=LogpsOptions(fused_lm_head=False)), marks=pytest.mark.slow),
 ], ids=["tiny", "none", "accum-tensor", "unfused"])
 def test_activation_plan_within_a_factor_of_the_cpu_compile(tmp_path, preset, mesh, model,
