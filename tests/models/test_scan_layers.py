@@ -45,6 +45,8 @@ FAMILIES = {
     "gemma3": dict(post_norms=True, qk_norm=True, sliding_window=4, rope_local_theta=100.0,
                    rope_scaling_type="linear", rope_scaling_factor=4.0, norm_offset=1.0,
                    mlp_activation="gelu_tanh", embed_scale=True),
+    # Mixtral's experts: [L, E, ...] stacks, a window on every layer.
+    "mixtral": dict(n_experts=4, experts_per_token=2, sliding_window=4, sliding_window_pattern=0),
 }
 
 
