@@ -5,16 +5,17 @@ those of the same run on local paths."""
 
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
 
-from cli_util import ROOT, train
+from cli_util import ROOT, env, train, train_cmd
 from jaxpref import paths
 from jaxpref.data import make_tiny
 
 # No eval data and no plot: each run starts a CLI process (~25 s on 2 busy cores), so the
-# three runs here do only what the bucket changes.
+# three runs here do only what the bucket changes; the local and the gs:// run go together.
 FLAGS = ("--steps=4", "--checkpoint_every=2", "--log_every=1", "--eval_data=", "--noplot")
 TIMING = ("steps_per_sec", "perf/")  # wall-clock columns differ between any two runs
 
@@ -37,12 +38,16 @@ def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
 @pytest.mark.slow
 def test_gs_workdir_and_data_train_checkpoint_and_resume_like_local(gcs, tmp_path):
   local = str(tmp_path / "local")
-  train(local, *FLAGS)
-  want = _rows(local)
   data = f"gs://{gcs.bucket}/data/train.jsonl"
   paths.copy(f"{make_tiny.OUT}/train.jsonl", data)
   run = f"gs://{gcs.bucket}/run"
-  train(run, f"--train_data={data}", *FLAGS)
+  procs = [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+           for cmd in (train_cmd(local, *FLAGS), train_cmd(run, f"--train_data={data}", *FLAGS))]
+  for p in procs:
+    out = p.communicate(timeout=900)[0]
+    assert p.returncode == 0, out[-5000:]
+  want = _rows(local)
   _assert_same_rows(_rows(run), want)
   assert not os.path.exists(os.path.join(ROOT, "gs:"))  # no local folder named after the URL
   ckpt = paths.join(run, "checkpoints")
