@@ -89,23 +89,34 @@ def _pick(logits: jax.Array, knobs, key: jax.Array) -> jax.Array:
   return jax.lax.cond(temperature == 0, greedy, sample)
 
 
-def _sample(graphdef, state, prompt, prompt_lengths, rng, knobs, stops, *, n: int,
+def _sample(graphdef, state, prompt, prompt_lengths, rng, knobs, stops, mix=None, *, n: int,
             pad_id: int, return_logits: bool, copies: int = 1) -> Output:
   model = nnx.merge(graphdef, state)
+  # A geometric mixture (Nash-MD): a second model with its own cache, fed the same tokens;
+  # each step samples from (1 - beta) * logits + beta * its logits.
+  models = (model,) if mix is None else (model, nnx.merge(graphdef, mix[0]))
   b, p = prompt.shape
   total = p + n
-  cache = kv_cache.init(model.config, b, total)
-  hidden, cache = kv_cache.forward(model, cache, prompt, prompt_lengths)
-  last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+  cache = tuple(kv_cache.init(model.config, b, total) for _ in models)
+  hidden, cache = zip(*[kv_cache.forward(m, c, prompt, prompt_lengths)
+                        for m, c in zip(models, cache)])
+  last = tuple(jnp.take_along_axis(h, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+               for h in hidden)
   if copies > 1:  # each prompt's cache filled once, then copied for its `copies` samples
     rep = lambda x: constrain_batch(jnp.repeat(x, copies, axis=0))
     cache = jax.tree.map(rep, cache)
-    prompt, prompt_lengths, last = rep(prompt), rep(prompt_lengths), rep(last)
+    prompt, prompt_lengths, last = rep(prompt), rep(prompt_lengths), jax.tree.map(rep, last)
     b *= copies
   slot = jnp.arange(total, dtype=jnp.int32)[None, :]
   tokens = jnp.pad(prompt, ((0, 0), (0, n)), constant_values=pad_id)
   tokens = jnp.where(slot < prompt_lengths[:, None], tokens, pad_id)
-  logits = model.logits(last)
+
+  def head(last):
+    if mix is None:
+      return model.logits(last[0])
+    return (1 - mix[1]) * model.logits(last[0]) + mix[1] * models[1].logits(last[1])
+
+  logits = head(last)
   record = (jnp.zeros((b, n, logits.shape[-1]), jnp.float32) if return_logits
             else jnp.zeros((b, 0, 0), jnp.float32))
 
@@ -128,12 +139,13 @@ def _sample(graphdef, state, prompt, prompt_lengths, rng, knobs, stops, *, n: in
   def body(c):
     step, (tok, tokens, lengths, finished, record, live), cache = c
     # Only rows that appended a token feed it; the others' cache stays where it was.
-    hidden, cache = kv_cache.forward(model, cache, tok[:, None], live.astype(jnp.int32))
-    return step + 1, emit(step, model.logits(hidden[:, 0]), tokens, lengths, finished,
-                          record), cache
+    hidden, cache = zip(*[kv_cache.forward(m, c, tok[:, None], live.astype(jnp.int32))
+                          for m, c in zip(models, cache)])
+    return step + 1, emit(step, head(tuple(h[:, 0] for h in hidden)), tokens, lengths,
+                          finished, record), tuple(cache)
 
   _, (_, tokens, lengths, finished, record, _), _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), carry, cache))
+      cond, body, (jnp.int32(1), carry, tuple(cache)))
   return Output(tokens, lengths, finished, record if return_logits else None)
 
 
@@ -150,7 +162,7 @@ def generate(model, prompt, prompt_lengths=None, *, max_new_tokens: int = 128,
              stop_tokens: Sequence[int] = (), pad_id: int = 0, rng=None,
              left_padded: bool = False, mesh: Optional[Mesh] = None,
              return_logits: bool = False, vocab_size: int = 0,
-             num_samples: int = 1) -> Output:
+             num_samples: int = 1, mix=None) -> Output:
   """Samples up to `max_new_tokens` after each prompt.
 
   model: a Decoder, or (graphdef, params) as training holds them (sharded params stay
@@ -162,6 +174,10 @@ def generate(model, prompt, prompt_lengths=None, *, max_new_tokens: int = 128,
   num_samples: samples per prompt; output row i * num_samples + j is prompt i's j-th. The
   prompts' cache is filled once and copied (under a mesh, when the prompts divide over
   its batch axes; else the prompts are repeated first, with the same result).
+  mix: (ref, beta) samples from the geometric mixture pi^(1-beta) pi_ref^beta, i.e. from
+  softmax((1 - beta) logits + beta logits_ref) at every step (Nash-MD; TRL's
+  GeometricMixtureWrapper); ref is a Decoder or params of `model`'s graphdef, beta in
+  [0, 1] (traced: one program serves every beta). return_logits then records the mixture.
   """
   sp = SamplingParams(max_new_tokens, float(temperature), int(top_k), float(top_p),
                       tuple(int(t) for t in stop_tokens), int(pad_id))
@@ -196,4 +212,10 @@ def generate(model, prompt, prompt_lengths=None, *, max_new_tokens: int = 128,
            jnp.int32(vocab_size if vocab_size > 0 else np.iinfo(np.int32).max))
   stops = jnp.asarray(sp.stop_tokens or (-1,), jnp.int32)
   fn = _compiled(graphdef, sp.max_new_tokens, sp.pad_id, return_logits, mesh, copies)
-  return fn(state, prompt, lengths, rng, knobs, stops)
+  if mix is None:
+    return fn(state, prompt, lengths, rng, knobs, stops)
+  ref, beta = mix
+  if not 0.0 <= float(beta) <= 1.0:
+    raise ValueError(f"mix: beta must be in [0, 1], got {beta}")
+  ref = nnx.split(ref)[1] if isinstance(ref, Decoder) else ref
+  return fn(state, prompt, lengths, rng, knobs, stops, (ref, jnp.float32(beta)))
