@@ -344,4 +344,5 @@ def pairwise_source(prefer: Callable[[str, str, str], float]) -> Source:
   def source(prompts, responses, **ctx):
     return win_rates(preference_matrix(prefer, prompts, responses), ctx.get("valid"))
   source.__name__ = getattr(prefer, "__name__", "pairwise")
+  source.pairwise = True  # Nash-MD reads its probability as is (train/game_rollouts.py)
   return source
