@@ -22,15 +22,13 @@ from jaxpref import losses
 from jaxpref.flag_files import expand_flagfiles
 from jaxpref import models
 from jaxpref import ops
-from jaxpref import paths as paths_lib
 from jaxpref.data.pairs import TRUNCATION_MODES
 from jaxpref.data import hub
 from jaxpref.data.records import parse_fields
-from jaxpref.data import tokenizer as tokenizer_lib
 from jaxpref.data.tokenizer import find
 from jaxpref.models import lora
 from jaxpref.models import hf_reward
-from jaxpref.models import convert
+from jaxpref.models import convert, remote
 from jaxpref.train.config import (DATA_FORMATS, DataConfig, LogpsOptions, OnlineConfig,
                                   OptimConfig, RunConfig)
 
@@ -294,27 +292,6 @@ def _dotted_values(prefix: str) -> dict[str, Any]:
           if n.startswith(prefix + ".") and FLAGS[n].present}
 
 
-# What a run reads of a gs:// --init_from folder: a Hugging Face folder's files, or a
-# jaxpref-convert folder's.
-INIT_FROM_FILES = (*hub.MODEL_FILES, convert.CONFIG_FILE, convert.IDS_FILE,
-                   f"{convert.PARAMS_DIR}/**")
-TOKENIZER_FILES = (*tokenizer_lib.FILES, *tokenizer_lib.SIDE_FILES, "chat_template.jinja")
-
-
-def _local(flag: str, path: str) -> str:
-  """A gs:// --init_from or --tokenizer as a local copy (`paths.local_copy`): safetensors,
-  sentencepiece and tokenizers open local files only. Data files stay remote: they are
-  streamed (`data.sources`)."""
-  if not paths_lib.is_remote(path) or flag not in ("init_from", "tokenizer"):
-    return path
-  if flag == "init_from" or paths_lib.isdir(path):
-    return paths_lib.local_copy(path, INIT_FROM_FILES if flag == "init_from" else TOKENIZER_FILES)
-  # A tokenizer file: its folder's side files (tokenizer_config.json, chat template) too.
-  name = path.rstrip("/").rsplit("/", 1)[-1]
-  return os.path.join(paths_lib.local_copy(paths_lib.dirname(path), (*TOKENIZER_FILES, name)),
-                      name)
-
-
 def _tokenizer(paths: dict[str, str]) -> str:
   """--tokenizer, or the --init_from folder when it holds a tokenizer and none was given."""
   if os.path.isdir(init_from := paths["init_from"]) and not FLAGS["tokenizer"].present:
@@ -338,7 +315,7 @@ def to_config(workdir: str | None = None) -> RunConfig:
     raise ValueError("--workdir is required (an existing one is resumed)")
   loss_hparams = _dotted_values("loss")
   parse_fields(FLAGS.data_fields)  # unknown target names -> error listing valid ones
-  paths = {name: _local(name, hub.resolve(name, FLAGS[name].value or ""))  # Hub ids, gs://
+  paths = {name: remote.local(name, hub.resolve(name, FLAGS[name].value or ""))  # Hub, gs://
            for name in hub.FLAGS}
   if FLAGS.init_from:  # the checkpoint's config replaces the --model preset (often in a flag file)
     model = convert.run_config(paths["init_from"], _dotted_values("model"))

@@ -1,9 +1,10 @@
 """A local Google Cloud Storage emulator for the gs:// tests (no network, no credentials).
 
 `gcs` (a fixture, registered in conftest.py; one emulator per test session, since gcsfs
-clients, cached by fsspec and etils, keep the endpoint they were made with) serves the JSON API of GCS from this process
-on a free localhost port (`gcp-storage-emulator`, in memory) and points every client of the
-package at it through the environment, which the CLI subprocesses inherit:
+clients, cached by fsspec and etils, keep the endpoint they were made with) serves the JSON
+API of GCS from this process on a free localhost port (`gcp-storage-emulator`, in memory)
+and points every client of the package at it through the environment, which the CLI
+subprocesses inherit:
 - `STORAGE_EMULATOR_HOST`: gcsfs (through etils.epath) and google-cloud-storage;
 - `TENSORSTORE_GCS_HTTP_URL`: tensorstore's own gcs driver, which orbax writes arrays with;
 - `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`: gcsfs would otherwise ask the Storage Control
