@@ -287,3 +287,25 @@ def test_lora_refuses_the_experts():
   with pytest.raises(ValueError,
                      match="layers/0/mlp/expert_.*: LoRA on a Mixtral's router and experts"):
     lora.target_paths(shapes, lora.LoraConfig(2, 4.0, ("q", "expert_.*")))
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "mixtral"])
+def test_sequence_classification_folder_reads(family, tmp_path):
+  """A `*ForSequenceClassification` folder of each new family (Gemma 3's is
+  Gemma3TextForSequenceClassification) reads as decoder + score head: the last token's
+  reward equals transformers' logit."""
+  from jaxpref.models import hf_reward
+  causal = hf_model(family, num_local_experts=4) if family == "mixtral" else hf_model(family)
+  cls = getattr(transformers, hf.seq_cls_architecture(hf_config.FAMILIES[family]))
+  src = cls(causal.config.__class__(**{**causal.config.to_dict(), "num_labels": 1})).eval()
+  with torch.no_grad():
+    for p in src.parameters():
+      p.normal_(0.0, 0.15)
+  src.save_pretrained(tmp_path / "cls")
+  cfg = hf.read_config(str(tmp_path / "cls"))
+  decoder, head = hf_reward.load(str(tmp_path / "cls"), cfg)
+  toks = np.random.default_rng(0).integers(3, V, (2, 12))  # no pad (0): the last token scores
+  with torch.no_grad():
+    want = src(torch.tensor(toks)).logits.numpy()
+  h = nnx.jit(lambda m, t: m.hidden(t))(decoder, jnp.asarray(toks, jnp.int32))
+  np.testing.assert_allclose(np.asarray(h)[:, -1] @ head, want, atol=1e-5, rtol=0)
