@@ -26,6 +26,7 @@ from jaxpref.data.pairs import TRUNCATION_MODES
 from jaxpref.data import hub
 from jaxpref.data.records import parse_fields
 from jaxpref.data.tokenizer import find
+from jaxpref.models import attention_kernels
 from jaxpref.models import lora
 from jaxpref.models import hf_reward
 from jaxpref.models import convert, remote
@@ -229,6 +230,11 @@ _define_dotted(
               for f in dataclasses.fields(models.ModelConfig)}, "Overrides the preset's")
 
 
+flags.DEFINE_enum("attention", None, list(attention_kernels.KERNELS), "The attention kernel "
+                  "(sets --model.attention; default xla, the einsum): splash (TPU), cudnn (GPU), "
+                  "auto (by backend); docs/kernels.md.")
+
+
 _define_dotted("online", {f.name: f.default for f in dataclasses.fields(OnlineConfig)},
                "The online role's")
 
@@ -292,6 +298,10 @@ def _dotted_values(prefix: str) -> dict[str, Any]:
           if n.startswith(prefix + ".") and FLAGS[n].present}
 
 
+def _model_overrides() -> dict[str, Any]:
+  return attention_kernels.with_flag(_dotted_values("model"), FLAGS["attention"].value)
+
+
 def _tokenizer(paths: dict[str, str]) -> str:
   """--tokenizer, or the --init_from folder when it holds a tokenizer and none was given."""
   if os.path.isdir(init_from := paths["init_from"]) and not FLAGS["tokenizer"].present:
@@ -318,9 +328,9 @@ def to_config(workdir: str | None = None) -> RunConfig:
   paths = {name: remote.local(name, hub.resolve(name, FLAGS[name].value or ""))  # Hub, gs://
            for name in hub.FLAGS}
   if FLAGS.init_from:  # the checkpoint's config replaces the --model preset (often in a flag file)
-    model = convert.run_config(paths["init_from"], _dotted_values("model"))
+    model = convert.run_config(paths["init_from"], _model_overrides())
   else:
-    model = models.get_config(FLAGS.model, **_dotted_values("model"))
+    model = models.get_config(FLAGS.model, **_model_overrides())
   for name in ("batch_size", "eval_batch_size", "steps", "max_len", "log_every", "eval_every",
                "checkpoint_every"):
     if FLAGS[name].value < 1:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpref.models import attention_kernels
 from jaxpref.models.layers import RMSNorm, apply_rope, param, rope_frequencies, softcap
 
 MASK = -1e30  # finite: a fully masked (padding) query row stays NaN-free
@@ -39,6 +40,28 @@ def sliding_window_mask(mask: jax.Array, positions: jax.Array, window: int) -> j
   """
   back = positions[:, :, None] - positions[:, None, :]  # [N, T (query), T (key)]
   return mask & (back < window)[:, None]
+
+
+def masks(cfg, n: int, t: int, segment_ids=None, positions=None, shared_prompt: bool = False):
+  """(full, local): what global and sliding-window layers attend with (local is full without
+  a sliding window). Dense bool[N, 1, T, T] masks for the einsum, or
+  `attention_kernels.KernelMask`s when `cfg.attention` picks a kernel. positions int32[N, T]
+  are given for packed and shared-prompt rows only (restarting per segment); rows without
+  them are right-padded: segment ids 1 on tokens, then 0."""
+  kernel = attention_kernels.resolve(cfg, shared_prompt)
+  # cuDNN takes one segment per row (sequence lengths); packed rows get the exact mask.
+  dense = kernel == "cudnn" and segment_ids is not None and (
+      shared_prompt or positions is not None)
+  kmask = lambda mask, local: attention_kernels.KernelMask(segment_ids, mask, local, kernel)
+  if kernel != "xla" and not dense:
+    return kmask(None, False), kmask(None, bool(cfg.sliding_window))
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+  full = attention_mask(n, t, segment_ids, shared_prompt)
+  local = sliding_window_mask(full, positions, cfg.sliding_window) if cfg.sliding_window else full
+  if kernel == "xla":
+    return full, local
+  return kmask(full, False), kmask(local, bool(cfg.sliding_window))
 
 
 class Attention(nnx.Module):
@@ -96,9 +119,12 @@ class Attention(nnx.Module):
     return q, k, self._project(x, "v")
 
   def attend(self, q, k, v, mask):
-    """q [N, T, H, Dh] over k, v [N, S, Hkv, Dh]; mask bool[N, 1, T, S] -> [N, T, D]."""
+    """q [N, T, H, Dh] over k, v [N, S, Hkv, Dh]; mask bool[N, 1, T, S] -> [N, T, D], or
+    a `KernelMask` from `masks` (self-attention, S = T) for a fused kernel."""
     cfg, dt = self.cfg, q.dtype
     n, t, _, dh = q.shape
+    if isinstance(mask, attention_kernels.KernelMask):
+      return self._out(attention_kernels.attend(cfg, q, k, v, mask).astype(dt))
     groups = cfg.n_heads // cfg.n_kv_heads
     # GQA: query head h reads key/value head h // groups.
     q = q.reshape(n, t, cfg.n_kv_heads, groups, dh)
@@ -107,6 +133,10 @@ class Attention(nnx.Module):
     scores = softcap(scores, cfg.attn_logit_softcap)  # before the mask, as Gemma 2
     scores = jnp.where(mask[:, :, None], scores, MASK)  # mask: [N, 1, 1, T, T]
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("nhgqs,nshk->nqhgk", probs, v).reshape(n, t, cfg.n_heads, dh)
+    return self._out(jnp.einsum("nhgqs,nshk->nqhgk", probs, v).reshape(n, t, cfg.n_heads, dh))
+
+  def _out(self, out):
+    """The output projection of per-head values [N, T, H, Dh] -> [N, T, D]."""
+    dt = out.dtype
     out = jnp.einsum("nthk,hkd->ntd", out, self.o[...].astype(dt))
-    return out + self.o_bias[...].astype(dt) if cfg.attn_bias else out
+    return out + self.o_bias[...].astype(dt) if self.cfg.attn_bias else out

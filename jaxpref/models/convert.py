@@ -76,7 +76,7 @@ def load_jaxpref(path: str, dtype=None, config: ModelConfig | None = None
 
 # ModelConfig fields that say how a run computes, not what the checkpoint is: --model.FIELD
 # may set them with --init_from. Any other field comes from the checkpoint.
-RUN_FIELDS = ("dtype", "remat", "max_len", "init_std")
+RUN_FIELDS = ("dtype", "remat", "max_len", "init_std", "attention")
 
 
 def read_model_config(path: str) -> ModelConfig:
@@ -102,6 +102,7 @@ def run_config(path: str, overrides: dict) -> ModelConfig:
   if clash:
     raise ValueError("--init_from gives the model's shape; " + "; ".join(clash) +
                      f" (settable with --init_from: {', '.join(RUN_FIELDS)})")
+  cfg = dataclasses.replace(cfg, attention="xla")  # a saving run's kernel is not this run's
   return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k in RUN_FIELDS})
 
 

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpref.models import attention_kernels
 from jaxpref.models.attention import (MASK, Attention, attention_mask,  # noqa: F401
-                                      sliding_window_mask)
+                                      masks, sliding_window_mask)
 from jaxpref.models.layers import (ACTIVATIONS, MLP, RMSNorm, param, rope,  # noqa: F401
                                    softcap)
 from jaxpref.models.moe import MoE
@@ -80,6 +81,8 @@ class ModelConfig:
   # them weighted per token by a router (jaxpref.models.moe); 0 = the dense MLP.
   n_experts: int = 0
   experts_per_token: int = 2
+  # --attention: auto | xla (the einsum) | splash (TPU) | cudnn (GPU); attention_kernels.py.
+  attention: str = "xla"
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -117,6 +120,8 @@ class ModelConfig:
                  "n_experts"):
       if getattr(self, name) < 0:
         raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
+    for error in attention_kernels.config_errors(self):
+      raise ValueError(error)
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"ModelConfig.dtype must be float32, bfloat16 or float16, "
                        f"got {self.dtype!r}")
@@ -188,12 +193,11 @@ class Decoder(nnx.Module):
     residual stream (before the final norm), returning (hidden, float32[L, N, T, D]).
     """
     n, t = tokens.shape
+    packed = positions is not None
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
     cfg = self.config
-    full = attention_mask(n, t, segment_ids, shared_prompt)
-    local = (sliding_window_mask(full, positions, cfg.sliding_window) if cfg.sliding_window
-             else full)
+    full, local = masks(cfg, n, t, segment_ids, positions if packed else None, shared_prompt)
     x = self.embed[...][tokens].astype(cfg.dtype)
     if cfg.embed_scale:  # sqrt(D) rounded to the compute dtype first, as HF Gemma does
       x = x * jnp.asarray(cfg.d_model ** 0.5, cfg.dtype)
@@ -201,7 +205,7 @@ class Decoder(nnx.Module):
     if cfg.scan_layers:  # one traced body for every layer, so which ones are local is data
       gd, stacked = nnx.split(self.layers)
       def body(x, xs):
-        mask = jnp.where(xs[1], local, full) if cfg.sliding_window else full
+        mask = attention_kernels.select(xs[1], local, full) if cfg.sliding_window else full
         y = nnx.merge(gd, xs[0])(x, positions, mask, xs[1])
         return y, (y.astype(jnp.float32) if all_layers else None)
       is_local = jnp.asarray([cfg.is_local(i) for i in range(cfg.n_layers)])
