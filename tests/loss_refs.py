@@ -196,6 +196,12 @@ def dpo_scored(policy, ref, length, w, scores, beta=0.1, margin=0.0, score_margi
   return wmean(-logsig(z), w)
 
 
+def sppo(policy, ref, length, w, scores, beta=0.1):
+  rho = policy - ref
+  return wmean(0.5 * ((rho[:, 0] - (scores[:, 0] - 0.5) / beta) ** 2
+                      + (rho[:, 1] - (scores[:, 1] - 0.5) / beta) ** 2), w)
+
+
 def osp(policy, ref, length, w, scores, beta=0.1, temperature=1.0):
   p = sig((scores[:, 0] - scores[:, 1]) / temperature)
   z = beta * h_of(policy, ref)

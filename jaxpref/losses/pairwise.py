@@ -182,6 +182,22 @@ def sppo_hard(lp: Logps, *, beta: float = 0.1):
   return pair_loss(lp, per, beta * rho)
 
 
+@register("sppo", ranges={"beta": "> 0"})
+def sppo(lp: Logps, *, beta: float = 0.1):
+  """Self-Play Preference Optimization with estimated win rates (docs/losses.md#sppo).
+
+  l = 1/2 [(rho_w - (p_w - 1/2) / beta)^2 + (rho_l - (p_l - 1/2) / beta)^2], where the
+  scores p are each response's win rate against the policy's other samples (the online
+  role's pairwise sources, e.g. `pref_rm` over a GPM: GPO). Without scores, p_w = 1 and
+  p_l = 0: half of `sppo_hard`.
+  """
+  check_pairs(lp)
+  rho = logratios(lp)
+  p = jnp.array([1.0, 0.0]) if lp.scores is None else lp.scores
+  per = 0.5 * jnp.sum((rho - (p - 0.5) / beta) ** 2, axis=-1)
+  return pair_loss(lp, per, beta * rho)
+
+
 def _aot(lp: Logps, a: jax.Array, b: jax.Array, beta: float, label_smoothing: float):
   """Alignment via Optimal Transport compares the batch's sorted quantiles of a and b.
 

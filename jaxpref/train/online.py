@@ -25,7 +25,7 @@ from jaxpref.models import sampler
 from jaxpref.models.logps import token_logps
 from jaxpref.parallel import distributed, mesh as mesh_lib, sharding
 from jaxpref.rewards import rm_source, sources
-from jaxpref.train import game_rollouts, plots, ppo, step as step_lib
+from jaxpref.train import game_rollouts, plots, ppo, prompt_priority, step as step_lib
 from jaxpref.train.optimizer import make_optimizer
 from jaxpref.train.program import Program
 from jaxpref.train.roles import online as role
@@ -93,13 +93,24 @@ class Rollouts:
     if game_rollouts.opponent(cfg):  # Nash-MD / XPO: a second set of samples
       return game_rollouts.rollout(self, params, self.reference().model, ds, step, pair_rule)
     b, k = cfg.data.batch_size, o.num_generations
-    idx = self.last_indices = ds.indices(step, b, cfg.data.seed)
+    idx = self.last_indices = ds.indices(step, o.prompt_pool or b, cfg.data.seed)
     t0 = time.perf_counter()
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 0), step)
     tokens, starts, ends, finished = self.sample(params, ds, idx, k, o.temperature, rng)
     t1 = time.perf_counter()
     scores, parts, _ = self.score(ds, idx, tokens, starts, ends, finished, k)
     t2 = time.perf_counter()
+    pool = {}
+    if o.prompt_pool:  # EVOLVE: train on the B prompts whose samples disagree most
+      gaps = prompt_priority.spread(scores, o.prompt_priority)
+      kept = prompt_priority.keep(scores, b, o.prompt_priority)
+      pool = {"prompts/pool_spread": float(gaps.mean()), "prompts/kept_spread":
+              float(gaps[kept].mean())}
+      rows = prompt_priority.rows_of(kept, k)
+      tokens, starts, ends, finished = tokens[rows], starts[rows], ends[rows], finished[rows]
+      scores, idx = scores[kept], idx[kept]
+      parts = {name: np.asarray(v)[kept] for name, v in parts.items()}
+      self.last_indices = idx
     new_tokens = int((ends - starts).sum())
     self.stats = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
                   **{f"reward/{name}": float(np.mean(v)) for name, v in parts.items()
@@ -108,7 +119,7 @@ class Rollouts:
                   "length/max": float((ends - starts).max()),
                   "length/truncated_fraction": float(np.mean(~finished)),
                   "rollout/tokens_per_sec": new_tokens / max(t1 - t0, 1e-9),
-                  "time/sample": t1 - t0, "time/score": t2 - t1}
+                  "time/sample": t1 - t0, "time/score": t2 - t1, **pool}
     return self.layout(tokens, starts, ends, finished, scores, b, k)  # adds group stats
 
   def layout(self, tokens, starts, ends, finished, scores, b: int, k: int) -> GroupBatch:

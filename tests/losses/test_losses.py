@@ -38,6 +38,7 @@ LISTWISE = [("listmle", {}), ("ranknet", {"beta": 0.5}), ("pro", {}), ("pro", {"
 
 
 SCORED = [("osp", {}, "osp"), ("osp", {"temperature": 0.3, "beta": 0.5}, "osp"),
+          ("sppo", {}, "sppo"), ("sppo", {"beta": 0.5}, "sppo"),
           ("dpo", {"score_margin": 0.5, "margin": 0.1}, "dpo_scored"),
           ("spo", {}, "spo"), ("spo", {"degree_weight": 1.0, "num_degrees": 3, "beta": 0.5,
                                        "degree_margin": 2.0}, "spo"),
@@ -55,6 +56,7 @@ def test_every_registered_loss_is_tested():
   extra = set(losses.extra_members.RECORD_FIELDS)  # tests/losses/test_losses_extra_members.py
   # tests/losses/test_losses_online.py
   online = {"grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo"}
+  online |= {"ppo"}  # tests/losses/test_ppo_loss.py
   tested = ({n for n, _ in PAIRWISE + LISTWISE} | {n for n, _, _ in SCORED} | unpaired | token_level
             | token_masks | reward | extra | online)
   assert set(losses.names()) <= tested | {"test_only_margin"}, set(losses.names()) - tested
@@ -106,6 +108,28 @@ def test_scored_pairs_match_numpy(name, hp, ref_name):
   loss, _ = fn(make_lp(policy, ref, length, weight, scores=scores))
   want = getattr(R, ref_name)(policy, ref, length, weight, scores, **hp)
   np.testing.assert_allclose(float(loss), want, rtol=2e-4, atol=2e-4)
+
+
+def test_sppo_regresses_log_ratios_onto_centred_win_rates():
+  """Zero loss and zero gradient exactly at rho = (p - 1/2) / beta; the gradient pushes rho
+  toward it from either side; without scores it is half of sppo_hard."""
+  beta, p = 0.5, np.array([[0.8, 0.3]])
+  ref = np.array([[-4.0, -6.0]])
+  lp = lambda rho: make_lp(ref + rho, ref, [[3.0, 3.0]], [1.0], scores=p, dtype=jnp.float64)
+  with jax.enable_x64(True):
+    target = (p - 0.5) / beta
+    loss, _ = losses.get("sppo")(lp(target), beta=beta)
+    assert float(loss) == pytest.approx(0.0, abs=1e-12)
+    g = jax.grad(lambda x: losses.get("sppo")(make_lp(ref + x, ref, [[3.0, 3.0]], [1.0],
+                                                      scores=p, dtype=jnp.float64),
+                                              beta=beta)[0])
+    np.testing.assert_allclose(g(jnp.asarray(target)), 0.0, atol=1e-12)
+    assert np.all(np.asarray(g(jnp.asarray(target + 1.0))) > 0)  # above: pushed down
+    assert np.all(np.asarray(g(jnp.asarray(target - 1.0))) < 0)
+  policy, ref2, length, weight = pair_inputs(11)
+  plain = make_lp(policy, ref2, length, weight)
+  np.testing.assert_allclose(2 * losses.get("sppo")(plain, beta=0.2)[0],
+                             losses.get("sppo_hard")(plain, beta=0.2)[0], rtol=1e-5)
 
 
 def test_osp_without_scores_is_dpo_and_score_margin_needs_scores():

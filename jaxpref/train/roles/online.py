@@ -85,6 +85,12 @@ def check(cfg, *datasets) -> None:
     raise ValueError("--ref_sync_every and --rounds both refresh the reference; pick one")
   if cfg.rounds > 1 and cfg.steps % cfg.rounds:
     raise ValueError(f"--rounds={cfg.rounds} must divide --steps={cfg.steps}")
+  if o.prompt_pool and o.prompt_pool < cfg.data.batch_size:
+    raise ValueError(f"--online.prompt_pool={o.prompt_pool} must be 0 (off) or >= --batch_size="
+                     f"{cfg.data.batch_size}: the batch is chosen from the pool")
+  if o.prompt_priority not in ("gap", "gap_mean"):
+    raise ValueError(f"--online.prompt_priority must be gap or gap_mean, got "
+                     f"{o.prompt_priority!r}")
   if o.pairs not in ("best_worst", "ranked"):
     raise ValueError(f"--online.pairs must be best_worst or ranked, got {o.pairs!r}")
   if o.pairs == "ranked" and (not pairwise(cfg) or o.num_generations % 2):
