@@ -65,3 +65,45 @@ def test_gs_workdir_and_data_train_checkpoint_and_resume_like_local(gcs, tmp_pat
   _assert_same_rows(_rows(run), want)  # steps 3 and 4 again, from the bucket's checkpoint
   events = paths.listdir(paths.join(run, "tensorboard"))
   assert len(events) == 2 and all(e.startswith("events.out.tfevents.") for e in events)
+
+
+def test_metric_writer_uploads_at_sync_and_resume_keeps_rows_up_to_the_checkpoint(gcs):
+  from jaxpref.train.metrics import MetricWriter, RecordLog, read_metrics
+  run = f"gs://{gcs.bucket}/run"
+  w = MetricWriter(run, tensorboard=False)  # TensorBoard's upload: the run test above
+  for step in (1, 2, 3):
+    w.write(step, "train", {"loss": 1.0 / step})
+  assert not paths.exists(paths.join(run, "metrics.jsonl"))  # not yet: uploaded at sync
+  w.sync()  # a checkpoint: the rows so far are in the bucket
+  assert [r["step"] for r in read_metrics(paths.join(run, "metrics.jsonl"))] == [1, 2, 3]
+  w.write(4, "train", {"loss": 0.25})
+  w.close()
+  assert [r["step"] for r in read_metrics(paths.join(run, "metrics.jsonl"))] == [1, 2, 3, 4]
+  w = MetricWriter(run, resume_step=2, tensorboard=False)  # resumed from the checkpoint at step 2
+  w.write(3, "train", {"loss": 0.5})
+  w.close()
+  rows = read_metrics(paths.join(run, "metrics.jsonl"))
+  assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.5)]
+  log = RecordLog(run, process_index=1)
+  log.write(1, np.array([[3, 1]]))
+  log.close()
+  with paths.open(paths.join(run, "records", "process_1.jsonl")) as f:
+    assert json.loads(f.read()) == {"step": 1, "groups": [3, 1]}
+
+
+def test_reference_cache_in_a_bucket(gcs):
+  from jaxpref.train import ref_cache
+  cache, parts = f"gs://{gcs.bucket}/ref_cache", {"key": 1}
+  want = np.arange(6, dtype=np.float32).reshape(3, 2)
+  path = ref_cache.save(cache, parts, want)
+  assert path.startswith(f"{cache}/ref_logps_")
+  np.testing.assert_array_equal(ref_cache.load(cache, parts, (3, 2)), want)
+  assert ref_cache.load(cache, {"key": 2}, (3, 2)) is None
+  with paths.open(path, "wb") as f:
+    f.write(b"not a zip file")
+  notes = []
+  assert ref_cache.load(cache, parts, (3, 2), notes) is None and "recomputing" in notes[0]
+  # The same data file in a bucket has the local file's key: a cache entry serves both.
+  url = f"gs://{gcs.bucket}/data/train.jsonl"
+  paths.copy(f"{make_tiny.OUT}/train.jsonl", url)
+  assert ref_cache.data_digest(url) == ref_cache.data_digest(f"{make_tiny.OUT}/train.jsonl")
