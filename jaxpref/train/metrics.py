@@ -153,16 +153,16 @@ class TensorBoard:
     from tensorboardX.proto.summary_pb2 import Summary  # heavy, only when used
     self._Event, self._Summary = Event, Summary
     self.logdir = logdir
-    # gs://: tensorboardX would need google-cloud-storage and uploads the whole file at
-    # every flush; events go to a local file uploaded as metrics.jsonl is (module doc).
+    # gs://: tensorboardX's own gs:// writer uploads the whole file at every flush (here every
+    # row); events go to a local file, uploaded as metrics.jsonl is (module doc).
     self._upload = _Upload(paths.join(logdir, "events")) if paths.is_remote(logdir) else None
     local = os.path.dirname(self._upload.local) if self._upload else logdir
     try:
       os.makedirs(local, exist_ok=True)
       # The pid keeps a resumed run (started within the same second) off the old file.
       self._writer = EventsWriter(os.path.join(local, "events"), f".{os.getpid()}")
-      if self._upload:  # uploaded under the event file's own name
-        self._upload.local = self._writer._file_name
+      if self._upload:  # uploaded under the event file's own name (which only it knows)
+        self._upload.local = self._writer._file_name  # noqa: SLF001
         self._upload.remote = paths.join(logdir, os.path.basename(self._writer._file_name))
       if purge_step is not None:  # as SummaryWriter(purge_step=): hides the killed run's tail
         self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
