@@ -118,7 +118,14 @@ def _scale(cfg) -> float:
 def _cudnn(cfg, q, k, v, mask: KernelMask, window: int) -> jax.Array:
   kw = dict(scale=_scale(cfg), is_causal=True, implementation=CUDNN_IMPLEMENTATION)
   if mask.dense is not None:  # packed or shared-prompt rows: the exact mask, as a bias
-    return jax.nn.dot_product_attention(q, k, v, mask=mask.dense, **kw)
+    t = q.shape[1]
+    if t % 2 == 0:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask.dense, **kw)
+    # cuDNN trains with a bias over even lengths only: one more key no query sees, and one
+    # more query whose output is dropped.
+    q, k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
+    dense = jnp.pad(mask.dense, ((0, 0), (0, 0), (0, 1), (0, 1)))
+    return jax.nn.dot_product_attention(q, k, v, mask=dense, **kw)[:, :t]
   if mask.segment_ids is not None:  # right-padded rows: 1 on real tokens, 0 after
     lengths = jnp.sum(mask.segment_ids > 0, axis=1, dtype=jnp.int32)
     kw.update(query_seq_lengths=lengths, key_value_seq_lengths=lengths)

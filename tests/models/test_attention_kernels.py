@@ -67,7 +67,9 @@ def _attend_grads(attn, mask, q, k, v, weight):
 
 
 LAYOUTS = {"none": (None, None), "unpacked": (UNPACKED, None), "packed": (SEG, POS),
-           "shared_prompt": (SEG, POS)}
+           "shared_prompt": (SEG, POS),
+           # T = 11: cuDNN's bias path pads to an even length.
+           "packed_odd_length": ([s[:11] for s in SEG], [p[:11] for p in POS])}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -78,13 +80,14 @@ def test_cudnn_path_equals_einsum(cudnn_on_cpu, layout):
   attn = Attention(cfg, nnx.Rngs(0))
   seg, pos = (None if x is None else jnp.asarray(x, jnp.int32) for x in LAYOUTS[layout])
   shared = layout == "shared_prompt"
-  weight = jnp.ones((2, 12)) if seg is None else (seg > 0).astype(jnp.float32)
-  dense = masks(cfg, 2, 12, seg, pos, shared)
-  kernel = masks(dataclasses.replace(cfg, attention="cudnn"), 2, 12, seg, pos, shared)
+  t = 12 if seg is None else seg.shape[1]
+  weight = jnp.ones((2, t)) if seg is None else (seg > 0).astype(jnp.float32)
+  dense = masks(cfg, 2, t, seg, pos, shared)
+  kernel = masks(dataclasses.replace(cfg, attention="cudnn"), 2, t, seg, pos, shared)
   for d, kmask in zip(dense, kernel):
     assert isinstance(kmask, attention_kernels.KernelMask)
-    (l0, g0), (l1, g1) = (_attend_grads(attn, m, *_qkv(), weight) for m in (d, kmask))
-    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    (l0, g0), (l1, g1) = (_attend_grads(attn, m, *_qkv(t=t), weight) for m in (d, kmask))
+    np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
     _close(g1, g0, 1e-4)
 
 
@@ -111,7 +114,7 @@ def test_traced_local_flag_picks_the_window_in_both_directions(cudnn_on_cpu):
   for flag, dense in ((True, local), (False, full)):
     kmask = attention_kernels.KernelMask(seg, None, jnp.asarray(flag), "cudnn")
     (l0, g0), (l1, g1) = (_attend_grads(attn, m, *_qkv(), weight) for m in (dense, kmask))
-    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
     _close(g1, g0, 1e-4)
 
 
@@ -174,23 +177,22 @@ def test_splash_interpreted_equals_einsum(monkeypatch):
   qkv = list(_qkv(heads=2, kv_heads=1))
   (l0, g0) = _attend_grads(attn, dense, *qkv, weight)
   (l1, g1) = jax.jit(lambda *a: _attend_grads(attn, kmask, *a, weight))(*qkv)
-  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
   _close(g1, g0, 1e-4)
 
 
-def _export_grad(model, platform, checks=()):
+def _export_grad(model, platform, checks=(), t=200, packed=False):
   """jax.export of the model's loss and parameter gradients for `platform`: forward and
-  backward through every attention layer."""
+  backward through every attention layer. `packed`: with positions (packed rows)."""
   graphdef, params = nnx.split(model, nnx.Param)
-  tokens = jax.ShapeDtypeStruct((2, 200), jnp.int32)
+  rows = jax.ShapeDtypeStruct((2, t), jnp.int32)
 
-  def step(params, tokens, seg):
-    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens, seg))
+  def step(params, tokens, seg, *pos):
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens, seg, *pos))
     return jax.value_and_grad(loss)(params)
 
   exported = export.export(jax.jit(step), platforms=[platform], disabled_checks=list(checks))
-  seg = jax.ShapeDtypeStruct((2, 200), jnp.int32)
-  return exported(params, tokens, seg).mlir_module()
+  return exported(params, rows, rows, *[rows] * packed).mlir_module()
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -205,18 +207,21 @@ def test_splash_lowers_for_tpu(scan):
                      "splash_mha_dkv_segmented_no_residuals": 2}, kernels
 
 
-def test_cudnn_lowers_for_cuda(monkeypatch):
-  """jax asks the installed cuDNN for its version while tracing (`check_cudnn_version`),
-  which raises "cuDNN is not detected" on a host without the CUDA plugin; a stand-in
-  version lets the CUDA lowering run. cuDNN's own plan checks need the GPU."""
+@pytest.mark.parametrize("t, packed", [(200, False), (199, True)])
+def test_cudnn_lowers_for_cuda(monkeypatch, t, packed):
+  """Unpacked rows (sequence lengths, window) and packed rows of odd length (the mask as a
+  bias, padded to even). jax asks the installed cuDNN for its version while tracing
+  (`check_cudnn_version`), which raises "cuDNN is not detected" on a host without the CUDA
+  plugin; a stand-in version lets the CUDA lowering run. cuDNN's own plan checks need the
+  GPU."""
   from jax._src.cudnn import fused_attention_stablehlo as fa
   monkeypatch.setattr(fa, "cuda_versions", type("V", (), {"cudnn_get_version": lambda: 91000}))
   _, model = _pair("cudnn", dtype="bfloat16")
-  checks = [export.DisabledSafetyCheck.custom_call(f"__cudnn$fmhaSoftmax{s}")
-            for s in ("", "Backward")]  # no compatibility guarantee: fine for a lowering check
-  text = _export_grad(model, "cuda", checks)
+  fmha = "__cudnn$fmhaScaleBiasSoftmax" if packed else "__cudnn$fmhaSoftmax"
+  checks = [export.DisabledSafetyCheck.custom_call(fmha + s) for s in ("", "Backward")]
+  text = _export_grad(model, "cuda", checks, t, packed)
   calls = set(re.findall(r"custom_call @(__cudnn\$fmha\w+)", text))
-  assert calls == {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"}, calls
+  assert calls == {fmha, fmha + "Backward"}, calls
 
 
 def test_attention_flag_reaches_the_model_config(tmp_path):
