@@ -26,6 +26,7 @@ class PromptDataset:
   path: str
   skipped: int = 0  # records without a usable prompt (counted, reported)
   truncated: int = 0  # prompts cut to max_prompt_len (their start kept off)
+  negatives: list[list[int]] | None = None  # each record's rejected response (DRIFT)
 
   @property
   def n(self) -> int:
@@ -50,6 +51,17 @@ class PromptDataset:
     return out, lengths
 
 
+def _rejected_of(obj, fields: dict) -> str | None:
+  """A record's rejected response as text: the `rejected` field, or a chat pair's."""
+  if not isinstance(obj, dict):
+    return None
+  if chat.is_chat(obj):
+    rec, _ = chat.to_pair(obj)
+    return rec["rejected"] if rec else None
+  value = obj.get(fields.get("rejected", "rejected"))
+  return value if isinstance(value, str) and value.strip() else None
+
+
 def _prompt_of(obj, fields: dict) -> str | None:
   if not isinstance(obj, dict):
     return None
@@ -63,20 +75,26 @@ def _prompt_of(obj, fields: dict) -> str | None:
 
 
 def load(path: str, tok, max_prompt_len: int = 0, fields: str = "",
-         skip_invalid: bool = False) -> PromptDataset:
-  """Every record's prompt, in file order. A record without one is an error naming its
-  file and line, or (with --skip_invalid_records) skipped and counted."""
+         skip_invalid: bool = False, negatives: bool = False) -> PromptDataset:
+  """Every record's prompt, in file order (and, with `negatives`, its rejected response's
+  tokens). A record without one is an error naming its file, line and field, or (with
+  --skip_invalid_records) skipped and counted."""
   mapping = parse_fields(fields)
-  texts, ids, skipped, truncated = [], [], 0, 0
+  texts, ids, negs, skipped, truncated = [], [], [], 0, 0
   for file, line, obj, problem in sources.rows(path):
     text = None if problem is not None else _prompt_of(obj, mapping)
-    if text is None:
+    neg = _rejected_of(obj, mapping) if negatives and text is not None else None
+    if text is None or (negatives and neg is None):
       if not skip_invalid:
-        why = problem[1] if problem is not None else "no 'prompt' string field"
+        why = (problem[1] if problem is not None else "no 'prompt' string field"
+               if text is None else "no 'rejected' string field (--online.pairs=drift pairs "
+               "each prompt's best sample with its record's rejected response)")
         raise cli_errors.DataError(f"{file}:{line}: {why} (online training reads each "
                                    "record's prompt; --skip_invalid_records skips it)")
       skipped += 1
       continue
+    if negatives:
+      negs.append(tok.encode(neg))
     body = tok.encode(text)
     if 0 < max_prompt_len < len(body):
       body, truncated = body[-max_prompt_len:], truncated + 1  # the question sits at the end
@@ -85,4 +103,4 @@ def load(path: str, tok, max_prompt_len: int = 0, fields: str = "",
     ids.append(framed)
   if not texts:
     raise cli_errors.DataError(f"{path}: no record has a prompt ({skipped} skipped)")
-  return PromptDataset(texts, ids, path, skipped, truncated)
+  return PromptDataset(texts, ids, path, skipped, truncated, negs if negatives else None)

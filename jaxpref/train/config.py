@@ -98,6 +98,7 @@ class OnlineConfig:
   shared_prompt: bool = True  # update on each group's prompt once (train/online.py `packs`)
   mixture_coef: float = 0.5  # nash_md: the opponent samples pi^(1-m) pi_ref^m (TRL's default)
   pairs: str = "best_worst"  # a pairwise loss's pairs: best_worst | ranked (i with i + K/2)
+  # | drift (the best sample against the record's rejected response, train/drift.py)
   eval_reward: str = ""  # reward spec for held-out samples ("": the training reward)
   prompt_pool: int = 0  # EVOLVE: sample this many prompts, train on the batch_size most
   prompt_priority: str = "gap"  # informative: gap (max - min score) | gap_mean (max - mean)

@@ -25,7 +25,7 @@ from jaxpref.models import sampler
 from jaxpref.models.logps import token_logps
 from jaxpref.parallel import distributed, mesh as mesh_lib, sharding
 from jaxpref.rewards import rm_source, sources
-from jaxpref.train import game_rollouts, plots, ppo, prompt_priority, step as step_lib
+from jaxpref.train import drift, game_rollouts, plots, ppo, prompt_priority, step as step_lib
 from jaxpref.train.optimizer import make_optimizer
 from jaxpref.train.program import Program
 from jaxpref.train.roles import online as role
@@ -120,6 +120,9 @@ class Rollouts:
                   "length/truncated_fraction": float(np.mean(~finished)),
                   "rollout/tokens_per_sec": new_tokens / max(t1 - t0, 1e-9),
                   "time/sample": t1 - t0, "time/score": t2 - t1, **pool}
+    if o.pairs == "drift":  # the kept prompts' own rejected responses
+      self.drift_prompts = [ds.ids[i] for i in idx]
+      self.drift_negatives = [ds.negatives[i] for i in idx]
     return self.layout(tokens, starts, ends, finished, scores, b, k)  # adds group stats
 
   def layout(self, tokens, starts, ends, finished, scores, b: int, k: int) -> GroupBatch:
@@ -140,11 +143,17 @@ class Rollouts:
     weight = np.ones(b, np.float32)
     zero_var = np.asarray(adv_lib.zero_variance_groups(scores, valid))
     self.stats["groups/zero_variance_fraction"] = float(zero_var.mean())
-    if o.dynamic_sampling or role.pairwise(self.cfg):  # no spread: no preference, no signal
+    # No spread: no preference, no signal (DRIFT's negative comes from the data instead).
+    if o.dynamic_sampling or (role.pairwise(self.cfg) and o.pairs != "drift"):
       weight = np.where(zero_var, 0.0, 1.0).astype(np.float32)
     shape = lambda x: x.reshape(b, k, t)
     batch = GroupBatch(tokens=shape(tokens.astype(np.int32)), loss_mask=shape(mask),
                        segment_ids=shape(segs), valid=valid, weight=weight, scores=scores)
+    if role.pairwise(self.cfg) and o.pairs == "drift":
+      out, cut = drift.pairs(batch, self.drift_prompts, self.drift_negatives, self.tok.eos_id,
+                             self.tok.pad_id)
+      self.stats["drift/negatives_cut"] = float(cut)
+      return out
     if role.pairwise(self.cfg):
       return pair_rule(batch, o.pairs)
     kw = {"scale": o.advantage_scale} if o.advantage == "grpo" else {}

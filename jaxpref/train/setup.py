@@ -64,7 +64,8 @@ def load_data(cfg: RunConfig, tok):
       out.append(None)
       continue
     if cfg.role == "online":  # rollouts need only the prompts, of any prompt-bearing file
-      ds = prompts.load(path, tok, cfg.data.max_len - 1, cfg.data.fields, cfg.data.skip_invalid)
+      ds = prompts.load(path, tok, cfg.data.max_len - 1, cfg.data.fields, cfg.data.skip_invalid,
+                        negatives=split == "train" and cfg.online.pairs == "drift")
       say(f"{split} prompts: {ds.summary()} (--max_len={cfg.data.max_len} tokens with BOS)")
       out.append(ds)
       continue

@@ -91,8 +91,11 @@ def check(cfg, *datasets) -> None:
   if o.prompt_priority not in ("gap", "gap_mean"):
     raise ValueError(f"--online.prompt_priority must be gap or gap_mean, got "
                      f"{o.prompt_priority!r}")
-  if o.pairs not in ("best_worst", "ranked"):
-    raise ValueError(f"--online.pairs must be best_worst or ranked, got {o.pairs!r}")
+  if o.pairs not in ("best_worst", "ranked", "drift"):
+    raise ValueError(f"--online.pairs must be best_worst, ranked or drift, got {o.pairs!r}")
+  if o.pairs == "drift" and not pairwise(cfg):
+    raise ValueError(f"--online.pairs=drift pairs a sample with a record's rejected response "
+                     f"for a pairwise loss; --loss={cfg.loss} is not one")
   if o.pairs == "ranked" and (not pairwise(cfg) or o.num_generations % 2):
     raise ValueError(f"--online.pairs=ranked pairs response i with i + K/2 for a pairwise loss: "
                      f"needs an even --online.num_generations (got {o.num_generations}) and a "
