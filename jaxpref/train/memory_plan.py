@@ -67,6 +67,13 @@ def decoder_leaves(c) -> list[Leaf]:
       ("attn/o", (h, dh, d), ("heads", "head_dim", "embed")),
       ("mlp/gate", (d, f), ("embed", "mlp")), ("mlp/up", (d, f), ("embed", "mlp")),
       ("mlp/down", (f, d), ("mlp", "embed"))]
+  if c.n_experts:  # Mixtral: n_experts gated MLPs and a router in place of the one MLP
+    e = c.n_experts
+    block = block[:-3] + [
+        ("mlp/router", (d, e), ("embed", None)),
+        ("mlp/expert_gate", (e, d, f), ("experts", "embed", "mlp")),
+        ("mlp/expert_up", (e, d, f), ("experts", "embed", "mlp")),
+        ("mlp/expert_down", (e, f, d), ("experts", "mlp", "embed"))]
   if c.qkv_bias or c.attn_bias:  # no rule names a bias: replicated
     block += [("attn/q_bias", (h, dh), (None, None)), ("attn/k_bias", (kv, dh), (None, None)),
               ("attn/v_bias", (kv, dh), (None, None))]
@@ -149,6 +156,9 @@ def plan(cfg, sizes: dict[str, int], tokens_shape: tuple[int, ...], batch_bytes:
   tp = sizes.get("tensor", 1)
   split = lambda n: n // tp if tp > 1 and n % tp == 0 else n  # what RULES shards over tensor
   hq, hkv, ff = split(c.n_heads), split(c.n_kv_heads), split(c.d_ff)
+  if c.n_experts:  # every expert runs densely on every token: [tokens, E, F] intermediates
+    e_loc = split(c.n_experts)
+    ff = e_loc * (c.d_ff if e_loc != c.n_experts else split(c.d_ff))
   d, dh, L = c.d_model, c.head_dim, c.n_layers
   scores = max(rows, 1) * hq * t_len * t_len  # one layer's attention matrix, materialised
   work = (a * d * (4 + cb) * 2            # two RMSNorms: float32 copy and output

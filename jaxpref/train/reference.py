@@ -53,11 +53,11 @@ jax.tree_util.register_dataclass(Reference, data_fields=["params", "base"], meta
 
 
 # Parameters the decoder casts to its compute dtype before any use (`models.decoder`: the
-# projections and their biases, and the embedding after its gather when the head does not
-# share it). A frozen copy may store these so and compute exactly what a float32 copy
+# projections and their biases, Mixtral's router and experts, and the embedding after its
+# gather when the head does not share it). A frozen copy may store these so and compute exactly what a float32 copy
 # would; norm scales are applied in float32 and the head runs in float32, so they stay.
 _CAST_IN_FORWARD = ("q", "k", "v", "o", "gate", "up", "down", "q_bias", "k_bias", "v_bias",
-                    "o_bias")
+                    "o_bias", "router", "expert_gate", "expert_up", "expert_down")
 
 
 def in_compute_dtype(names, model_cfg) -> bool:

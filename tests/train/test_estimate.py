@@ -48,7 +48,8 @@ SWITCHES = dict(dtype="bfloat16", qkv_bias=True, attn_bias=True, qk_norm=True, p
     ("data:2,fsdp:4", dict(dtype="bfloat16", scan_layers=True), {}),
     ("fsdp:4,tensor:2", dict(dtype="bfloat16"), dict(lora=lora.LoraConfig(4))),
     ("fsdp:8", {}, dict(role="reward", loss="bt")),
-], ids=["switches", "scanned", "lora", "reward"])
+    ("fsdp:4,tensor:2", dict(dtype="bfloat16", n_experts=4), {}),
+], ids=["switches", "scanned", "lora", "reward", "experts"])
 def test_exact_lines_equal_the_bytes_a_run_allocates(tmp_path, mesh, model, kw):
   """Parameters, optimizer state, reference and gradients, counted from the config, equal
   the bytes device 0 holds of the arrays `init_state` builds."""
@@ -68,11 +69,13 @@ def test_exact_lines_equal_the_bytes_a_run_allocates(tmp_path, mesh, model, kw):
 
 def test_bfloat16_reference_gives_the_float32_references_logps(tmp_path):
   """The reference stores what the forward casts to bfloat16 anyway: its log-probs are
-  bit-identical to a float32 copy's (untied head, and the tied embedding kept float32)."""
+  bit-identical to a float32 copy's (untied head; the tied embedding kept float32, with
+  Mixtral's router and experts)."""
   s = setup(tmp_path, "tiny", "data:8", SWITCHES)
   batch = s.train_ds.batch(np.arange(8))
   for tied in (False, True):
-    cfg = dataclasses.replace(s.cfg, model=dataclasses.replace(s.cfg.model, tie_embeddings=tied))
+    model = dataclasses.replace(s.cfg.model, tie_embeddings=tied, n_experts=4 if tied else 0)
+    cfg = dataclasses.replace(s.cfg, model=model)
     graphdef, state, ref = init_state(cfg, s.mesh, make_optimizer(cfg.optim, cfg.steps))
     assert {x.dtype for x in jax.tree.leaves(ref.params)} == {np.dtype("float32"),
                                                                np.dtype(jax.numpy.bfloat16)}
