@@ -46,7 +46,9 @@ def save_jaxpref(model: Decoder, path: str) -> None:
     raise FileExistsError(f"{path}: already holds {PARAMS_DIR}/; choose an empty folder")
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(dataclasses.asdict(model.config), f, indent=2)
+    # What the model is, not how the saving run computed it: --attention is each run's own.
+    json.dump(dataclasses.asdict(dataclasses.replace(model.config, attention="xla")), f,
+              indent=2)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(path, PARAMS_DIR), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   checkpointer.wait_until_finished()
@@ -102,7 +104,6 @@ def run_config(path: str, overrides: dict) -> ModelConfig:
   if clash:
     raise ValueError("--init_from gives the model's shape; " + "; ".join(clash) +
                      f" (settable with --init_from: {', '.join(RUN_FIELDS)})")
-  cfg = dataclasses.replace(cfg, attention="xla")  # a saving run's kernel is not this run's
   return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k in RUN_FIELDS})
 
 

@@ -267,3 +267,13 @@ def test_splash_runs_per_shard_under_the_training_mesh():
   assert text.count("manual_computation") == 2  # the forward and the backward
   # 8 rows over data x fsdp = 4 -> 2 per device; 4 query heads over tensor = 2 -> 2 each.
   assert "tensor<2x2x256x16xf32>" in text
+
+
+def test_a_saved_model_folder_does_not_carry_the_kernel(tmp_path):
+  """--attention is how a run computes: a folder saved from a splash run loads as xla, and
+  --init_from takes the loading run's --model.attention."""
+  from jaxpref.models import convert
+  cfg = models.get_config("tiny", n_layers=1, attention="splash")
+  convert.save_jaxpref(models.Decoder(cfg, rngs=nnx.Rngs(0)), str(tmp_path / "m"))
+  assert convert.read_model_config(str(tmp_path / "m")).attention == "xla"
+  assert convert.run_config(str(tmp_path / "m"), {"attention": "auto"}).attention == "auto"
