@@ -85,13 +85,17 @@ def _has_reference(cfg) -> bool:
 
 def _model_leaves(cfg, mesh):
   """The parameters the plan counts: the decoder's, written out from its config, unless the
-  role adds a head, a value function or a token-mask network (then every leaf, from the
-  model's shapes)."""
+  role adds a head, a value function or a token-mask network, or the model holds leaves the
+  config count does not know (a family added since): then every leaf, from the model's
+  shapes (a second of tracing at 8B)."""
+  shapes = _leaves(_abstract_params(cfg, mesh)[1])
   needs = cfg.loss_spec.needs
   if (cfg.role != "reward" and getattr(needs, "token_mask", None) != "learned"
-      and not getattr(needs, "values", False)):
+      and not getattr(needs, "values", False)
+      and {(p, tuple(s)) for p, s, _ in shapes}
+      == {(p, tuple(s)) for p, s, _ in memory_plan.decoder_leaves(cfg.model)}):
     return None
-  return _leaves(_abstract_params(cfg, mesh)[1])
+  return shapes
 
 
 def _leaves(tree):

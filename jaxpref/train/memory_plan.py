@@ -115,6 +115,7 @@ def plan(cfg, sizes: dict[str, int], tokens_shape: tuple[int, ...], batch_bytes:
   `parameters` line is the trained adapters and `base (frozen)` the decoder."""
   c = cfg.model
   cb = jnp.dtype(c.dtype).itemsize  # compute dtype
+  counted = "" if leaves is None else " (from the model's shapes)"
   leaves = decoder_leaves(c) if leaves is None else leaves
   n_params = sum(math.prod(s) for _, s, _ in leaves)
   p_bytes = leaves_bytes(leaves, sizes, 4)
@@ -122,7 +123,7 @@ def plan(cfg, sizes: dict[str, int], tokens_shape: tuple[int, ...], batch_bytes:
   def add(name, nbytes, how):
     lines.append(Line(name, int(nbytes), how))
 
-  shard_note = f"{n_params:,} x 4 B (float32), sharded over {_shards(sizes)}"
+  shard_note = f"{n_params:,} x 4 B (float32), sharded over {_shards(sizes)}{counted}"
   if cfg.lora is None:
     t_bytes = p_bytes
     add("parameters", p_bytes, shard_note)

@@ -15,7 +15,7 @@ from jaxpref import models
 from jaxpref.data import make_tiny
 from jaxpref.models import lora
 from jaxpref.models.logps import LogpsOptions, token_logps
-from jaxpref.train import loop, memory
+from jaxpref.train import loop, memory, memory_plan
 from jaxpref.train.config import DataConfig, RunConfig
 from jaxpref.train.optimizer import make_optimizer
 from jaxpref.train.state import init_state
@@ -65,6 +65,18 @@ def test_exact_lines_equal_the_bytes_a_run_allocates(tmp_path, mesh, model, kw):
   assert parts["gradients"] == on_device0(state.params)
   if model.get("dtype") == "bfloat16":  # matmul weights in bfloat16
     assert parts["reference"] < parts.get("base (frozen)", parts["parameters"])
+
+
+def test_a_model_the_config_count_does_not_know_is_counted_from_its_shapes(tmp_path,
+                                                                          monkeypatch):
+  s = setup(tmp_path, "tiny", "fsdp:4,tensor:2")
+  _, state, _ = init_state(s.cfg, s.mesh, make_optimizer(s.cfg.optim, s.cfg.steps))
+  # As if a new family's parameter were missing from the written-out list.
+  monkeypatch.setattr(memory_plan, "decoder_leaves",
+                      lambda c, f=memory_plan.decoder_leaves: f(c)[:-1])
+  plan = memory.estimate(s).plan
+  assert plan.get("parameters") == on_device0(state.params)
+  assert "from the model's shapes" in plan.lines[0].how
 
 
 def test_bfloat16_reference_gives_the_float32_references_logps(tmp_path):
