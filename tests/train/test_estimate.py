@@ -54,7 +54,11 @@ def test_exact_lines_equal_the_bytes_a_run_allocates(tmp_path, mesh, model, kw):
   """Parameters, optimizer state, reference and gradients, counted from the config, equal
   the bytes device 0 holds of the arrays `init_state` builds."""
   s = setup(tmp_path, "tiny", mesh, model, **kw)
-  parts = memory.estimate(s).parts
+  est = memory.estimate(s)
+  parts = est.parts
+  # Written out from the config (the reward model's head is read from its shapes).
+  from_shapes = any("from the model's shapes" in x.how for x in est.plan.lines)
+  assert from_shapes == ("role" in kw)
   _, state, ref = init_state(s.cfg, s.mesh, make_optimizer(s.cfg.optim, s.cfg.steps))
   assert parts["parameters"] == on_device0(state.params)  # the adapters, under LoRA
   if "lora" in kw:
