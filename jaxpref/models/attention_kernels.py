@@ -2,10 +2,10 @@
 attention on TPU and cuDNN flash attention (`jax.nn.dot_product_attention`) on GPU, in
 place of `Attention.attend`'s float32 einsum over a materialised [N, H, T, T] score tensor.
 
-The decoder hands a kernel a `KernelMask` (segment ids, the row's positions, whether the
-layer is local) instead of the dense mask, and each kernel builds its own: splash from a
-static causal or local mask and segment ids, cuDNN from `is_causal`, `local_window_size`
-and sequence lengths (unpacked rows) or the dense mask as a bias (packed and shared-prompt
+The decoder hands a kernel a `KernelMask` (segment ids, whether the layer is local, and for
+cuDNN's packed rows the dense mask) in place of the dense mask: splash builds a static
+causal or local mask and takes segment ids; cuDNN takes `is_causal`, `local_window_size` and
+sequence lengths (unpacked rows) or the dense mask as a bias (packed and shared-prompt
 rows). What each supports and what was verified where: docs/kernels.md, "Attention kernels".
 """
 

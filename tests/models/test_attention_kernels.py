@@ -22,10 +22,11 @@ from jaxpref import models
 from jaxpref.models import attention_kernels
 from jaxpref.models.attention import Attention, attention_mask, masks, sliding_window_mask
 
-# Two packed segments and padding, and an unpacked right-padded row, T = 12.
-SEG = [[1] * 6 + [2] * 4 + [0] * 2, [1] * 12]
-POS = [list(range(6)) + list(range(4)) + [0, 0], list(range(12))]
-UNPACKED = [[1] * 9 + [0] * 3, [1] * 12]
+# Two packed segments and padding, and an unpacked right-padded row. T = 11: odd, so
+# cuDNN's bias path pads it (to 12) and splash's (to 128).
+SEG = [[1] * 6 + [2] * 4 + [0], [1] * 11]
+POS = [list(range(6)) + list(range(4)) + [0], list(range(11))]
+UNPACKED = [[1] * 9 + [0] * 2, [1] * 11]
 # A local/global layer mix with q/k norms (Gemma 3's switches), GQA (4 heads over 2).
 GEMMA3 = dict(n_layers=2, sliding_window=3, post_norms=True, qk_norm=True, norm_offset=1.0,
               rope_local_theta=100.0)
@@ -36,7 +37,7 @@ def cudnn_on_cpu(monkeypatch):
   monkeypatch.setattr(attention_kernels, "CUDNN_IMPLEMENTATION", "xla")
 
 
-def _tokens(n=2, t=12):
+def _tokens(n=2, t=11):
   return jnp.asarray(np.random.default_rng(0).integers(4, 512, (n, t)), jnp.int32)
 
 
@@ -53,7 +54,7 @@ def _close(actual, desired, rtol):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(np.abs(b).max()))
 
 
-def _qkv(heads=4, kv_heads=2, dh=16, n=2, t=12):
+def _qkv(heads=4, kv_heads=2, dh=16, n=2, t=11):
   r = np.random.default_rng(1)
   return (jnp.asarray(r.normal(size=(n, t, h, dh)), jnp.float32)
           for h in (heads, kv_heads, kv_heads))
@@ -67,9 +68,7 @@ def _attend_grads(attn, mask, q, k, v, weight):
 
 
 LAYOUTS = {"none": (None, None), "unpacked": (UNPACKED, None), "packed": (SEG, POS),
-           "shared_prompt": (SEG, POS),
-           # T = 11: cuDNN's bias path pads to an even length.
-           "packed_odd_length": ([s[:11] for s in SEG], [p[:11] for p in POS])}
+           "shared_prompt": (SEG, POS)}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -80,17 +79,17 @@ def test_cudnn_path_equals_einsum(cudnn_on_cpu, layout):
   attn = Attention(cfg, nnx.Rngs(0))
   seg, pos = (None if x is None else jnp.asarray(x, jnp.int32) for x in LAYOUTS[layout])
   shared = layout == "shared_prompt"
-  t = 12 if seg is None else seg.shape[1]
-  weight = jnp.ones((2, t)) if seg is None else (seg > 0).astype(jnp.float32)
-  dense = masks(cfg, 2, t, seg, pos, shared)
-  kernel = masks(dataclasses.replace(cfg, attention="cudnn"), 2, t, seg, pos, shared)
+  weight = jnp.ones((2, 11)) if seg is None else (seg > 0).astype(jnp.float32)
+  dense = masks(cfg, 2, 11, seg, pos, shared)
+  kernel = masks(dataclasses.replace(cfg, attention="cudnn"), 2, 11, seg, pos, shared)
   for d, kmask in zip(dense, kernel):
     assert isinstance(kmask, attention_kernels.KernelMask)
-    (l0, g0), (l1, g1) = (_attend_grads(attn, m, *_qkv(t=t), weight) for m in (d, kmask))
+    (l0, g0), (l1, g1) = (_attend_grads(attn, m, *_qkv(), weight) for m in (d, kmask))
     np.testing.assert_allclose(l1, l0, rtol=1e-5, atol=1e-5)
     _close(g1, g0, 1e-4)
 
 
+@pytest.mark.slow  # 5 to 21 s on 2 busy cores
 def test_cudnn_decoder_equals_einsum(cudnn_on_cpu):
   """Through the scanned decoder, where each layer's window is picked by lax.cond over two
   kernel calls (`attention_kernels.select`), on unpacked and packed rows."""
@@ -109,7 +108,7 @@ def test_traced_local_flag_picks_the_window_in_both_directions(cudnn_on_cpu):
   cfg = models.get_config("tiny", sliding_window=3)
   attn = Attention(cfg, nnx.Rngs(0))
   seg = jnp.asarray(UNPACKED, jnp.int32)
-  full, local = masks(cfg, 2, 12, seg)
+  full, local = masks(cfg, 2, 11, seg)
   weight = (seg > 0).astype(jnp.float32)
   for flag, dense in ((True, local), (False, full)):
     kmask = attention_kernels.KernelMask(seg, None, jnp.asarray(flag), "cudnn")
@@ -121,18 +120,18 @@ def test_traced_local_flag_picks_the_window_in_both_directions(cudnn_on_cpu):
 def test_cudnn_packed_rows_take_the_dense_mask_and_unpacked_rows_lengths(cudnn_on_cpu):
   cfg = models.get_config("tiny", sliding_window=3, attention="cudnn")
   seg, pos = jnp.asarray(SEG, jnp.int32), jnp.asarray(POS, jnp.int32)
-  full, local = masks(cfg, 2, 12, seg, pos)
+  full, local = masks(cfg, 2, 11, seg, pos)
   assert full.kernel == local.kernel == "cudnn" and (full.local, local.local) == (False, True)
-  expect = sliding_window_mask(attention_mask(2, 12, seg), pos, 3)
+  expect = sliding_window_mask(attention_mask(2, 11, seg), pos, 3)
   np.testing.assert_array_equal(local.dense, expect)
-  full, local = masks(cfg, 2, 12, seg)
+  full, local = masks(cfg, 2, 11, seg)
   assert full.dense is None and local.dense is None and full.segment_ids is seg
 
 
 def test_auto_is_the_einsum_on_cpu_and_splash_leaves_shared_prompts_to_it():
   cfg = models.get_config("tiny", attention="auto")
-  full, _ = masks(cfg, 2, 12, jnp.asarray(SEG, jnp.int32))
-  assert full.dtype == jnp.bool_ and full.shape == (2, 1, 12, 12)
+  full, _ = masks(cfg, 2, 11, jnp.asarray(SEG, jnp.int32))
+  assert full.dtype == jnp.bool_ and full.shape == (2, 1, 11, 11)
   splash = models.get_config("tiny", attention="splash")
   assert attention_kernels.resolve(splash, shared_prompt=False) == "splash"
   assert attention_kernels.resolve(splash, shared_prompt=True) == "xla"
@@ -171,7 +170,7 @@ def test_splash_interpreted_equals_einsum(monkeypatch):
                           attn_logit_softcap=2.0, query_pre_attn_scalar=8.0)
   attn = Attention(cfg, nnx.Rngs(0))
   seg, pos = jnp.asarray(SEG, jnp.int32), jnp.asarray(POS, jnp.int32)
-  dense = sliding_window_mask(attention_mask(2, 12, seg), pos, 3)
+  dense = sliding_window_mask(attention_mask(2, 11, seg), pos, 3)
   kmask = attention_kernels.KernelMask(seg, None, True, "splash")
   weight = (seg > 0).astype(jnp.float32)
   qkv = list(_qkv(heads=2, kv_heads=1))
@@ -224,6 +223,7 @@ def test_cudnn_lowers_for_cuda(monkeypatch, t, packed):
   assert calls == {fmha, fmha + "Backward"}, calls
 
 
+@pytest.mark.slow  # a CLI start-up: 11 s on 2 busy cores
 def test_attention_flag_reaches_the_model_config(tmp_path):
   """--attention is --model.attention: a refusal at start-up, in one line."""
   from cli_util import train
