@@ -1,6 +1,7 @@
 """Flag files that include other flag files, with paths relative to the file that names
 them: a relative --flagfile, --loss_module=FILE.py or --online.reward_fn=FILE.py:name
-inside a flag file is found from that file's folder."""
+inside a flag file is found from that file's folder. A flag file may be a `gs://` URL
+(`jaxpref.paths`): a run's flags.txt in a bucket re-runs it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 from typing import Sequence
 
 from absl import flags
+
+from jaxpref import paths
 
 
 def _relative_to(base: str, line: str) -> str:
@@ -32,14 +35,15 @@ def expand_flagfiles(argv: Sequence[str], base: str = "", _seen: tuple = ()) -> 
       out.append(arg)
       continue
     path = os.path.expanduser(arg.split("=", 1)[1])
-    if base and not os.path.isabs(path) and os.path.exists(os.path.join(base, path)):
-      path = os.path.join(base, path)
-    if not os.path.exists(path):
+    if (base and not os.path.isabs(path) and not paths.is_remote(path)
+        and paths.exists(paths.join(base, path))):
+      path = paths.join(base, path)
+    if not paths.exists(path):
       raise flags.Error(f"--flagfile: no such file {path!r}" + (f" (included from {base})" if base else ""))
-    if os.path.abspath(path) in _seen:
+    if paths.abspath(path) in _seen:
       raise flags.Error(f"--flagfile: {path} includes itself")
-    with open(path) as f:
+    with paths.open(path) as f:
       lines = [ln.strip() for ln in f]
-    lines = [_relative_to(os.path.dirname(path), ln) for ln in lines if ln and not ln.startswith(("#", "//"))]
-    out.extend(expand_flagfiles(lines, os.path.dirname(path), _seen + (os.path.abspath(path),)))
+    lines = [_relative_to(paths.dirname(path), ln) for ln in lines if ln and not ln.startswith(("#", "//"))]
+    out.extend(expand_flagfiles(lines, paths.dirname(path), _seen + (paths.abspath(path),)))
   return out

@@ -75,3 +75,17 @@ def test_url_helpers_keep_the_scheme():
   assert paths.abspath("gs://b/run") == "gs://b/run"
   assert paths.abspath("run") == os.path.join(os.getcwd(), "run")
   assert paths.has_magic("gs://b/train-*.parquet") and not paths.has_magic("gs://b/t.jsonl")
+
+
+def test_flag_files_in_a_bucket_include_relative_ones(gcs):
+  from absl import flags
+  from jaxpref.flag_files import expand_flagfiles
+  run = f"gs://{gcs.bucket}/run"
+  with paths.open(paths.join(run, "flags.txt"), "w") as f:
+    f.write("# a run's flags\n--flagfile=base.flags\n--steps=4\n")
+  with paths.open(paths.join(run, "base.flags"), "w") as f:
+    f.write("--loss=dpo\n")
+  assert expand_flagfiles([f"--flagfile={run}/flags.txt", "--seed=1"]) == [
+      "--loss=dpo", "--steps=4", "--seed=1"]
+  with pytest.raises(flags.Error, match=f"no such file '{run}/nothing.flags'"):
+    expand_flagfiles([f"--flagfile={run}/nothing.flags"])
