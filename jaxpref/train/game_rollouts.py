@@ -52,6 +52,13 @@ def check(cfg) -> None:
   if o.updates_per_rollout != 1:
     raise ValueError(f"--loss={cfg.loss} is an on-policy update (no importance ratio): "
                      f"--online.updates_per_rollout must be 1, got {o.updates_per_rollout}")
+  # Flags that reshape the plain rollout, which this one does not pass through.
+  if getattr(o, "prompt_pool", 0):
+    raise ValueError(f"--loss={cfg.loss} samples its own pairs: --online.prompt_pool does not "
+                     "apply")
+  if getattr(o, "pairs", "best_worst") != "best_worst":
+    raise ValueError(f"--loss={cfg.loss} forms its own pairs: --online.pairs={o.pairs} does "
+                     "not apply")
 
 
 def _generate(r, params, ds, idx, k: int, rng, mix=None):
@@ -108,6 +115,8 @@ def rollout(r, params, ref_params, ds, step: int, pair_rule) -> GroupBatch:
   b, k = cfg.data.batch_size, o.num_generations
   idx = r.last_indices = ds.indices(step, b, cfg.data.seed)
   t0 = time.perf_counter()
+  if getattr(r, "self_judge", None) is not None:  # a self-judging run: the sampling weights
+    r.self_judge.lm.params = params
   key = lambda stream: jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), stream),
                                           step)
   pol = _generate(r, params, ds, idx, k, key(0))

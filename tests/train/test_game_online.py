@@ -42,3 +42,5 @@ def test_game_losses_are_refused_with_several_updates_or_in_a_sum(tmp_path):
     loop.run(config(tmp_path, loss="nash_md", updates_per_rollout=2))
   with pytest.raises(ValueError, match="combine with no other loss"):
     loop.run(config(tmp_path / "b", loss="0.5*xpo+grpo"))
+  with pytest.raises(ValueError, match="mixture_coef must be in"):
+    loop.run(config(tmp_path / "c", loss="nash_md", mixture_coef=1.5))
