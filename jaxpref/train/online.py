@@ -261,6 +261,7 @@ def program(s) -> Program:
   say(f"model: preset {cfg.model_preset}, {n_params:,} parameters; mesh {dict(mesh.shape)}; "
       f"loss {cfg.loss_spec.describe()}"
       + (" on each group's best-vs-worst pair" if role.pairwise(cfg) else
+         f" against {game_rollouts.opponent(cfg)} samples" if game_rollouts.opponent(cfg) else
          f", advantages {o.advantage}") + f"; reference {ref.kind}; reward "
       + " + ".join(f"{w:g}*{label}" for w, label, _, _ in rollouts.reward.terms))
   timing = {"last": None}
