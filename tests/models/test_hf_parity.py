@@ -212,7 +212,8 @@ def test_unsupported_architecture(tmp_path):
   gpt2 = lambda c: {**c, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
   with pytest.raises(hf.UnsupportedCheckpoint,
                      match="model_type='gpt2'.*supported: llama \\(LlamaForCausalLM\\), mistral "
-                           "\\(MistralForCausalLM\\), qwen2 \\(Qwen2ForCausalLM\\), qwen3 "
+                           "\\(MistralForCausalLM\\), mixtral \\(MixtralForCausalLM\\), qwen2 "
+                           "\\(Qwen2ForCausalLM\\), qwen3 "
                            "\\(Qwen3ForCausalLM\\), gemma \\(GemmaForCausalLM\\), gemma2"):
     hf.load(saved(tmp_path, gpt2))
   # A family's model_type with another head (sequence classification) is refused too.
