@@ -309,3 +309,22 @@ def test_sequence_classification_folder_reads(family, tmp_path):
     want = src(torch.tensor(toks)).logits.numpy()
   h = nnx.jit(lambda m, t: m.hidden(t))(decoder, jnp.asarray(toks, jnp.int32))
   np.testing.assert_allclose(np.asarray(h)[:, -1] @ head, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["gemma3_local_global", "phi3_sliding", "mixtral_top2"])
+def test_sharded_bfloat16_round_trip(case, tmp_path):
+  """bf16 weights in 40 KB shards load exactly (upcast to float32) and are written back as
+  bf16 shards with an index that transformers reads to the same state_dict."""
+  src = hf_model(**CASES[case]).to(torch.bfloat16)
+  src.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+  assert (tmp_path / "hf" / hf.INDEX_FILE).is_file()
+  cfg, model = hf.load(str(tmp_path / "hf"))
+  files = hf.save(model, cfg, str(tmp_path / "back"), dtype=jnp.bfloat16, max_shard_size="40KB",
+                  ids=IDS)
+  assert len(files) > 1
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back",
+                                                           dtype=torch.bfloat16)
+  a, b = src.state_dict(), back.state_dict()
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]), k
