@@ -55,9 +55,16 @@ def hf_leaves(path: str, cfg: ModelConfig) -> Iterator[tuple[tuple, np.ndarray]]
     entries = hf.tensor_map(cfg)
     hf.check_names(cfg, tensors, entries, path)
     part_of = {p: name for name, parts in hf.fused_tensors(cfg) for p in parts}
+    experts = dict(hf.stacked_tensors(cfg))  # Mixtral: a stack's per-expert tensors
     split: dict = {}  # Phi-3's fused tensor last read, split into its parts
     for name, param_path, to_ours, _ in entries:
-      if name in part_of:
+      if name in experts:  # one layer's experts at a time, as hf.stack_experts stacks them
+        parts = [tensors[p] for p in experts[name]]
+        if len({a.shape for a in parts}) != 1:
+          raise hf.UnsupportedCheckpoint(f"{path}: the experts of {name} differ in shape: "
+                                         f"{sorted({a.shape for a in parts})}")
+        array = np.stack(parts)
+      elif name in part_of:
         if split.get(None) != part_of[name]:
           fused = part_of[name]
           split = {None: fused, **hf.split_fused(cfg, {fused: tensors[fused]}, path)}

@@ -1,6 +1,7 @@
 """`--init_from` streamed into the sharded layout (jaxpref/models/streaming.py): the same
 weights as the whole-model load, in the shardings the rules give, from HF folders (single
-file, sharded with an index, Phi-3's fused tensors) and jaxpref folders."""
+file, sharded with an index, Phi-3's fused tensors, Mixtral's per-expert tensors) and jaxpref
+folders."""
 
 import dataclasses
 
@@ -23,6 +24,9 @@ def _save(tmp_path, family: str, shard: bool):
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
   if family == "phi3":
     model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, pad_token_id=0))
+  elif family == "mixtral":
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **common, num_local_experts=4, num_experts_per_tok=2))
   else:
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
   with torch.no_grad():
@@ -38,7 +42,8 @@ def _streamed(path: str, cfg, mesh):
   return graphdef, streaming.load_into(path, cfg, params)
 
 
-@pytest.mark.parametrize("family,shard", [("llama", False), ("llama", True), ("phi3", False)])
+@pytest.mark.parametrize("family,shard", [("llama", False), ("llama", True), ("phi3", False),
+                                          ("mixtral", True)])
 def test_hf_folder_streams_into_the_rules_shardings(tmp_path, family, shard):
   path = _save(tmp_path, family, shard)
   if shard:
