@@ -10,16 +10,16 @@ selected `--loss` at start-up). Flag files may include other flag files; a relat
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any
 
 from absl import flags
 
 from jaxpref import losses
 from jaxpref.flag_files import expand_flagfiles
+from jaxpref.dotted_flags import (define_dotted, define_loss_flags, dotted_values,
+                                   import_loss_modules, loss_flag_hint)
 from jaxpref import models
 from jaxpref import ops
 from jaxpref.data.pairs import TRUNCATION_MODES
@@ -214,18 +214,7 @@ flags.DEFINE_bool("log_records", _R.log_records, "Write WORKDIR/records/process_
                   "train groups (dataset indices) each host read at every step, to audit a "
                   "resumed run's data against an uninterrupted one.")
 
-_DEFINE_BY_TYPE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
-                   float: flags.DEFINE_float, str: flags.DEFINE_string}
-
-
-def _define_dotted(prefix: str, fields: dict[str, Any], owner: str) -> None:
-  for name, default in fields.items():
-    define = _DEFINE_BY_TYPE.get(type(default))
-    if define is not None and f"{prefix}.{name}" not in FLAGS:
-      define(f"{prefix}.{name}", None, f"{owner} {name} (default {default!r}).")
-
-
-_define_dotted(
+define_dotted(
     "model", {f.name: getattr(models.get_config("tiny"), f.name)
               for f in dataclasses.fields(models.ModelConfig)}, "Overrides the preset's")
 
@@ -235,71 +224,15 @@ flags.DEFINE_enum("attention", None, list(attention_kernels.KERNELS), "The atten
                   "auto (by backend); docs/kernels.md.")
 
 
-_define_dotted("online", {f.name: f.default for f in dataclasses.fields(OnlineConfig)},
-               "The online role's")
-
-
-def define_loss_flags() -> None:
-  """Defines --loss.<hparam> for every registered loss (call again after registering more).
-
-  One flag serves every loss that has a hyperparameter of that name; its help lists them.
-  """
-  takers: dict[str, list[str]] = {}
-  defaults: dict[str, Any] = {}
-  for name in losses.names():
-    for hp, default in losses.hparams(name).items():
-      takers.setdefault(hp, []).append(f"{name}={default!r}")
-      defaults.setdefault(hp, default)
-  for hp, default in defaults.items():
-    define = _DEFINE_BY_TYPE.get(type(default))
-    if define is not None and f"loss.{hp}" not in FLAGS:
-      define(f"loss.{hp}", None, "Loss hyperparameter; default per loss: " + ", ".join(takers[hp]))
+define_dotted("online", {f.name: f.default for f in dataclasses.fields(OnlineConfig)},
+              "The online role's")
 
 
 define_loss_flags()
 
 
-def import_loss_modules(args: Sequence[str]) -> None:
-  """Imports every --loss_module=... in `args` (before parsing), then defines its loss flags."""
-  for arg in args:
-    if not arg.startswith("--loss_module="):
-      continue
-    target = arg.split("=", 1)[1]
-    if target.endswith(".py"):
-      if not os.path.isfile(target):
-        raise flags.Error(f"--loss_module: no such file {target!r}")
-      name = "jaxpref_user_" + os.path.splitext(os.path.basename(target))[0]
-      spec = importlib.util.spec_from_file_location(name, target)
-      module = importlib.util.module_from_spec(spec)
-      sys.modules[name] = module
-      spec.loader.exec_module(module)
-    else:
-      importlib.import_module(target)
-  define_loss_flags()
-
-
-def loss_flag_hint(error: str, args: Sequence[str]) -> str:
-  """For an unknown --loss.X: the selected loss's hyperparameters, with defaults."""
-  if "'loss." not in error:
-    return ""
-  name = FLAGS["loss"].default
-  for arg in args:
-    if arg.startswith("--loss="):
-      name = arg.split("=", 1)[1]
-  try:
-    valid = losses.hparams(name)
-  except ValueError:
-    return ""
-  return f"\nLoss {name!r} takes: " + ", ".join(f"--loss.{k}={v!r}" for k, v in valid.items())
-
-
-def _dotted_values(prefix: str) -> dict[str, Any]:
-  return {n[len(prefix) + 1:]: FLAGS[n].value for n in FLAGS
-          if n.startswith(prefix + ".") and FLAGS[n].present}
-
-
 def _model_overrides() -> dict[str, Any]:
-  return attention_kernels.with_flag(_dotted_values("model"), FLAGS["attention"].value)
+  return attention_kernels.with_flag(dotted_values("model"), FLAGS["attention"].value)
 
 
 def _tokenizer(paths: dict[str, str]) -> str:
@@ -323,7 +256,7 @@ def to_config(workdir: str | None = None) -> RunConfig:
   workdir = workdir or FLAGS.workdir
   if not workdir:
     raise ValueError("--workdir is required (an existing one is resumed)")
-  loss_hparams = _dotted_values("loss")
+  loss_hparams = dotted_values("loss")
   parse_fields(FLAGS.data_fields)  # unknown target names -> error listing valid ones
   paths = {name: remote.local(name, hub.resolve(name, FLAGS[name].value or ""))  # Hub, gs://
            for name in hub.FLAGS}
@@ -368,7 +301,7 @@ def to_config(workdir: str | None = None) -> RunConfig:
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       progress=FLAGS.progress, plot=FLAGS.plot,
       log_records=FLAGS.log_records, nonfinite=FLAGS.nonfinite, tie_accuracy=FLAGS.tie_accuracy,
-      online=OnlineConfig(**_dotted_values("online")))
+      online=OnlineConfig(**dotted_values("online")))
   _ = cfg.loss_spec  # resolved here: an unknown loss or --loss.X is an error listing valid ones
   conflicts = models.decoder.scan_layers_conflicts(model, lora_rank=FLAGS.lora_rank,
                                                    init_from=FLAGS.init_from,
@@ -410,7 +343,7 @@ def parse(argv: list[str]) -> list[str]:
     import_loss_modules(args)
     return FLAGS(argv[:1] + args)
   except flags.Error as e:
-    hint = loss_flag_hint(str(e), args)
+    hint = loss_flag_hint(str(e), args, FLAGS["loss"].default)
     print(f"FATAL flags parsing error: {e}{hint}\nPass --helpfull to see all flags.",
           file=sys.stderr)
     sys.exit(1)
