@@ -2,6 +2,7 @@
 
 # Importing a family module registers its losses.
 from jaxpref.losses import listwise, pairwise, reference_free, token_level, unpaired  # noqa: F401
+from jaxpref.losses import strength  # noqa: F401  (OSP, SPO)
 from jaxpref.losses import reward  # noqa: F401
 from jaxpref.losses import attributes, pal, themis  # noqa: F401  (reward-role losses)
 from jaxpref.losses import weighted  # noqa: F401
