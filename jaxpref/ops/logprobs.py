@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxpref.ops import pallas_logps, xla_logps
 
@@ -33,6 +34,34 @@ def resolve(impl: str) -> str:
   if impl == "auto":
     return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
   return impl
+
+
+def _row_axes(mesh, n: int) -> tuple[str, ...]:
+  """The mesh axes (size > 1, not already manual, in mesh order) that split `n` rows:
+  the longest run of them whose sizes' product divides `n`."""
+  axes, size = [], 1
+  for name in mesh.axis_names:
+    k = mesh.shape[name]
+    if k == 1 or name in mesh.manual_axes:
+      continue
+    if n % (size * k):
+      break
+    axes.append(name)
+    size *= k
+  return tuple(axes)
+
+
+def _per_shard(fn, x, t, m):
+  """fn (the Pallas `(logits, targets, mask) -> (logp, lse)`) on each device's rows under
+  the ambient mesh, the vocabulary whole on each; directly when no mesh axis splits the rows."""
+  # A Pallas call is opaque to XLA's SPMD partitioner, which would gather all [N, V] logits.
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = () if mesh.empty else _row_axes(mesh, x.shape[0])
+  if not axes:
+    return fn(x, t, m)
+  rows = P(axes)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(P(axes, None), rows, rows),
+                       out_specs=(rows, rows), check_vma=False)(x, t, m)
 
 
 def token_logps(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None, *,
@@ -61,7 +90,7 @@ def token_logps(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = 
     if interpret is None:
       interpret = jax.default_backend() not in ("tpu", "gpu")
     fn = pallas_logps.kernel(layout, block_n or bn, block_v or bv, interpret)
-    logp, lse = fn(x, t, m)
+    logp, lse = _per_shard(fn, x, t, m)
   return logp.reshape(lead), lse.reshape(lead)
 
 
