@@ -96,25 +96,30 @@ class Attention(nnx.Module):
     """x: [N, T, D]; mask: bool[N, 1, T, T] (query, key) -> [N, T, D]."""
     return self.attend(*self.qkv(x, positions, local), mask)
 
-  def frequencies(self, local=None) -> jax.Array:
+  def frequencies(self, local=None, seq_len=None) -> jax.Array:
     """RoPE inverse frequencies [Dh/2] of this layer. `local` (default: self.local) may be a
-    traced bool, as in the scanned decoder, where one traced body serves every layer."""
+    traced bool, as in the scanned decoder, where one traced body serves every layer.
+    seq_len: dynamic NTK's sequence length (maybe traced); unused by the other RoPE types."""
     cfg = self.cfg
     scaling = (cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
                cfg.rope_original_max_len, cfg.rope_scaling_type)
-    inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, scaling)
+    inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, scaling, seq_len)
     if cfg.rope_local_theta:  # Gemma 3: local layers' own theta, never scaled
       local = self.local if local is None else local
       inv_freq = jnp.where(local, rope_frequencies(cfg.head_dim, cfg.rope_local_theta), inv_freq)
     return inv_freq
 
-  def qkv(self, x, positions, local=None):
+  def qkv(self, x, positions, local=None, seq_len=None):
     """q [N, T, H, Dh], k and v [N, T, Hkv, Dh], RoPE applied to q and k. Split from
-    `attend` so a KV cache (`jaxpref.models.kv_cache`) can keep k and v between calls."""
+    `attend` so a KV cache (`jaxpref.models.kv_cache`) can keep k and v between calls.
+    seq_len: dynamic NTK's sequence length, default the max of `positions` + 1 over the
+    whole batch (transformers' rule); the KV cache gives that call's own."""
     q, k = self._project(x, "q"), self._project(x, "k")
     if self.cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    inv_freq = self.frequencies(local)
+    if seq_len is None and self.cfg.rope_scaling_type == "dynamic":
+      seq_len = jnp.max(positions) + 1
+    inv_freq = self.frequencies(local, seq_len)
     q, k = (apply_rope(y, positions, inv_freq) for y in (q, k))
     return q, k, self._project(x, "v")
 

@@ -50,8 +50,9 @@ class ModelConfig:
   # time stops growing with depth. Off by default: see scan_layers_conflicts.
   scan_layers: bool = False
   init_std: float = 0.02
-  # RoPE frequency scaling (HF rope_type "llama3", Llama 3.1's, or "linear", every frequency
-  # divided by the factor); factor 1.0 means none.
+  # RoPE frequency scaling (HF rope_type "llama3", Llama 3.1's, "linear", every frequency
+  # divided by the factor, or "dynamic", dynamic NTK: a larger base once the batch's max
+  # position + 1 passes rope_original_max_len); factor 1.0 means none.
   rope_scaling_type: str = "llama3"
   rope_scaling_factor: float = 1.0
   rope_low_freq_factor: float = 1.0
@@ -97,14 +98,17 @@ class ModelConfig:
                        f"({self.n_experts}), got {self.experts_per_token}")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
-    if self.rope_scaling_type not in ("llama3", "linear"):
-      raise ValueError(f"ModelConfig.rope_scaling_type must be llama3 or linear, got "
-                       f"{self.rope_scaling_type!r}")
+    if self.rope_scaling_type not in ("llama3", "linear", "dynamic"):
+      raise ValueError(f"ModelConfig.rope_scaling_type must be llama3, linear or dynamic, "
+                       f"got {self.rope_scaling_type!r}")
+    kind = self.rope_scaling_type
     if self.rope_scaling_factor != 1.0 and not (self.rope_scaling_factor > 0 and (
-        self.rope_scaling_type == "linear" or self.rope_original_max_len >= 1
-        and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor)):
-      raise ValueError("ModelConfig RoPE scaling needs rope_scaling_factor > 0, and for "
+        kind == "linear" or self.rope_original_max_len >= 1 and (
+            kind == "dynamic" and self.head_dim > 2
+            or kind == "llama3" and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor))):
+      raise ValueError("ModelConfig RoPE scaling needs rope_scaling_factor > 0, for "
                        "llama3 0 < rope_low_freq_factor < rope_high_freq_factor and "
+                       "rope_original_max_len >= 1, for dynamic head_dim > 2 and "
                        "rope_original_max_len >= 1")
     for name in ("rope_theta", "norm_eps", "init_std"):
       if not getattr(self, name) > 0:

@@ -123,6 +123,8 @@ class Family:
   # (config.json key, params) of the RoPE the global layers take, in the flat form
   rope: Callable[[dict], tuple[str, dict]] = lambda hf: _rope_params(hf)
   seq_cls: str = ""  # the *ForSequenceClassification architecture, if not the usual name
+  # The RoPE scaling types (HF rope_type) implemented for it, where rope_scaling_factor is free
+  rope_types: tuple = ("llama3", "linear", "dynamic")
 
 
 FAMILIES: dict[str, Family] = {
@@ -186,6 +188,8 @@ FAMILIES: dict[str, Family] = {
                            "use_bidirectional_attention": (None, False)}, GEMMA3_DEFAULTS,
                           fields=_gemma3_fields, keys=_gemma3_keys,
                           rope=lambda hf: _gemma3_rope(hf)[0],
+                          # dynamic NTK per layer type is not checked against transformers
+                          rope_types=("llama3", "linear"),
                           seq_cls="Gemma3TextForSequenceClassification"),
     # Phi-3: Llama computed from fused qkv_proj / gate_up_proj tensors (split on load, fused
     # on save), with Mistral's every-layer sliding window when sliding_window is set.
@@ -216,9 +220,13 @@ def _family(hf: dict) -> Family:
 
 def mismatches(cfg: ModelConfig, family: Family) -> list[str]:
   """The switches of `cfg` that `family` fixes otherwise, as 'field=ours (family: theirs)'."""
-  return [f"{k}={getattr(cfg, k)!r} ({family.model_type}: {v!r})"
-          for k, v in family.switches.items()
-          if (getattr(cfg, k) not in v if isinstance(v, tuple) else getattr(cfg, k) != v)]
+  bad = [f"{k}={getattr(cfg, k)!r} ({family.model_type}: {v!r})"
+         for k, v in family.switches.items()
+         if (getattr(cfg, k) not in v if isinstance(v, tuple) else getattr(cfg, k) != v)]
+  if cfg.rope_scaling_factor != 1.0 and cfg.rope_scaling_type not in family.rope_types:
+    bad.append(f"rope_scaling_type={cfg.rope_scaling_type!r} ({family.model_type}: "
+               f"{family.rope_types!r})")
+  return bad
 
 
 def family_of(cfg: ModelConfig) -> Family:
@@ -250,14 +258,19 @@ def _rope(params: dict) -> tuple[float, dict]:
 
 
 def _scaling_fields(scaling: dict, max_len: int) -> dict:
-  """The ModelConfig fields of an 'llama3' or 'linear' RoPE scaling dict."""
+  """The ModelConfig fields of an 'llama3', 'linear' or 'dynamic' RoPE scaling dict."""
   if not scaling:
     return {}
-  linear = scaling["rope_type"] == "linear"
+  linear = scaling["rope_type"] in ("linear", "dynamic")
   need = ("factor",) if linear else ("factor", "low_freq_factor", "high_freq_factor")
   missing = [k for k in need if k not in scaling]
   if missing:
     raise UnsupportedCheckpoint(f"{scaling['rope_type']!r} RoPE scaling {scaling} lacks {missing}")
+  if scaling["rope_type"] == "dynamic":
+    # transformers' dynamic NTK measures lengths against max_position_embeddings, never an
+    # original_max_position_embeddings in the dict.
+    return dict(rope_scaling_type="dynamic", rope_scaling_factor=float(scaling["factor"]),
+                rope_original_max_len=int(max_len))
   if linear:
     return dict(rope_scaling_type="linear", rope_scaling_factor=float(scaling["factor"]))
   return dict(rope_scaling_factor=float(scaling["factor"]),
@@ -307,10 +320,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
          for k, ok in family.unsupported.items() if k in hf and hf[k] not in ok]
   where, params = family.rope(hf)
   theta, scaling = _rope(params)
-  if scaling and scaling["rope_type"] not in ("llama3", "linear"):
+  if scaling and scaling["rope_type"] not in family.rope_types:
     # The key, not the dict: longrope's factor lists would bury the one line.
     bad.append(f"RoPE scaling {where}.rope_type={scaling['rope_type']!r} (implemented: "
-               f"default, 'llama3', 'linear')")
+               f"default, {', '.join(map(repr, family.rope_types))})")
   partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
   if partial != 1.0:
     key = "partial_rotary_factor"
@@ -336,8 +349,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
 def _rope_to_hf(cfg: ModelConfig) -> dict:
   if cfg.rope_scaling_factor == 1.0:
     return {"rope_type": "default", "rope_theta": cfg.rope_theta}
-  if cfg.rope_scaling_type == "linear":
-    return {"rope_type": "linear", "rope_theta": cfg.rope_theta,
+  if cfg.rope_scaling_type in ("linear", "dynamic"):
+    return {"rope_type": cfg.rope_scaling_type, "rope_theta": cfg.rope_theta,
             "factor": cfg.rope_scaling_factor}
   return {"rope_type": "llama3", "rope_theta": cfg.rope_theta,
           "factor": cfg.rope_scaling_factor, "low_freq_factor": cfg.rope_low_freq_factor,
@@ -361,7 +374,10 @@ def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
       "intermediate_size": cfg.d_ff, "rms_norm_eps": cfg.norm_eps,
       "rope_theta": cfg.rope_theta,
       "rope_parameters": rope, "rope_scaling": legacy_scaling,
-      "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_len,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      # Dynamic NTK reads its original length from max_position_embeddings.
+      "max_position_embeddings": (cfg.rope_original_max_len if rope["rope_type"] == "dynamic"
+                                  else cfg.max_len),
       **family.keys(cfg),
       "torch_dtype": dtype, "dtype": dtype,
   }

@@ -83,18 +83,24 @@ def blocks(model: Decoder) -> list:
   return out
 
 
-def forward(model: Decoder, cache: KVCache, tokens: jax.Array,
-            n_new: jax.Array) -> tuple[jax.Array, KVCache]:
+def forward(model: Decoder, cache: KVCache, tokens: jax.Array, n_new: jax.Array,
+            seq_len=None) -> tuple[jax.Array, KVCache]:
   """Runs tokens int32[B, T] at positions cache.lengths[b] + t, storing their keys and
   values; -> (final-norm hidden float32[B, T, D], cache with lengths += n_new).
 
   n_new int32[B]: how many of the T tokens are real for each row (a ragged prompt's length,
   or 0 for a finished sequence). The rest are still written, past the new length, where
   no later query reads them before they are overwritten.
+
+  seq_len: dynamic NTK RoPE's sequence length for this call's new keys and queries (keys
+  already cached keep the rotation they were given, as in transformers' generate); default
+  the longest row after the call, max(cache.lengths + n_new).
   """
   cfg = model.config
   t = tokens.shape[1]
   positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  if seq_len is None and cfg.rope_scaling_type == "dynamic":
+    seq_len = jnp.max(cache.lengths + n_new)
   x = embed(model, tokens)
   layers = blocks(model)
   masks = {local: cache_mask(cfg, positions, cache.max_len, local)
@@ -102,7 +108,7 @@ def forward(model: Decoder, cache: KVCache, tokens: jax.Array,
   ks, vs = [], []
   for i, layer in enumerate(layers):
     def attention(h, i=i, layer=layer):
-      q, k, v = layer.attn.qkv(h, positions)
+      q, k, v = layer.attn.qkv(h, positions, seq_len=seq_len)
       ks.append(constrain_batch(_write(cache.k[i], k, cache.lengths)))
       vs.append(constrain_batch(_write(cache.v[i], v, cache.lengths)))
       return layer.attn.attend(q, ks[-1], vs[-1], masks[layer.local])

@@ -64,16 +64,34 @@ def _llama3_scaled(inv_freq, factor, low, high, original_len):
   return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling=None) -> jax.Array:
+def _dynamic_ntk(inv_freq, head_dim, theta, factor, original_len, seq_len):
+  """HF rope_type "dynamic" (dynamic NTK): past original_len, every frequency comes from the
+  base theta * (factor * seq_len / original_len - (factor - 1)) ** (Dh / (Dh - 2)); at or
+  under it, the plain ones. seq_len may be traced (the batch's max position + 1)."""
+  seq = jnp.asarray(seq_len, jnp.float32)
+  base = theta * (factor * seq / original_len - (factor - 1)) ** (head_dim / (head_dim - 2))
+  half = head_dim // 2
+  scaled = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  return jnp.where(seq > original_len, scaled, inv_freq)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling=None, seq_len=None) -> jax.Array:
   """float32[Dh/2] inverse frequencies. scaling: None or (factor, low_freq_factor,
   high_freq_factor, original_max_len[, type]), the Llama 3.1 frequency scaling
-  (`ModelConfig.rope_scaling_factor` and the fields after it), or with type "linear" every
-  frequency divided by the factor."""
+  (`ModelConfig.rope_scaling_factor` and the fields after it), with type "linear" every
+  frequency divided by the factor, or with type "dynamic" dynamic NTK (`_dynamic_ntk`) at
+  `seq_len` (None: the plain frequencies, as transformers' before any long input)."""
   half = head_dim // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   if scaling is not None and scaling[0] != 1.0:
-    linear = scaling[4:] == ("linear",)
-    inv_freq = inv_freq / scaling[0] if linear else _llama3_scaled(inv_freq, *scaling[:4])
+    kind = scaling[4] if len(scaling) > 4 else "llama3"
+    if kind == "linear":
+      inv_freq = inv_freq / scaling[0]
+    elif kind == "dynamic":
+      if seq_len is not None:
+        inv_freq = _dynamic_ntk(inv_freq, head_dim, theta, scaling[0], scaling[3], seq_len)
+    else:
+      inv_freq = _llama3_scaled(inv_freq, *scaling[:4])
   return inv_freq
 
 
@@ -89,5 +107,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float, scaling=None) -> jax.Array:
-  """`apply_rope` at the frequencies of `rope_frequencies(Dh, theta, scaling)`."""
-  return apply_rope(x, positions, rope_frequencies(x.shape[-1], theta, scaling))
+  """`apply_rope` at the frequencies of `rope_frequencies(Dh, theta, scaling)` (dynamic NTK's
+  sequence length: the max position + 1)."""
+  return apply_rope(x, positions,
+                    rope_frequencies(x.shape[-1], theta, scaling, jnp.max(positions) + 1))

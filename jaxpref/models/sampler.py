@@ -98,7 +98,10 @@ def _sample(graphdef, state, prompt, prompt_lengths, rng, knobs, stops, mix=None
   b, p = prompt.shape
   total = p + n
   cache = tuple(kv_cache.init(model.config, b, total) for _ in models)
-  hidden, cache = zip(*[kv_cache.forward(m, c, prompt, prompt_lengths)
+  # Dynamic NTK RoPE's length per call, as transformers' generate has it: the longest prompt,
+  # then one more each step, finished rows included (only dynamic RoPE reads it).
+  longest = jnp.max(prompt_lengths)
+  hidden, cache = zip(*[kv_cache.forward(m, c, prompt, prompt_lengths, longest)
                         for m, c in zip(models, cache)])
   last = tuple(jnp.take_along_axis(h, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
                for h in hidden)
@@ -139,7 +142,8 @@ def _sample(graphdef, state, prompt, prompt_lengths, rng, knobs, stops, mix=None
   def body(c):
     step, (tok, tokens, lengths, finished, record, live), cache = c
     # Only rows that appended a token feed it; the others' cache stays where it was.
-    hidden, cache = zip(*[kv_cache.forward(m, c, tok[:, None], live.astype(jnp.int32))
+    hidden, cache = zip(*[kv_cache.forward(m, c, tok[:, None], live.astype(jnp.int32),
+                                           longest + step)
                           for m, c in zip(models, cache)])
     return step + 1, emit(step, head(tuple(h[:, 0] for h in hidden)), tokens, lengths,
                           finished, record), tuple(cache)

@@ -227,8 +227,10 @@ def test_unsupported_architecture(tmp_path):
     (lambda c: {**c, "hidden_act": "gelu"}, "hidden_act='gelu'"),
     (lambda c: {**c, "rope_parameters": {"rope_type": "yarn", "factor": 2.0,
                                          "rope_theta": 1e4}}, "RoPE scaling.*yarn"),
-    (lambda c: {**c, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
-], ids=["mlp_bias", "gelu", "yarn_rope", "legacy_dynamic_rope"])
+    # (legacy {"type": "dynamic"} is read: tests/models/test_rope_dynamic.py)
+    (lambda c: {**c, "rope_scaling": {"type": "longrope", "factor": 2.0}},
+     "rope_scaling.rope_type='longrope'"),
+], ids=["mlp_bias", "gelu", "yarn_rope", "legacy_longrope_rope"])
 def test_unsupported_llama_features(tmp_path, edit, match):
   with pytest.raises(hf.UnsupportedCheckpoint, match=match):
     hf.load(saved(tmp_path, edit))
