@@ -1,30 +1,18 @@
 """Online GRPO step on CPU, jaxpref's online loop vs TRL's GRPOTrainer (tokens/s), jaxpref's
 step split, and sampled tokens/s of jaxpref's sampler vs transformers `generate`.
 
-  python benchmarks/trl_grpo_compare.py [--batch_size=4] [--num_generations=4]
-      [--prompt_len=32] [--max_completion_length=32] [--steps=3] [--rounds=2] ...
-
-TRL runs in trl_compare.py's venv (benchmarks/.trl_venv, TRL_PINS): this script re-runs
-itself there as a worker, so TRL is never a jaxpref dependency. Both sides read one folder
-written here: preset `--preset` (float32, jaxpref's random init saved by `hf.save`, read
-by `LlamaForCausalLM`), a word-level tokenizer.json (<pad> 0, <s> 1, </s> 2, words w3 ..)
-and prompts of random words (BOS first on both sides). A step: K samples for each of B
-prompts (temperature 1, no top-k/p, stop at EOS or max_completion_length), rewards from
-`distinct_words` on the decoded text (the same on both sides), group advantages (std
-scaled), one GRPO update (num_iterations 1, eps 0.2, k3 KL beta 0.04 against a frozen
-reference, AdamW, clip 1.0; TRL loss_type "grpo", gradient checkpointing off).
-
-Timed per step (medians over `rounds` x `steps`, the sides alternating by round):
-  jaxpref: a loop step of `online.program` after compile and a warm-up step: the rollout
-    (`online.Rollouts`: sample, decode + score, layout + advantages), placing it, and the
-    jitted update (`train_step`, blocked on its metrics).
-  TRL: a `GRPOTrainer.train()` optimizer step, on_step_begin to on_step_end: generation,
-    reward, advantages, reference forward, loss forward/backward, clip, optimizer step.
-tokens/s = (prompt + completion tokens of all B*K sequences) / step time, each side
-counting its own. The sampler part: `--sampler_new` tokens (no stop)
-after `--prompt_len`-token prompts, greedy and temperature 1, each of `--sampler_batches`,
-compile (first call minus a steady one) apart. torch gets `--threads` threads (default
-os.cpu_count()); XLA:CPU uses every core.
+  python benchmarks/trl_grpo_compare.py [--batch_size=4] [--num_generations=4] [--steps=3] ...
+TRL runs in trl_compare.py's venv (benchmarks/.trl_venv): this script re-runs itself there
+as a worker, so TRL is never a jaxpref dependency. Both sides read one folder written here
+(the `--preset` model saved by `hf.save`, a word-level tokenizer.json, random-word prompts)
+and run the same step: K samples per prompt at temperature 1, the `distinct_words` reward,
+std-scaled group advantages, one GRPO update (eps 0.2, k3 KL beta 0.04, AdamW, clip 1.0).
+Timed per step (medians over `rounds` x `steps`, the sides alternating by round): jaxpref's
+loop step after compile and a warm-up; TRL's optimizer step, on_step_begin to on_step_end.
+tokens/s = prompt + completion tokens of all B*K sequences / step time, each side counting
+its own. Then sampled tokens/s of both samplers (no stop, greedy and temperature 1, each of
+`--sampler_batches`, compile apart); torch gets `--threads` threads, XLA:CPU every core.
+Setup and numbers: benchmarks/README.md section 7.
 """
 
 import argparse

@@ -29,11 +29,8 @@ from launch_flags import (BOOT_REMOTE_DIR, BOOT_VENV, REMOTE_DIR, VENV,  # noqa:
                           build_parser)
 
 # Runtime (software) versions for JAX, per TPU generation (cloud.google.com/tpu/docs/runtimes).
-RUNTIMES = {
-    "v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base", "v4": "tpu-ubuntu2204-base",
-    "v5litepod": "v2-alpha-tpuv5-lite",  # v5e
-    "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e",
-}
+RUNTIMES = {"v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base", "v4": "tpu-ubuntu2204-base",
+            "v5litepod": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 REMOTE_BUNDLE = "jaxpref-bundle.tar.gz"
 LOG = "train.log"                  # one per worker: each worker has its own disk
 METADATA_LIMIT = 256 * 1024  # bytes in one metadata value (the startup script)
