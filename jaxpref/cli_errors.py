@@ -91,6 +91,8 @@ def classify(e: BaseException) -> tuple[int, str]:
     return BAD_INPUT_EXIT, f"FATAL: {one_line(e)}"
   if isinstance(e, RunError):
     return CRASHED_EXIT, f"FATAL: {one_line(e)}"
+  if isinstance(e, FileNotFoundError) and e.errno is None:
+    return BAD_INPUT_EXIT, f"FATAL: {one_line(e)}"  # raised with a message naming the flag
   if isinstance(e, OSError) and e.errno is not None:
     # A path that cannot be used needs no traceback; neither does a full disk (exit 1).
     where = f"{e.filename}: " if e.filename else ""

@@ -90,6 +90,10 @@ class Logps:
   old_values: Optional[Array] = None  # float32[B, K, T]
   adv_tok: Optional[Array] = None  # float32[B, K, T]
   returns: Optional[Array] = None  # float32[B, K, T]
+  # Summed log-probs and count of each sequence's prompt tokens after BOS (the tokens off
+  # the loss mask): TRL's ORPO NLL runs over prompt and response (`orpo`, nll="sequence").
+  prompt_policy: Optional[Array] = None  # float32[B, K]
+  prompt_length: Optional[Array] = None  # float32[B, K]
 
 
 @jax.tree_util.register_dataclass

@@ -17,6 +17,7 @@ from cli_util import train
     ("--mesh=data:3", "--mesh"),
     ("--steps=0", "--steps"),
     ("--grad_accum=3", "--grad_accum"),
+    ("--tokenizer=no/such/tokenizer.model", "--tokenizer"),
 ])
 def test_bad_flag_is_named(tmp_path, flag, needle):
   proc = train(str(tmp_path / "w"), flag, check=False)
@@ -62,3 +63,10 @@ def test_loss_that_needs_scores_on_data_without_them(tmp_path):
   proc = train(str(tmp_path / "w"), "--loss.score_margin=0.5", check=False)
   assert proc.returncode != 0
   assert "chosen_score" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_orpo_sequence_nll_under_a_shared_prompt_is_refused_at_start_up(tmp_path):
+  proc = train(str(tmp_path / "w"), "--loss=orpo", "--loss.nll=sequence", "--shared_prompt",
+               check=False)
+  assert proc.returncode != 0
+  assert "--shared_prompt" in proc.stderr.splitlines()[-1] and "Traceback" not in proc.stderr

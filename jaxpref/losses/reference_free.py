@@ -7,6 +7,7 @@ can skip the reference forward pass.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from jaxpref.losses.common import (avg_logps, check_pairs, chosen_nll, log1mexp, pair_metrics,
                                    smoothed_logistic, weighted_mean)
@@ -40,18 +41,38 @@ def simpo(lp: Logps, *, beta: float = 2.0, gamma_beta_ratio: float = 0.25,
   return weighted_mean(per, lp.weight) + sft_weight * nll, metrics
 
 
-@register("orpo", ranges={"beta": "> 0"})
-def orpo(lp: Logps, *, beta: float = 0.1):
+ORPO_NLL = ("response", "sequence")
+
+
+def chosen_sequence_nll(lp: Logps) -> jax.Array:
+  """Token-mean NLL of the chosen sequences' prompt (after BOS) and response tokens over the
+  batch: TRL's ORPO term (cross-entropy on every attended token of prompt + chosen)."""
+  if lp.prompt_policy is None:
+    raise ValueError("orpo nll='sequence' reads the prompt tokens' log-probs, which the step "
+                     "computes with --batching=pad or buckets only (not --batching=pack or "
+                     "--shared_prompt)")
+  w = lp.weight
+  logp = lp.policy[:, 0] + lp.prompt_policy[:, 0]
+  count = lp.length[:, 0] + lp.prompt_length[:, 0]
+  return jnp.sum(-logp * w) / jnp.maximum(jnp.sum(count * w), 1.0)
+
+
+@register("orpo", needs_prompt=True, ranges={"beta": "> 0"})
+def orpo(lp: Logps, *, beta: float = 0.1, nll: str = "response"):
   """ORPO: Monolithic Preference Optimization without Reference Model (docs/losses.md#orpo).
 
   l = NLL(y_w) - beta logsig(logodds(y_w) - logodds(y_l)), logodds(y) = A - log(1 - e^A),
-  A the length-averaged log-prob; `beta` is the paper's lambda (TRL's name).
+  A the length-averaged log-prob; `beta` is the paper's lambda (TRL's name). `nll`:
+  "response" averages the NLL over the chosen response's tokens; "sequence" over its
+  prompt and response tokens, as TRL's ORPOTrainer does (docs/trl.md).
   """
+  if nll not in ORPO_NLL:
+    raise ValueError(f"orpo: nll must be one of {ORPO_NLL}, got {nll!r}")
   check_pairs(lp)
   a = avg_logps(lp)
   logodds = a - log1mexp(a)
   ratio = logsig(logodds[:, 0] - logodds[:, 1])
-  nll = chosen_nll(lp)
+  nll = chosen_nll(lp) if nll == "response" else chosen_sequence_nll(lp)
   metrics = pair_metrics(lp, beta * a)
   metrics.update({"loss/nll": nll, "loss/log_odds_ratio": weighted_mean(ratio, lp.weight)})
   return nll - beta * weighted_mean(ratio, lp.weight), metrics

@@ -42,6 +42,9 @@ class TokenNeeds:
   # Logps.values / old_values / adv_tok / returns: a value head on the policy (PPO,
   # `--online.value=head`); the online step then computes GAE once per rollout.
   values: bool = False
+  # Logps.prompt_policy / prompt_length: the prompt tokens' log-probs from the same policy
+  # pass (no extra compute; pad and bucket layouts only, None under packing/shared prompt).
+  prompt: bool = False
 
   def __bool__(self):
     return self.tokens
@@ -53,7 +56,7 @@ class TokenNeeds:
                        "cannot be summed")
     return TokenNeeds(self.tokens or other.tokens, self.vocab_kl or other.vocab_kl,
                       masks.pop() if masks else None, self.prob_sq or other.prob_sq,
-                      self.values or other.values)
+                      self.values or other.values, self.prompt or other.prompt)
 
 
 _LOSSES: dict[str, LossFn] = {}
@@ -76,7 +79,7 @@ def _in_range(value: Any, spec: str) -> bool:
 
 def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = False,
              token_mask: Optional[str] = None, needs_prob_sq: bool = False,
-             needs_values: bool = False, role: str = "policy",
+             needs_values: bool = False, needs_prompt: bool = False, role: str = "policy",
              ranges: Optional[dict[str, str]] = None) -> Callable[[LossFn], LossFn]:
   """Decorator adding `fn` to the registry under `name` (a user's file may use it too).
 
@@ -88,6 +91,7 @@ def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = Fa
   `Logps.prob_sq` [B, K], a policy-side full-vocabulary pass without per-token arrays.
   `needs_values` (role "online") asks for a value head's per-token values and the
   rollout's GAE advantages and returns (`Logps.values`, `old_values`, `adv_tok`, `returns`).
+  `needs_prompt` asks for `Logps.prompt_policy` and `prompt_length` [B, K].
   `role` (one of ROLES) is the step the loss is written for; a run under another role is
   refused at start-up. `ranges` maps hyperparameters to the values the paper allows
   ("> 0", "[0, 0.5)"); `bind` refuses others at start-up, naming the flag.
@@ -114,9 +118,10 @@ def register(name: str, *, needs_tokens: bool = False, needs_vocab_kl: bool = Fa
     _LOSSES[name] = fn
     _ROLES[name] = role
     _RANGES[name] = dict(ranges or {})
-    if needs_tokens or needs_vocab_kl or token_mask or needs_prob_sq or needs_values:
+    if any((needs_tokens, needs_vocab_kl, token_mask, needs_prob_sq, needs_values, needs_prompt)):
       _NEEDS[name] = TokenNeeds(bool(needs_tokens or needs_vocab_kl or token_mask or needs_values),
-                                needs_vocab_kl, token_mask, needs_prob_sq, needs_values)
+                                needs_vocab_kl, token_mask, needs_prob_sq, needs_values,
+                                needs_prompt)
     return fn
 
   return add

@@ -108,3 +108,43 @@ def test_ld_dpo_ref_weighted_needs_token_reference():
   lp = dataclasses.replace(lp, ref_tok=None)
   with pytest.raises(ValueError, match="only sequence-level reference log-probs"):
     losses.bind("ld_dpo", {"ref_weighted": True})(lp)
+
+
+def orpo_lp(seed=3, b=12):
+  """Pairs with response and prompt log-prob sums and lengths (prompt_* as the step fills them)."""
+  rng = np.random.default_rng(seed)
+  length = rng.integers(2, 20, (b, 2)).astype(np.float64)
+  policy = -rng.uniform(0.2, 2.0, (b, 2)) * length
+  prompt_length = rng.integers(3, 30, (b, 2)).astype(np.float64)
+  prompt = -rng.uniform(0.5, 4.0, (b, 2)) * prompt_length
+  weight = np.ones(b)
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  lp = Logps(policy=f(policy), ref=f(np.zeros((b, 2))), length=f(length),
+             valid=jnp.ones((b, 2), bool), weight=f(weight), prompt_policy=f(prompt),
+             prompt_length=f(prompt_length))
+  return lp, policy, length, prompt, prompt_length
+
+
+def test_orpo_sequence_nll_is_trls():
+  """TRL's ORPOTrainer: NLL is the cross-entropy over every attended token of prompt +
+  chosen, token mean over the batch; the odds ratio reads response-averaged log-probs."""
+  lp, policy, length, prompt, prompt_length = orpo_lp()
+  beta = 0.25
+  a = policy / length
+  log_odds = (a[:, 0] - a[:, 1]) - (np.log1p(-np.exp(a[:, 0])) - np.log1p(-np.exp(a[:, 1])))
+  ratio = np.mean(logsig(log_odds))
+  nll_seq = -np.sum(policy[:, 0] + prompt[:, 0]) / np.sum(length[:, 0] + prompt_length[:, 0])
+  loss, metrics = losses.bind("orpo", {"beta": beta, "nll": "sequence"})(lp)
+  np.testing.assert_allclose(loss, nll_seq - beta * ratio, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss/nll"], nll_seq, rtol=1e-5)
+  paper, _ = losses.bind("orpo", {"beta": beta})(lp)  # the default: the response's tokens only
+  nll_resp = -np.sum(policy[:, 0]) / np.sum(length[:, 0])
+  np.testing.assert_allclose(paper, nll_resp - beta * ratio, rtol=1e-5)
+
+
+def test_orpo_sequence_nll_needs_the_prompt_log_probs():
+  lp = orpo_lp()[0]
+  with pytest.raises(ValueError, match="--batching=pad or buckets"):
+    losses.bind("orpo", {"nll": "sequence"})(dataclasses.replace(lp, prompt_policy=None))
+  with pytest.raises(ValueError, match="nll must be one of"):
+    losses.bind("orpo", {"nll": "prompt"})(lp)

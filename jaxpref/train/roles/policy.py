@@ -6,9 +6,11 @@ The reference model shares the policy's graphdef and differs only in its (frozen
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -27,7 +29,8 @@ from jaxpref.types import GroupBatch, Logps
 
 def group_logps(policy_tok: jax.Array, ref_tok: jax.Array | None, batch: GroupBatch,
                 with_tokens: Any = False, kl_tok: jax.Array | None = None,
-                token_mask: jax.Array | None = None, prob_sq: jax.Array | None = None) -> Logps:
+                token_mask: jax.Array | None = None, prob_sq: jax.Array | None = None,
+                prompt: tuple[jax.Array, jax.Array] | None = None) -> Logps:
   """`ref_tok` None: the reference's sequence log-probs come precomputed in the batch.
 
   `with_tokens` a losses.TokenNeeds: `kl_tok`, `token_mask` and `prob_sq` must be given when
@@ -44,6 +47,8 @@ def group_logps(policy_tok: jax.Array, ref_tok: jax.Array | None, batch: GroupBa
       raise ValueError(f"the loss reads Logps.{name}, which was not computed")
     if wanted:
       extra[name] = value
+  if prompt is not None:
+    extra["prompt_policy"], extra["prompt_length"] = prompt
   ref = batch.ref_logps if ref_tok is None else ref_tok.sum(-1)
   return Logps(policy=policy_tok.sum(-1), ref=ref, length=batch.loss_mask.sum(-1),
                valid=batch.valid, weight=batch.weight, scores=batch.scores, label=batch.label,
@@ -59,8 +64,25 @@ def probe_logps(batch: GroupBatch, with_tokens: Any = False) -> Logps:
   return group_logps(
       zeros, zeros, batch, with_tokens,
       kl_tok=zeros if getattr(with_tokens, "vocab_kl", False) else None,
-      prob_sq=np.zeros(zeros.shape[:2], np.float32) if getattr(with_tokens, "prob_sq", False) else None,
-      token_mask=np.zeros((*zeros.shape, 2 if kind == "learned" else 1), np.float32) if kind else None)
+      prob_sq=zeros.sum(-1) if getattr(with_tokens, "prob_sq", False) else None,
+      token_mask=np.zeros((*zeros.shape, 2 if kind == "learned" else 1), np.float32) if kind else None,
+      prompt=(zeros.sum(-1), zeros.sum(-1)) if getattr(with_tokens, "prompt", False) else None)
+
+
+def prompt_mask(batch: GroupBatch) -> jax.Array:
+  """1 on each sequence's prompt tokens after BOS: attended, off the loss mask, t >= 1."""
+  mask = jnp.asarray(batch.loss_mask)
+  attended = (jnp.asarray(batch.segment_ids) > 0).astype(mask.dtype)
+  return (attended * (1.0 - mask)).at[..., 0].set(0.0)
+
+
+def policy_with_prompt(graphdef, params, batch: GroupBatch, opts: LogpsOptions):
+  """(response token log-probs, (prompt sums, prompt lengths)) from one policy pass over
+  prompt and response: the response's as `token_logps` gives them, the prompt's apart."""
+  pm = prompt_mask(batch)
+  both = token_logps(graphdef, params, dataclasses.replace(batch, loss_mask=batch.loss_mask + pm),
+                     opts)
+  return both * batch.loss_mask, ((both * pm).sum(-1), pm.sum(-1))
 
 
 def step_logps(graphdef: nnx.GraphDef, params: Any, ref_params: Any,
@@ -82,6 +104,9 @@ def step_logps(graphdef: nnx.GraphDef, params: Any, ref_params: Any,
   if getattr(with_tokens, "prob_sq", False):  # WPO's alignment: one policy pass serves both
     policy_tok, prob_sq = token_logps(graphdef, params, batch, opts, prob_sq=True)
     return group_logps(policy_tok, ref_tok, batch, with_tokens, prob_sq=prob_sq)
+  if getattr(with_tokens, "prompt", False) and type(batch) is GroupBatch:
+    policy_tok, prompt = policy_with_prompt(graphdef, params, batch, opts)
+    return group_logps(policy_tok, ref_tok, batch, with_tokens, prompt=prompt)
   return group_logps(token_logps(graphdef, params, batch, opts), ref_tok, batch, with_tokens)
 
 
@@ -160,7 +185,10 @@ def check(cfg, *datasets) -> None:
 
 
 def probe(batch: GroupBatch, cfg) -> Logps:
-  return probe_logps(batch, cfg.loss_spec.needs)
+  needs = cfg.loss_spec.needs
+  if getattr(needs, "prompt", False) and (cfg.data.shared_prompt or cfg.data.batching == "pack"):
+    needs = dataclasses.replace(needs, prompt=False)  # those layouts give no prompt log-probs
+  return probe_logps(batch, needs)
 
 
 def precompute_reference(graphdef: nnx.GraphDef, ref_params: Any, ds, batch_size: int,
