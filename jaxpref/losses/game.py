@@ -14,6 +14,12 @@ XPO (Xie et al. 2024, "Exploratory Preference Optimization", as TRL's XPOTrainer
 it): responses [chosen, rejected, ref_1, ...]; DPO (or IPO) on the first two plus
 alpha sum_t lp_t on each reference sample (minimising it pushes the policy off what the
 reference already says: the paper's optimism term).
+
+EGPO (Zhou et al. 2025, arXiv 2503.08942, the sampled online IPO its extragradient loop
+runs; jaxpref/train/egpo_rollouts.py): per policy response y, `Logps.scores` holds
+w_y = mean over opponent samples y'' of P(y beats y''); with rho the sequence log-ratio
+policy - reference, the square loss over each group's pairs (y, y'),
+  [(rho_y - rho_y') - (w_y - w_y') / beta]^2.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpref.losses.registry import register
 from jaxpref.types import Logps
@@ -98,3 +105,33 @@ def xpo(lp: Logps, *, beta: float = 0.1, alpha: float = 1e-5, loss_type: str = "
                                         lp.weight),
   }
   return dpo_mean + xpo_mean, metrics
+
+
+@register("egpo", needs_tokens=True, role="online", ranges={"beta": "> 0"})
+def egpo(lp: Logps, *, beta: float = 0.1):
+  """Online IPO with win-rate targets on every pair i < j of a group's K responses: the
+  weighted mean of [(rho_i - rho_j) - (w_i - w_j) / beta]^2, rho = `policy - ref` (sequence
+  sums), w = `scores` (held fixed), a pair's weight its group's weight if both are valid.
+  beta = 0.1: the paper's first tabular schedule (docs/game_methods.md#egpo)."""
+  _need(lp, "egpo", "scores")
+  k = lp.policy.shape[1]
+  if k < 2:
+    raise ValueError(f"egpo trains on pairs of a group's responses: K >= 2, got {k}")
+  rho = lp.policy - sg(lp.ref)
+  w = sg(lp.scores)
+  i, j = np.triu_indices(k, 1)
+  margin = rho[:, i] - rho[:, j]  # [B, K(K-1)/2]
+  target = (w[:, i] - w[:, j]) / beta
+  valid = lp.valid.astype(rho.dtype)
+  pw = lp.weight[:, None] * valid[:, i] * valid[:, j]
+  loss = _wmean((margin - target) ** 2, pw)
+  sign = jnp.sign(target)  # each pair oriented towards its higher target
+  ordered = pw * jnp.abs(sign)
+  metrics = {
+      "egpo/target_gap": _wmean(jnp.abs(target), pw),
+      "egpo/margin": _wmean(sg(sign * margin), pw),
+      "rewards/accuracy": _wmean((sign * margin > 0).astype(rho.dtype), ordered),
+      "rewards/win_rate": _wmean(w, lp.weight[:, None] * valid),
+      "kl/mean": _wmean(sg(rho), lp.weight[:, None] * valid),
+  }
+  return loss, metrics

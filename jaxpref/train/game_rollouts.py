@@ -26,7 +26,8 @@ import numpy as np
 from jaxpref.models import sampler
 from jaxpref.types import GroupBatch
 
-OPPONENT = {"nash_md": "mixture", "xpo": "reference"}
+OPPONENT = {"nash_md": "mixture", "xpo": "reference", "egpo": "extrapolated"}  # egpo:
+# egpo_rollouts.py (opponents from pi_t, then from the extrapolated pi_{theta_half})
 PAIRWISE_SOURCES = ("judge", "pref_rm")
 
 
@@ -43,8 +44,8 @@ def group_size(cfg) -> int:
 def check(cfg) -> None:
   if opponent(cfg) is None:
     if any(name in cfg.loss for name in OPPONENT):
-      raise ValueError(f"--loss={cfg.loss}: nash_md and xpo sample their own rollouts and "
-                       "combine with no other loss")
+      raise ValueError(f"--loss={cfg.loss}: nash_md, xpo and egpo sample their own "
+                       "rollouts and combine with no other loss")
     return
   o = cfg.online
   if not 0.0 <= o.mixture_coef <= 1.0:

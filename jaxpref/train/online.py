@@ -25,8 +25,9 @@ from jaxpref.models import sampler
 from jaxpref.models.logps import token_logps
 from jaxpref.parallel import distributed, mesh as mesh_lib, sharding
 from jaxpref.rewards import rm_source, sources
-from jaxpref.train import drift, game_rollouts, plots, ppo, prompt_priority, step as step_lib
-from jaxpref.train.optimizer import make_optimizer
+from jaxpref.train import drift, egpo_rollouts, game_rollouts, plots, ppo, prompt_priority
+from jaxpref.train import step as step_lib
+from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxpref.train.program import Program
 from jaxpref.train.roles import online as role
 from jaxpref.train.roles import forward as role_forward
@@ -55,6 +56,7 @@ class Rollouts:
     self.buckets = tuple(sorted(int(b) for b in cfg.online.prompt_buckets.split(",") if b))
     self.packs = packs(cfg, mesh)
     self.stats: dict = {}
+    self.egpo = None  # EGPO's extrapolation (egpo_rollouts.Extrapolation), set by `program`
 
   def sample(self, params, ds, idx, k: int, temperature: float, rng):
     """(tokens int32[B*K, P+N], prompt lengths [B*K], lengths [B*K], finished [B*K])."""
@@ -90,6 +92,8 @@ class Rollouts:
 
   def __call__(self, params, ds, step: int) -> GroupBatch:
     cfg, o = self.cfg, self.o
+    if self.egpo is not None:  # EGPO: targets against pi_t, then against pi_{theta_half}
+      return egpo_rollouts.rollout(self, params, ds, step)
     if game_rollouts.opponent(cfg):  # Nash-MD / XPO: a second set of samples
       return game_rollouts.rollout(self, params, self.reference().model, ds, step, pair_rule)
     b, k = cfg.data.batch_size, o.num_generations
@@ -257,6 +261,12 @@ def program(s) -> Program:
   # jitted merge a step), else the trained params as they are.
   merge = jax.jit(lambda p, r: r.policy(p, lora_scale))
   policy_params = merge if lora_scale is not None else (lambda p, r: p)
+  if game_rollouts.opponent(cfg) == "extrapolated":  # EGPO's step (a) needs the state
+    rollouts.egpo = egpo_rollouts.Extrapolation(
+        cfg, role_forward(cfg, graphdef),
+        learning_rate_schedule(cfg.optim, cfg.steps * o.updates_per_rollout),
+        lambda: prog.state, lambda: prog.ref, policy_params,
+        lambda b: distributed.put_global(b, batch_sharding))
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   say(f"model: preset {cfg.model_preset}, {n_params:,} parameters; mesh {dict(mesh.shape)}; "
       f"loss {cfg.loss_spec.describe()}"
