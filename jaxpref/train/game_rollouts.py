@@ -80,7 +80,7 @@ def _pairwise(reward) -> bool:
   kinds = {label in PAIRWISE_SOURCES or bool(getattr(fn, "pairwise", False))
            for _, label, fn, _ in reward.terms}
   if len(kinds) > 1:
-    raise ValueError("--loss=nash_md reads one preference P(y beats y'): the reward mixes "
+    raise ValueError("nash_md, xpo and egpo read one preference P(y beats y'): the reward mixes "
                      "pairwise and scalar sources (" +
                      " + ".join(label for _, label, _, _ in reward.terms) + ")")
   return kinds.pop()
