@@ -17,6 +17,7 @@ from typing import Any
 from absl import flags
 
 from jaxpref import losses
+from jaxpref import dotted_flags
 from jaxpref.flag_files import expand_flagfiles
 from jaxpref.dotted_flags import (define_dotted, define_loss_flags, dotted_values,
                                    import_loss_modules, loss_flag_hint)
@@ -323,7 +324,9 @@ def resolved_flags(cfg: RunConfig | None = None) -> str:
   resolved = {} if cfg is None else {"tokenizer": hub.tokenizer_flag(cfg.data.tokenizer, FLAGS),
                                      "reward_dim": cfg.reward_dim}
   lines = ["# Written by jaxpref: re-run with  jaxpref-train --flagfile=THIS --workdir=NEW_DIR"]
-  for flag in sorted(FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):
+  # absl files a flag under the module that defined it: the dotted ones are dotted_flags'.
+  ours = FLAGS.get_flags_for_module(__name__) + FLAGS.get_flags_for_module(dotted_flags.__name__)
+  for flag in sorted(ours, key=lambda f: f.name):
     if flag.name in _PER_LAUNCH:  # where and how this launch ran, not what it computed
       lines.append(f"# --{flag.name}={flag.value}")
     elif flag.name in resolved:
