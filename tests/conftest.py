@@ -53,3 +53,30 @@ def tiny_config(tmp_path):
     return RunConfig(workdir=str(workdir or tmp_path), data=DataConfig(**d), **base)
 
   return make
+
+
+# The longest tests (CI's --durations), longest first. Started first, they overlap the
+# many short ones on the other worker instead of running alone at the end of a tier.
+HEAVY_FIRST = (
+    "tests/train/test_online_toy.py",
+    "tests/eval/test_label_noise_repro.py",
+    "tests/eval/test_pal_repro.py",
+    "tests/eval/test_reward_repro.py",
+    "tests/parallel/test_multihost.py",
+    "tests/eval/test_ensemble_vmap.py",
+    "tests/test_examples.py",
+    "tests/train/test_online.py",
+    "tests/train/test_gcs_run.py",
+    "tests/test_sweep.py",
+    "tests/train/test_faults_loop.py",
+    "tests/train/test_online_egpo.py",
+    "tests/parallel/test_sharding.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {path: i for i, path in enumerate(HEAVY_FIRST)}
+  order = {id(item): n for n, item in enumerate(items)}
+  items.sort(key=lambda item: (rank.get(item.nodeid.split("::")[0], len(rank)),
+                               order[id(item)]))
