@@ -107,8 +107,8 @@ def test_hosts_and_durations():
   assert [launch.hosts(a) for a in ("v5litepod-8", "v5litepod-16", "v5litepod-256", "v5p-8",
                                     "v5p-64", "v6e-8", "v6e-64", "v4-32", "v3-8")] == \
       [1, 4, 64, 1, 8, 1, 16, 4, 1]
-  assert [launch.seconds(d) for d in ("90", "30s", "20m", "6h", "2d")] == [90, 30, 1200, 21600,
-                                                                          172800]
+  parsed = [launch.seconds(d) for d in ("90", "30s", "20m", "6h", "2d")]  # a parser, not a timer
+  assert parsed == [90, 30, 1200, 21600, 172800]
   with pytest.raises(launch.LaunchError, match="not a duration"):
     launch.seconds("6 hours")
 

@@ -107,7 +107,7 @@ def xpo(lp: Logps, *, beta: float = 0.1, alpha: float = 1e-5, loss_type: str = "
   return dpo_mean + xpo_mean, metrics
 
 
-@register("egpo", needs_tokens=True, role="online", ranges={"beta": "> 0"})
+@register("egpo", role="online", ranges={"beta": "> 0"})  # sequence sums only
 def egpo(lp: Logps, *, beta: float = 0.1):
   """Online IPO with win-rate targets on every pair i < j of a group's K responses: the
   weighted mean of [(rho_i - rho_j) - (w_i - w_j) / beta]^2, rho = `policy - ref` (sequence

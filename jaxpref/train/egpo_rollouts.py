@@ -81,8 +81,9 @@ def _win_rates(r, prompts, pol_texts, pol_scores, opp, b: int, k: int, pairwise:
     return p.reshape(b, k, k).mean(-1), None
   opp_scores, _ = game._score(r, prompts, [opp_texts[j * k:(j + 1) * k] for j in range(b)],
                               (opp[2] - opp[1]).reshape(b, k), ~opp[3].reshape(b, k))
-  diff = pol_scores[0][:, :, None] - opp_scores[:, None, :]  # [B, K (policy), K (opponents)]
-  return (1.0 / (1.0 + np.exp(-diff))).mean(-1), opp_scores
+  pairs = np.stack(np.broadcast_arrays(pol_scores[0][:, :, None], opp_scores[:, None, :]), -1)
+  p = game.preference(pairs.reshape(-1, 2), False, 1.0)  # [B K (policy) K (opponents)]
+  return p.reshape(b, k, k).mean(-1), opp_scores
 
 
 def rollout(r, params, ds, step: int) -> GroupBatch:
