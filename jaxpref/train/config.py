@@ -99,8 +99,11 @@ class OnlineConfig:
   mixture_coef: float = 0.5  # nash_md: the opponent samples pi^(1-m) pi_ref^m (TRL's default)
   pairs: str = "best_worst"  # a pairwise loss's pairs: best_worst | ranked (i with i + K/2)
   # | drift (the best sample against the record's rejected response, train/drift.py)
+  # | refine (the best of K answers and K refinements over the refined answer, train/refine.py)
+  refine_template: str = "{prompt} you said {response} try again."  # pairs=refine's prompt
+  refine_train: str = "both"  # pairs=refine: both (direct + refinement pair) | direct
   eval_reward: str = ""  # reward spec for held-out samples ("": the training reward)
-  prompt_pool: int = 0  # EVOLVE: sample this many prompts, train on the batch_size most
+  prompt_pool: int = 0  # eva: sample this many prompts, train on the batch_size most
   prompt_priority: str = "gap"  # informative: gap (max - min score) | gap_mean (max - mean)
 
 

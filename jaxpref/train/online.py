@@ -25,7 +25,7 @@ from jaxpref.models import sampler
 from jaxpref.models.logps import token_logps
 from jaxpref.parallel import distributed, mesh as mesh_lib, sharding
 from jaxpref.rewards import rm_source, sources
-from jaxpref.train import drift, egpo_rollouts, game_rollouts, plots, ppo, prompt_priority
+from jaxpref.train import drift, egpo_rollouts, game_rollouts, plots, ppo, prompt_priority, refine
 from jaxpref.train import step as step_lib
 from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxpref.train.program import Program
@@ -63,6 +63,18 @@ class Rollouts:
     if self.self_judge is not None:
       self.self_judge.lm.params = params
     prompt, lengths = ds.padded(idx, self.buckets, self.tok.pad_id)
+    return self._generate(params, prompt, lengths, k, temperature, rng)
+
+  def sample_ids(self, params, ids: list, k: int, temperature: float, rng):
+    """`sample` for prompts given as token lists (BOS + prompt): refinement prompts."""
+    lengths = np.array([len(x) for x in ids], np.int32)
+    p = next((b for b in self.buckets if b >= lengths.max()), int(lengths.max()))
+    prompt = np.full((len(ids), p), self.tok.pad_id, np.int32)
+    for row, x in enumerate(ids):
+      prompt[row, :len(x)] = x
+    return self._generate(params, prompt, lengths, k, temperature, rng)
+
+  def _generate(self, params, prompt, lengths, k: int, temperature: float, rng):
     o = self.o
     out = sampler.generate((self.graphdef, params), prompt, lengths,
                            max_new_tokens=o.max_new_tokens, temperature=temperature,
@@ -94,6 +106,8 @@ class Rollouts:
     cfg, o = self.cfg, self.o
     if self.egpo is not None:  # EGPO: targets against pi_t, then against pi_{theta_half}
       return egpo_rollouts.rollout(self, params, ds, step)
+    if o.pairs == "refine":  # EVOLVE / SPHERE: the policy refines its worst answer
+      return refine.rollout(self, params, ds, step)
     if game_rollouts.opponent(cfg):  # Nash-MD / XPO: a second set of samples
       return game_rollouts.rollout(self, params, self.reference().model, ds, step, pair_rule)
     b, k = cfg.data.batch_size, o.num_generations
@@ -105,7 +119,7 @@ class Rollouts:
     scores, parts, _ = self.score(ds, idx, tokens, starts, ends, finished, k)
     t2 = time.perf_counter()
     pool = {}
-    if o.prompt_pool:  # EVOLVE: train on the B prompts whose samples disagree most
+    if o.prompt_pool:  # eva: train on the B prompts whose samples disagree most
       gaps = prompt_priority.spread(scores, o.prompt_priority)
       kept = prompt_priority.keep(scores, b, o.prompt_priority)
       pool = {"prompts/pool_spread": float(gaps.mean()), "prompts/kept_spread":
@@ -249,7 +263,8 @@ def program(s) -> Program:
                                                                      state.params))
   train_step = sharding.keep_state_shardings(updates(cfg, graphdef, inner, lora_scale),
                                              state, mesh)
-  rows = cfg.data.batch_size * (o.num_generations // 2 if o.pairs == "ranked" else 1)
+  rows = cfg.data.batch_size * (o.num_generations // 2 if o.pairs == "ranked" else
+                                2 if o.pairs == "refine" and o.refine_train == "both" else 1)
   if role.pairwise(cfg) and rows % (mesh_lib.batch_axis_size(mesh) * max(cfg.grad_accum, 1)):
     raise ValueError(f"--online.pairs={o.pairs}: {rows} pairs per step do not divide over the "
                      f"mesh's batch axes ({mesh_lib.batch_axis_size(mesh)}) x --grad_accum="
@@ -307,9 +322,14 @@ def program(s) -> Program:
                                                      o.eval_temperature, rng)
     scores, parts, _ = rollouts.score(ds, idx, tokens, starts, ends, finished, o.eval_samples,
                                       rollouts.eval_reward)
+    if o.pairs == "refine":  # self-refinement at inference: one refinement of the worst answer
+      _, _, _, again = refine.refined(rollouts, params, ds, idx, tokens, starts, ends, scores,
+                                      o.eval_samples, o.eval_temperature,
+                                      jax.random.fold_in(rng, 1), rollouts.eval_reward)
+      parts = {**parts, "refined": again} if len(parts) > 1 else {"refined": again}
     return [{"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
              **{f"reward/{name}": float(np.mean(v)) for name, v in parts.items()
-                if len(parts) > 1},
+                if len(parts) > 1 or name == "refined"},
              "length/mean": float((ends - starts).mean()),
              "length/truncated_fraction": float(np.mean(~finished))}]
 

@@ -1,4 +1,4 @@
-"""EVOLVE-style prompt prioritisation for online rollouts (`--online.prompt_pool`).
+"""eva's prompt prioritisation for online rollouts (`--online.prompt_pool`).
 
 eva ("Evolving Alignment via Asymmetric Self-Play") trains the solver on the prompts where
 its samples disagree most: a prompt's informativeness is the spread of the rewards of its

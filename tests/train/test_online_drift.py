@@ -53,6 +53,6 @@ def test_a_drift_run_trains_samples_against_the_datas_rejected(tmp_path):
 def test_drift_needs_the_records_rejected_responses(tmp_path):
   with pytest.raises(cli_errors.DataError, match=r"prompts_train.jsonl:1: no 'rejected'"):
     loop.run(drift_config(tmp_path / "none", f"{TINY}/prompts_train.jsonl"))
-  with pytest.raises(ValueError, match="--online.pairs=drift pairs a sample"):
+  with pytest.raises(ValueError, match="--online.pairs=drift makes preference pairs"):
     loop.run(dataclasses.replace(drift_config(tmp_path / "pg", f"{TINY}/train.jsonl"),
                                  loss="grpo"))

@@ -1,4 +1,4 @@
-"""EVOLVE's prompt prioritisation (--online.prompt_pool): the kept groups are the most
+"""eva's prompt prioritisation (--online.prompt_pool): the kept groups are the most
 informative by hand, and a run trains on a pool's best B prompts."""
 
 import numpy as np

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxpref.models.logps import LogpsOptions, token_logps
-from jaxpref.train import game_rollouts, ppo
+from jaxpref.train import game_rollouts, ppo, refine
 from jaxpref.train.reference import Reference
 from jaxpref.train.roles import policy
 from jaxpref.types import GroupBatch, Logps
@@ -91,11 +91,19 @@ def check(cfg, *datasets) -> None:
   if o.prompt_priority not in ("gap", "gap_mean"):
     raise ValueError(f"--online.prompt_priority must be gap or gap_mean, got "
                      f"{o.prompt_priority!r}")
-  if o.pairs not in ("best_worst", "ranked", "drift"):
-    raise ValueError(f"--online.pairs must be best_worst, ranked or drift, got {o.pairs!r}")
-  if o.pairs == "drift" and not pairwise(cfg):
-    raise ValueError(f"--online.pairs=drift pairs a sample with a record's rejected response "
-                     f"for a pairwise loss; --loss={cfg.loss} is not one")
+  if o.pairs not in ("best_worst", "ranked", "drift", "refine"):
+    raise ValueError(f"--online.pairs must be best_worst, ranked, drift or refine, got "
+                     f"{o.pairs!r}")
+  if o.pairs in ("drift", "refine") and not pairwise(cfg):
+    raise ValueError(f"--online.pairs={o.pairs} makes preference pairs for a pairwise loss; "
+                     f"--loss={cfg.loss} is not one")
+  if o.pairs == "refine":
+    refine.check_template(o.refine_template)
+    if o.refine_train not in refine.TRAIN:
+      raise ValueError(f"--online.refine_train must be both or direct, got {o.refine_train!r}")
+    if o.prompt_pool or game_rollouts.opponent(cfg):
+      raise ValueError("--online.pairs=refine samples its own second set (refinements): it "
+                       "does not combine with --online.prompt_pool or an opponent loss")
   if o.pairs == "ranked" and (not pairwise(cfg) or o.num_generations % 2):
     raise ValueError(f"--online.pairs=ranked pairs response i with i + K/2 for a pairwise loss: "
                      f"needs an even --online.num_generations (got {o.num_generations}) and a "
