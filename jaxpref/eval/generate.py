@@ -50,7 +50,8 @@ def _model(cfg, mesh):
     try:
       if ckpt.latest_step is None:
         raise cli_errors.WorkdirError(f"{FLAGS.run}/checkpoints: no checkpoint to sample from")
-      state, _, step = ckpt.restore(state)
+      restored, _, step = ckpt.restore(ckpt_lib.saved_layout(cfg, state, ref.params))
+      state = restored["train"] if ckpt_lib.holds_reference(cfg) else restored
     finally:
       ckpt.close()
     logging.info("restored step %d of %s", step, FLAGS.run)

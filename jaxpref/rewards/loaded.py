@@ -84,7 +84,8 @@ def run_params(path: str, make: Any, flag: str) -> tuple[Any, Any, int]:
     raise FlagError(f"{flag}={path}: {state} does not restore ({type(e).__name__}: "
                     f"{' '.join(str(e).split())[:200]})") from None
   try:
-    graphdef, params = assemble(make, _pure(restored["params"]))
+    # a run with --rounds or reference syncing saves {"train": state, "ref": ...}
+    graphdef, params = assemble(make, _pure(restored.get("train", restored)["params"]))
   except (KeyError, ValueError, TypeError) as e:
     raise FlagError(f"{flag}={path}: checkpoint {steps[0]}'s params do not fit the model "
                     f"its run.json describes ({e})") from None

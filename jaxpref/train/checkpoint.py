@@ -30,6 +30,17 @@ from jaxpref.cli_errors import WorkdirError, WriterError, one_line
 BAD_DIR = "bad"
 
 
+def holds_reference(cfg) -> bool:
+  """Whether a run's checkpoints hold {"train": state, "ref": reference params} rather than
+  the state alone: with reference syncing or --rounds the reference is training state too."""
+  return cfg.ref_sync_every > 0 or cfg.rounds > 1
+
+
+def saved_layout(cfg, state, ref_params):
+  """What the run's checkpoints hold (`holds_reference`), for restoring into."""
+  return {"train": state, "ref": ref_params} if holds_reference(cfg) else state
+
+
 class CheckpointError(WorkdirError):
   """No checkpoint of a workdir restores; the message lists each one's failure."""
 

@@ -80,9 +80,8 @@ def train(s: Setup, prog: Program | None = None) -> dict:
   ckpt = ckpt_lib.Checkpointer(paths.join(cfg.workdir, "checkpoints"),
                                cfg.checkpoint_every, cfg.keep_checkpoints)
   ckpt.data_iterator = getattr(prog.batchers[0], "iterator", None)  # grain's, saved with it
-  # With reference syncing (or --rounds) the reference is training state too: checkpointed.
-  syncing = cfg.ref_sync_every > 0 or cfg.rounds > 1
-  saved = lambda: {"train": prog.state, "ref": prog.ref.params} if syncing else prog.state
+  syncing = ckpt_lib.holds_reference(cfg)
+  saved = lambda: ckpt_lib.saved_layout(cfg, prog.state, prog.ref.params)
   start = 0
   if ckpt.latest_step is not None:
     restored, position, start = ckpt.restore(saved())

@@ -1,14 +1,16 @@
 """Self-refinement pairs (--online.pairs=refine, EVOLVE / SPHERE): which answers pair up,
 how the direct and refinement pairs are laid out, the flags' checks, and a short run."""
 
-import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from cli_util import ROOT, env, metrics, train
 from jaxpref.train import loop, refine
 
-from test_online import config, rows
+from test_online import LENGTH, TINY, TINY_FLAGS, config
 
 
 def test_the_worst_first_answer_is_refined_and_the_best_of_all_is_chosen():
@@ -62,14 +64,26 @@ def test_bad_refine_flags_are_refused(tmp_path, overrides, match):
     loop.run(config(tmp_path, loss=loss, steps=1, pairs="refine", **overrides))
 
 
-@pytest.mark.slow  # two sampler programs and a pair step compile (~30 s)
-def test_a_refine_run_trains_direct_and_refinement_pairs(tmp_path):
-  cfg = config(tmp_path, loss="dpo", steps=2, pairs="refine")
-  cfg = dataclasses.replace(cfg, eval_every=2)
-  loop.run(cfg)
-  train, evals = rows(tmp_path), rows(tmp_path, "eval")
-  assert len(train) == 2 and all(np.isfinite(r["loss"]) for r in train)
-  for r in train:
+@pytest.mark.slow  # a 2-step CLI run in 2 rounds, then jaxpref-generate on it (~1 min)
+def test_a_refine_run_trains_both_pairs_and_its_rounds_checkpoint_samples(tmp_path):
+  workdir = tmp_path / "refine"
+  train(workdir, "--role=online", "--loss=dpo", "--online.pairs=refine",
+        f"--online.reward_fn={LENGTH}", f"--train_data={TINY}/prompts_train.jsonl", f"--eval_data={TINY}/prompts_eval.jsonl",
+        "--online.num_generations=4", "--online.max_new_tokens=6", "--online.eval_samples=2",
+        "--batch_size=8", "--steps=2", "--rounds=2", "--eval_every=2", "--checkpoint_every=2",
+        "--log_every=1", "--plot=false", flagfile=TINY_FLAGS)
+  train_rows, evals = metrics(workdir, "train"), metrics(workdir, "eval")
+  assert len(train_rows) == 2 and all(np.isfinite(r["loss"]) for r in train_rows)
+  for r in train_rows:
     assert 0.0 <= r["refine/improved_fraction"] <= 1.0
     assert 0.0 <= r["refine/chosen_is_refinement"] <= 1.0
   assert "reward/refined" in evals[-1] and np.isfinite(evals[-1]["reward/refined"])
+  # --rounds checkpoints hold the reference beside the state; sampling must restore them
+  out = tmp_path / "samples.jsonl"
+  gen = subprocess.run(
+      [sys.executable, "-m", "jaxpref.eval.generate", f"--run={workdir}",
+       f"--prompts={TINY}/prompts_eval.jsonl", f"--samples_out={out}",
+       "--online.num_generations=1"], cwd=ROOT, env=env(), capture_output=True, text=True,
+      timeout=600)
+  assert gen.returncode == 0, gen.stderr[-2000:]
+  assert len(open(out).readlines()) == 8
