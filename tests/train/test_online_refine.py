@@ -68,7 +68,8 @@ def test_bad_refine_flags_are_refused(tmp_path, overrides, match):
 def test_a_refine_run_trains_both_pairs_and_its_rounds_checkpoint_samples(tmp_path):
   workdir = tmp_path / "refine"
   train(workdir, "--role=online", "--loss=dpo", "--online.pairs=refine",
-        f"--online.reward_fn={LENGTH}", f"--train_data={TINY}/prompts_train.jsonl", f"--eval_data={TINY}/prompts_eval.jsonl",
+        f"--online.reward_fn={LENGTH}", f"--train_data={TINY}/prompts_train.jsonl",
+        f"--eval_data={TINY}/prompts_eval.jsonl",
         "--online.num_generations=4", "--online.max_new_tokens=6", "--online.eval_samples=2",
         "--batch_size=8", "--steps=2", "--rounds=2", "--eval_every=2", "--checkpoint_every=2",
         "--log_every=1", "--plot=false", flagfile=TINY_FLAGS)
