@@ -186,6 +186,12 @@ class Rollouts:
     return shared_prompt.pack(batch, length=t + (k - 1) * n, response_length=n)
 
 
+PAIR_TEXT = {"best_worst": "each group's best-vs-worst pair",
+             "ranked": "ranked pairs (i with i + K/2)",
+             "drift": "the best sample against the record's rejected response",
+             "refine": "the best answer or refinement against the refined answer"}
+
+
 def pair_rule(batch: GroupBatch, rule: str = "best_worst") -> GroupBatch:
   """(chosen, rejected) pairs, K=2, from each group's valid responses.
 
@@ -285,7 +291,7 @@ def program(s) -> Program:
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   say(f"model: preset {cfg.model_preset}, {n_params:,} parameters; mesh {dict(mesh.shape)}; "
       f"loss {cfg.loss_spec.describe()}"
-      + (" on each group's best-vs-worst pair" if role.pairwise(cfg) else
+      + (f" on {PAIR_TEXT[o.pairs]}" if role.pairwise(cfg) else
          f" against {game_rollouts.opponent(cfg)} samples" if game_rollouts.opponent(cfg) else
          f", advantages {o.advantage}") + f"; reference {ref.kind}; reward "
       + " + ".join(f"{w:g}*{label}" for w, label, _, _ in rollouts.reward.terms))
