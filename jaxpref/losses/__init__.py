@@ -6,7 +6,7 @@ from jaxpref.losses import strength  # noqa: F401  (OSP, SPO)
 from jaxpref.losses import reward  # noqa: F401
 from jaxpref.losses import attributes, pal, themis  # noqa: F401  (reward-role losses)
 from jaxpref.losses import weighted  # noqa: F401
-from jaxpref.losses import advantages, online  # noqa: F401  (online role)
+from jaxpref.losses import advantages, grao, online  # noqa: F401  (online role)
 from jaxpref.losses import ppo_loss  # noqa: F401  (online role, with a value head)
 from jaxpref.losses import game  # noqa: F401  (online role: Nash-MD, XPO)
 from jaxpref.losses.extra_members import member_fields, record_fields

@@ -59,6 +59,7 @@ def test_every_registered_loss_is_tested():
   online |= {"ppo"}  # tests/losses/test_ppo_loss.py
   online |= {"nash_md", "xpo"}  # tests/losses/test_game_losses.py
   online |= {"egpo"}  # tests/losses/test_egpo_online_loss.py
+  online |= {"grao"}  # tests/losses/test_grao.py
   tested = ({n for n, _ in PAIRWISE + LISTWISE} | {n for n, _, _ in SCORED} | unpaired | token_level
             | token_masks | reward | extra | online)
   assert set(losses.names()) <= tested | {"test_only_margin"}, set(losses.names()) - tested
