@@ -329,7 +329,7 @@ def program(s) -> Program:
     scores, parts, _ = rollouts.score(ds, idx, tokens, starts, ends, finished, o.eval_samples,
                                       rollouts.eval_reward)
     if o.pairs == "refine":  # self-refinement at inference: one refinement of the worst answer
-      _, _, _, again = refine.refined(rollouts, params, ds, idx, tokens, starts, ends, scores,
+      _, _, _, again, _ = refine.refined(rollouts, params, ds, idx, tokens, starts, ends, scores,
                                       o.eval_samples, o.eval_temperature,
                                       jax.random.fold_in(rng, 1), rollouts.eval_reward)
       parts = {**parts, "refined": again} if len(parts) > 1 else {"refined": again}

@@ -94,16 +94,17 @@ def _responses(tokens, starts, ends) -> list:
 def refined(rollouts, params, ds, idx, first_tokens, first_starts, first_ends, first_scores,
             k: int, temperature: float, rng, reward=None):
   """Step 2 for groups idx: (the refined answers' rows in the first answers [B], the
-  refinement prompts' ids, the refinements' (tokens, starts, ends, finished), and their
-  scores [B, K] as answers to the original prompts)."""
+  refinement prompts' ids, the refinements' (tokens, starts, ends, finished), their scores
+  [B, K] as answers to the original prompts, and the seconds spent scoring them)."""
   o, tok = rollouts.o, rollouts.tok
   texts = rollouts.decode(first_tokens, first_starts, first_ends)
   worst = np.argmin(first_scores, axis=1) + np.arange(len(idx)) * k
   refine_ids = [tok.frame(tok.encode(prompt_text(o.refine_template, ds.texts[i], texts[r])), [],
                           eos=False)[0] for i, r in zip(idx, worst)]
   out = rollouts.sample_ids(params, refine_ids, k, temperature, rng)
+  t0 = time.perf_counter()
   scores, _, _ = rollouts.score(ds, idx, *out, k, reward)
-  return worst, refine_ids, out, scores
+  return worst, refine_ids, out, scores, time.perf_counter() - t0
 
 
 def rollout(rollouts, params, ds, step: int) -> GroupBatch:
@@ -114,11 +115,13 @@ def rollout(rollouts, params, ds, step: int) -> GroupBatch:
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 0), step)
   t0 = time.perf_counter()
   tokens, starts, ends, finished = rollouts.sample(params, ds, idx, k, o.temperature, rng)
+  t1 = time.perf_counter()
   scores, _, _ = rollouts.score(ds, idx, tokens, starts, ends, finished, k)
-  worst, refine_ids, second, second_scores = refined(
+  t2 = time.perf_counter()
+  worst, refine_ids, second, second_scores, scoring = refined(
       rollouts, params, ds, idx, tokens, starts, ends, scores, k, o.temperature,
       jax.random.fold_in(rng, 1))
-  t1 = time.perf_counter()
+  sampling = (t1 - t0) + (time.perf_counter() - t2 - scoring)
   _, best, prefer = choose(scores, second_scores)
   answers = _responses(tokens, starts, ends)
   refinements = _responses(second[0], second[1], second[2])
@@ -141,6 +144,6 @@ def rollout(rollouts, params, ds, step: int) -> GroupBatch:
                     "length/mean": float(lengths.mean()), "length/max": float(lengths.max()),
                     "length/truncated_fraction": float(np.mean(~finished)),
                     "rollout/tokens_per_sec": float((lengths.sum() + (second[2] - second[1]).sum())
-                                                    / max(t1 - t0, 1e-9)),
-                    "time/sample": t1 - t0, "time/score": 0.0}
+                                                    / max(sampling, 1e-9)),
+                    "time/sample": sampling, "time/score": (t2 - t1) + scoring}
   return out
