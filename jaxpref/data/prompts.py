@@ -27,6 +27,7 @@ class PromptDataset:
   skipped: int = 0  # records without a usable prompt (counted, reported)
   truncated: int = 0  # prompts cut to max_prompt_len (their start kept off)
   negatives: list[list[int]] | None = None  # each record's rejected response (DRIFT)
+  answers: list[list[int]] | None = None  # each record's chosen answer (GRAO's reference)
 
   @property
   def n(self) -> int:
@@ -51,14 +52,14 @@ class PromptDataset:
     return out, lengths
 
 
-def _rejected_of(obj, fields: dict) -> str | None:
-  """A record's rejected response as text: the `rejected` field, or a chat pair's."""
+def _response_of(obj, fields: dict, key: str) -> str | None:
+  """A record's `key` response (chosen or rejected) as text: the field, or a chat pair's."""
   if not isinstance(obj, dict):
     return None
   if chat.is_chat(obj):
     rec, _ = chat.to_pair(obj)
-    return rec["rejected"] if rec else None
-  value = obj.get(fields.get("rejected", "rejected"))
+    return rec[key] if rec else None
+  value = obj.get(fields.get(key, key))
   return value if isinstance(value, str) and value.strip() else None
 
 
@@ -74,27 +75,37 @@ def _prompt_of(obj, fields: dict) -> str | None:
   return value if isinstance(value, str) and value.strip() else None
 
 
+# What each response field is read for, for the error naming a record without it.
+_WHY = {"rejected": "--online.pairs=drift pairs each prompt's best sample with its record's "
+                    "rejected response",
+        "chosen": "--loss=grao puts each record's chosen answer in its group as the "
+                  "reference answer"}
+
+
 def load(path: str, tok, max_prompt_len: int = 0, fields: str = "",
-         skip_invalid: bool = False, negatives: bool = False) -> PromptDataset:
-  """Every record's prompt, in file order (and, with `negatives`, its rejected response's
-  tokens). A record without one is an error naming its file, line and field, or (with
-  --skip_invalid_records) skipped and counted."""
+         skip_invalid: bool = False, negatives: bool = False,
+         answers: bool = False) -> PromptDataset:
+  """Every record's prompt, in file order (and, with `negatives` / `answers`, its rejected /
+  chosen response's tokens). A record without one is an error naming its file, line and
+  field, or (with --skip_invalid_records) skipped and counted."""
   mapping = parse_fields(fields)
-  texts, ids, negs, skipped, truncated = [], [], [], 0, 0
+  texts, ids, skipped, truncated = [], [], 0, 0
+  wanted = [key for key, on in (("rejected", negatives), ("chosen", answers)) if on]
+  extra = {key: [] for key in wanted}
   for file, line, obj, problem in sources.rows(path):
     text = None if problem is not None else _prompt_of(obj, mapping)
-    neg = _rejected_of(obj, mapping) if negatives and text is not None else None
-    if text is None or (negatives and neg is None):
+    got = {key: _response_of(obj, mapping, key) for key in wanted} if text is not None else {}
+    missing = next((key for key in wanted if got.get(key) is None), None)
+    if text is None or missing:
       if not skip_invalid:
         why = (problem[1] if problem is not None else "no 'prompt' string field"
-               if text is None else "no 'rejected' string field (--online.pairs=drift pairs "
-               "each prompt's best sample with its record's rejected response)")
+               if text is None else f"no '{missing}' string field ({_WHY[missing]})")
         raise cli_errors.DataError(f"{file}:{line}: {why} (online training reads each "
                                    "record's prompt; --skip_invalid_records skips it)")
       skipped += 1
       continue
-    if negatives:
-      negs.append(tok.encode(neg))
+    for key in wanted:
+      extra[key].append(tok.encode(got[key]))
     body = tok.encode(text)
     if 0 < max_prompt_len < len(body):
       body, truncated = body[-max_prompt_len:], truncated + 1  # the question sits at the end
@@ -103,4 +114,5 @@ def load(path: str, tok, max_prompt_len: int = 0, fields: str = "",
     ids.append(framed)
   if not texts:
     raise cli_errors.DataError(f"{path}: no record has a prompt ({skipped} skipped)")
-  return PromptDataset(texts, ids, path, skipped, truncated, negs if negatives else None)
+  return PromptDataset(texts, ids, path, skipped, truncated, extra.get("rejected"),
+                       extra.get("chosen"))

@@ -1,5 +1,6 @@
 """Losses that read more than the pair: a rationale (RDPO, R-ORPO), a condition pair (MAPL,
-OmniDPO) or source models' log-probs in place of the reference (InfiFPO).
+OmniDPO) or source models' log-probs in place of the reference (InfiFPO); online, GRAO's
+reference answer (the record's `chosen`, appended to the sampled group by the rollouts).
 
 Groups are K = 3 for the first four: member 2 is built by the data layer from a record
 field (`jaxpref/data/extra_members.py`): (rationale prompt, r) for `rationale`, and
@@ -21,14 +22,17 @@ logsig = jax.nn.log_sigmoid
 
 RECORD_FIELDS = {"rdpo": ("rationale",), "rorpo": ("rationale",),
                  "mapl": ("rejected_prompt",), "omnidpo": ("rejected_prompt",),
-                 "infifpo": ("source_logps",)}
+                 "infifpo": ("source_logps",),
+                 # online: the record's answer joins the sampled group as its last member
+                 "grao": ("chosen",)}
 RATIONALE_TERMS = ("logsig", "linear")
 
 
 def record_fields(loss: str) -> tuple[str, ...]:
   """The extra record fields `loss` (a name or a weighted sum) reads, in a fixed order."""
   need = {f for _, name in _terms(loss) for f in RECORD_FIELDS.get(name, ())}
-  return tuple(f for f in ("rationale", "rejected_prompt", "source_logps") if f in need)
+  return tuple(f for f in ("rationale", "rejected_prompt", "source_logps", "chosen")
+               if f in need)
 
 
 def member_fields(loss: str) -> tuple[str, ...]:

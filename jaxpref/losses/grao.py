@@ -10,12 +10,14 @@ the advantages A standardised rewards of the group (o_1..o_G, y); the loss is -J
 over groups. No importance ratio, clip or KL: eq. 3 has none (the paper names gradient
 clipping and advantage normalisation as its stabilisers).
 
-The online role's rollouts hold only the G samples today, so the registered `grao` is the
-part without y: -(1 + lam) / G sum_i A_i l(o_i). `grao_objective` is the whole of eq. 3,
-for the day a rollout carries y (docs/online.md#grao says what that needs).
+The online rollouts append each record's `chosen` answer to its group as y (the loss
+declares the field in losses/extra_members.py; train/answers.py lays it out), so the
+registered `grao` reads groups of G + 1: the samples, then y.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -50,24 +52,39 @@ def grao_objective(sample_logp, sample_adv, valid, y_logp=None, y_adv=None, *, b
   return explore + imitate + regular, explore, imitate, regular
 
 
-@register("grao", needs_tokens=True, role="online", ranges={"lam": ">= 0"})
-def grao(lp: Logps, *, lam: float = 0.6):
-  """GRAO's exploration and alignment-regulariser terms over the rollout's samples (no
-  reference answer in the group): loss = -(1 + lam) 1/G sum_i A_i l(o_i). lam = 0.6 is the
-  paper's; its imitation weight beta = 0.5 needs the reference answer (module docstring)."""
+@register("grao", needs_tokens=True, role="online",
+          ranges={"imitation": ">= 0", "lam": ">= 0"})
+def grao(lp: Logps, *, imitation: float = 0.5, lam: float = 0.6):
+  """GRAO, eq. 3: the group's last member is the record's reference answer y (the rollouts
+  append it, train/answers.py), the others the K samples; loss = -J averaged over groups.
+  `imitation` is the paper's beta (0.5), `lam` its lambda (0.6)."""
   _check(lp, "grao")
-  seq = _seq_token_mean(lp.policy_tok, lp)  # l(o_i), [B, K]
-  j, explore, _, regular = grao_objective(seq, lp.advantages, lp.valid, lam=lam)
-  w = lp.weight * (jnp.sum(lp.valid, axis=1) > 0)
+  if lp.policy_tok.shape[1] < 2:
+    raise ValueError("loss 'grao' reads groups of K samples plus the reference answer: got "
+                     f"groups of {lp.policy_tok.shape[1]}")
+  seq = _seq_token_mean(lp.policy_tok, lp)  # l(.) of every member, [B, K + 1]
+  valid = lp.valid[:, :-1]
+  j, explore, imitate, regular = grao_objective(
+      seq[:, :-1], lp.advantages[:, :-1], valid, seq[:, -1], lp.advantages[:, -1],
+      beta=imitation, lam=lam)
+  w = lp.weight * (jnp.sum(valid, axis=1) > 0)
   gmean = lambda x: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1e-8)
-  # The shared online metrics, with the policy term per token as -(1 + lam) A_i lp_t.
-  policy_tok = -(1.0 + lam) * sg(lp.advantages)[..., None] * lp.policy_tok
-  ent = _entropy_tok(lp)
-  ratio_mean = _batch_token_mean(sg(jnp.exp(_log_ratio(lp))), lp)  # eq. 3 has no ratio: 1 on policy
+  # The shared online metrics over the samples, the policy term per token as -A lp_t.
+  samples = dataclasses.replace(
+      lp, policy_tok=lp.policy_tok[:, :-1], mask=lp.mask[:, :-1], valid=valid,
+      advantages=lp.advantages[:, :-1],
+      old_tok=None if lp.old_tok is None else lp.old_tok[:, :-1],
+      ref_tok=None if lp.ref_tok is None else lp.ref_tok[:, :-1])
+  policy_tok = -sg(samples.advantages)[..., None] * samples.policy_tok
+  ent = _entropy_tok(samples)
+  ratio_mean = _batch_token_mean(sg(jnp.exp(_log_ratio(samples))), samples)  # 1 on policy
   zero = jnp.zeros(())
-  metrics = _metrics(lp, lambda x: _group_mean(_seq_token_mean(x, lp), lp), policy_tok, None,
-                     ent, ratio_mean, zero, zero,
+  metrics = _metrics(samples, lambda x: _group_mean(_seq_token_mean(x, samples), samples),
+                     policy_tok, None, ent, ratio_mean, zero, zero,
                      **{"loss/exploration": -gmean(sg(explore)),
+                        "loss/imitation": -gmean(sg(imitate)),
                         "loss/regularizer": -gmean(sg(regular)),
-                        "logps/sample_mean": _group_mean(sg(seq), lp)})
+                        "logps/sample_mean": _group_mean(sg(seq[:, :-1]), samples),
+                        "logps/answer": gmean(sg(seq[:, -1])),
+                        "advantages/answer": gmean(sg(lp.advantages[:, -1]))})
   return -gmean(j), metrics

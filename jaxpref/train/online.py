@@ -25,7 +25,8 @@ from jaxpref.models import sampler
 from jaxpref.models.logps import token_logps
 from jaxpref.parallel import distributed, mesh as mesh_lib, sharding
 from jaxpref.rewards import rm_source, sources
-from jaxpref.train import drift, egpo_rollouts, game_rollouts, plots, ppo, prompt_priority, refine
+from jaxpref.train import answers, drift, egpo_rollouts, game_rollouts, plots, ppo
+from jaxpref.train import prompt_priority, refine
 from jaxpref.train import step as step_lib
 from jaxpref.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxpref.train.program import Program
@@ -116,6 +117,14 @@ class Rollouts:
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 0), step)
     tokens, starts, ends, finished = self.sample(params, ds, idx, k, o.temperature, rng)
     t1 = time.perf_counter()
+    new_tokens = int((ends - starts).sum())
+    extra = {}
+    if ds.answers is not None:  # GRAO: the record's answer joins its group as member K
+      tokens, starts, ends, finished, cut = answers.append(
+          tokens, starts, ends, finished, [ds.ids[i] for i in idx], [ds.answers[i] for i in idx],
+          k, o.max_new_tokens, self.tok.eos_id, self.tok.pad_id)
+      k += 1
+      extra["answers/cut"] = float(cut)
     scores, parts, _ = self.score(ds, idx, tokens, starts, ends, finished, k)
     t2 = time.perf_counter()
     pool = {}
@@ -129,10 +138,12 @@ class Rollouts:
       scores, idx = scores[kept], idx[kept]
       parts = {name: np.asarray(v)[kept] for name, v in parts.items()}
       self.last_indices = idx
-    new_tokens = int((ends - starts).sum())
-    self.stats = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
+    sampled = scores if ds.answers is None else scores[:, :-1]
+    if ds.answers is not None:
+      extra["answers/reward_mean"] = float(scores[:, -1].mean())
+    self.stats = {"reward/mean": float(sampled.mean()), "reward/std": float(sampled.std()),
                   **{f"reward/{name}": float(np.mean(v)) for name, v in parts.items()
-                     if len(parts) > 1},
+                     if len(parts) > 1}, **extra,
                   "length/mean": float((ends - starts).mean()),
                   "length/max": float((ends - starts).max()),
                   "length/truncated_fraction": float(np.mean(~finished)),

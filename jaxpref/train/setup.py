@@ -65,7 +65,8 @@ def load_data(cfg: RunConfig, tok):
       continue
     if cfg.role == "online":  # rollouts need only the prompts, of any prompt-bearing file
       ds = prompts.load(path, tok, cfg.data.max_len - 1, cfg.data.fields, cfg.data.skip_invalid,
-                        negatives=split == "train" and cfg.online.pairs == "drift")
+                        negatives=split == "train" and cfg.online.pairs == "drift",
+                        answers=split == "train" and "chosen" in cfg.loss_spec.member_fields)
       say(f"{split} prompts: {ds.summary()} (--max_len={cfg.data.max_len} tokens with BOS)")
       out.append(ds)
       continue

@@ -1,8 +1,8 @@
 """GRAO (jaxpref/losses/grao.py) against float64 numpy references written from eq. 3 of
 arXiv 2508.07750 one response at a time (never calling the loss), with its gradients and
 the properties the paper states: samples above the group's mean reward are raised, those
-below lowered; the reference answer is imitated only when it beats the samples; and
-lam = 0 is GRPO's on-policy gradient."""
+below lowered; the reference answer (the group's last member) is imitated only when it
+beats the samples; and without imitation and regulariser it is GRPO's on-policy gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,8 @@ from jaxpref.losses.grao import grao_objective
 from jaxpref.types import Logps
 
 
-def rollout(seed, b=4, k=3, t=10):
+def rollout(seed, b=4, k=4, t=10):
+  """k members: k - 1 samples, then the reference answer y (always valid)."""
   rng = np.random.default_rng(seed)
   mask = np.zeros((b, k, t))
   for i in range(b):
@@ -24,7 +25,7 @@ def rollout(seed, b=4, k=3, t=10):
       mask[i, j, start:start + n] = 1.0
   pol = -rng.uniform(0.05, 3.0, (b, k, t)) * mask
   valid = np.ones((b, k), bool)
-  valid[0, k - 1] = False  # a padded response
+  valid[0, 0] = False  # a padded sample
   weight = rng.uniform(0.5, 2.0, b)
   weight[-1] = 0.0  # a padded group
   return dict(pol=pol, mask=mask, adv=rng.normal(0, 1, (b, k)), valid=valid, weight=weight)
@@ -39,22 +40,28 @@ def make_lp(d, dtype=jnp.float32, **over):
                mask=mask, old_tok=a(d.get("old")), advantages=a(d["adv"]))
 
 
-def np_grao(d, lam):
-  """(loss, d loss / d lp [B, K, T]) in float64: per group, J = 1/G sum_i (1 + lam) A_i l(o_i),
-  l the token mean; the loss is minus the weighted mean of J over groups with a sample."""
+def np_grao(d, imitation, lam):
+  """(loss, d loss / d lp [B, K, T]) in float64, one response at a time: per group, with
+  l the token mean, y the last member and the valid samples i (G of them),
+  J = 1/G sum_i [A_i l_i + beta A_y l_y + lam A_i (l_i - l_y)]; the loss is minus the
+  weighted mean of J over groups with a sample."""
   b_n, k_n, t_n = d["pol"].shape
   num, den, grad = 0.0, 0.0, np.zeros((b_n, k_n, t_n))
+  tok_mean = lambda b, i: (np.sum(d["pol"][b, i] * d["mask"][b, i]) /
+                           max(d["mask"][b, i].sum(), 1.0))
   for b in range(b_n):
-    kept = [i for i in range(k_n) if d["valid"][b, i]]
+    kept = [i for i in range(k_n - 1) if d["valid"][b, i]]
     if not kept:
       continue
-    w = d["weight"][b]
+    w, g, y = d["weight"][b], len(kept), k_n - 1
+    a, l_y = d["adv"][b], tok_mean(b, y)
+    j = sum(a[i] * tok_mean(b, i) + imitation * a[y] * l_y + lam * a[i] * (tok_mean(b, i) - l_y)
+            for i in kept) / g
+    num -= w * j
     for i in kept:
-      m = d["mask"][b, i]
-      n_tok = max(m.sum(), 1.0)
-      l_i = np.sum(d["pol"][b, i] * m) / n_tok
-      num -= w * (1.0 + lam) * d["adv"][b, i] * l_i / len(kept)
-      grad[b, i] = -w * (1.0 + lam) * d["adv"][b, i] * m / (n_tok * len(kept))
+      grad[b, i] = -w * (1 + lam) * a[i] / g * d["mask"][b, i] / max(d["mask"][b, i].sum(), 1)
+    d_ly = imitation * a[y] - lam * sum(a[i] for i in kept) / g
+    grad[b, y] = -w * d_ly * d["mask"][b, y] / max(d["mask"][b, y].sum(), 1)
     den += w
   return num / den, grad / den
 
@@ -70,24 +77,27 @@ def np_objective(l_o, a_o, valid, l_y, a_y, beta, lam):
   return j, d_lo, d_ly
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.6, 2.5])
-def test_matches_float64_reference_value_and_gradient(lam):
+def _grad(fn, lp):
+  return jax.value_and_grad(lambda p: fn(Logps(**{**lp.__dict__, "policy_tok": p}))[0])(
+      lp.policy_tok)
+
+
+@pytest.mark.parametrize("imitation, lam", [(0.5, 0.6), (0.0, 0.0), (1.0, 2.5)])
+def test_matches_float64_reference_value_and_gradient(imitation, lam):
   d = rollout(0)
-  fn = losses.bind("grao", {"lam": lam})
-  lp = make_lp(d)
-  loss, grad = jax.jit(jax.value_and_grad(
-      lambda p: fn(Logps(**{**lp.__dict__, "policy_tok": p}))[0]))(lp.policy_tok)
-  ref_loss, ref_grad = np_grao(d, lam)
+  loss, grad = jax.jit(lambda lp: _grad(losses.bind("grao", {"imitation": imitation,
+                                                             "lam": lam}), lp))(make_lp(d))
+  ref_loss, ref_grad = np_grao(d, imitation, lam)
   np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=2e-5, atol=1e-7)
   assert np.all(np.asarray(grad)[d["mask"] == 0] == 0)  # nothing leaks off the mask
   assert np.all(np.asarray(grad)[-1] == 0)  # the weight-0 group
-  assert np.all(np.asarray(grad)[0, -1] == 0)  # the padded response
+  assert np.all(np.asarray(grad)[0, 0] == 0)  # the padded sample
 
 
 def test_float64_gradient_check():
-  d = rollout(1, b=2, k=2, t=6)
-  fn = losses.bind("grao", {"lam": 0.6})
+  d = rollout(1, b=2, k=3, t=6)
+  fn = losses.bind("grao", {"imitation": 0.5, "lam": 0.6})
   with jax.enable_x64(True):
     lp = make_lp(d, jnp.float64)
     check_grads(lambda p: fn(Logps(**{**lp.__dict__, "policy_tok": p}))[0],
@@ -116,27 +126,17 @@ def test_full_objective_with_reference_answer_matches_eq3(seed):
     np.testing.assert_allclose(float(d_ly[r]), want_ly, rtol=1e-12)
 
 
-def test_without_reference_answer_the_objective_is_the_registered_loss():
-  d = rollout(2)
-  lp = make_lp(d)
-  seq = jnp.sum(lp.policy_tok * lp.mask, -1) / jnp.maximum(lp.mask.sum(-1), 1.0)
-  j = grao_objective(seq, lp.advantages, lp.valid, lam=0.6)[0]
-  w = lp.weight * (lp.valid.sum(1) > 0)
-  np.testing.assert_allclose(float(-jnp.sum(j * w) / jnp.sum(w)),
-                             float(losses.get("grao")(lp, lam=0.6)[0]), rtol=1e-6)
-
-
 def test_raises_above_average_samples_and_lowers_the_rest():
-  # One group, three one-token samples scored 1, 0, 0: GRPO advantages (+, -, -).
-  scores = np.array([[1.0, 0.0, 0.0]])
-  adv = np.asarray(losses.advantages.compute("grpo", scores, np.ones((1, 3), bool)))
-  d = dict(pol=np.full((1, 3, 1), -1.0), mask=np.ones((1, 3, 1)), adv=adv,
-           valid=np.ones((1, 3), bool), weight=np.ones(1))
-  lp = make_lp(d)
-  g = jax.grad(lambda p: losses.get("grao")(Logps(**{**lp.__dict__, "policy_tok": p}))[0])(
-      lp.policy_tok)
+  # One group: three one-token samples scored 1, 0, 0 and the reference answer scored 1:
+  # GRPO advantages over all four (+, -, -, +).
+  scores = np.array([[1.0, 0.0, 0.0, 1.0]])
+  adv = np.asarray(losses.advantages.compute("grpo", scores, np.ones((1, 4), bool)))
+  d = dict(pol=np.full((1, 4, 1), -1.0), mask=np.ones((1, 4, 1)), adv=adv,
+           valid=np.ones((1, 4), bool), weight=np.ones(1))
+  _, g = _grad(losses.get("grao"), make_lp(d))
   g = np.asarray(g)[0, :, 0]
-  assert g[0] < 0 < g[1] and g[2] > 0  # descent raises log pi(o_0), lowers o_1 and o_2
+  # descent raises log pi(o_0) and the winning reference answer, lowers o_1 and o_2
+  assert g[0] < 0 < g[1] and g[2] > 0 and g[3] < 0
 
 
 def test_reference_answer_is_imitated_only_when_it_beats_the_samples():
@@ -154,29 +154,32 @@ def test_reference_answer_is_imitated_only_when_it_beats_the_samples():
     np.testing.assert_allclose(float(d_ly[0]), (beta + lam / 3) * float(a_y[0]), rtol=1e-5)
 
 
-def test_lam_zero_is_grpo_on_policy_gradient_and_lam_scales_it():
+def test_without_imitation_and_regulariser_it_is_grpo_on_the_samples():
   d = rollout(4)
   lp = make_lp(d, old=d["pol"])
-  grad = lambda name, hp: np.asarray(jax.grad(lambda p: losses.bind(name, hp)(
-      Logps(**{**lp.__dict__, "policy_tok": p}))[0])(lp.policy_tok))
-  g_grpo = grad("grpo", {"beta": 0.0})
-  np.testing.assert_allclose(grad("grao", {"lam": 0.0}), g_grpo, rtol=1e-5, atol=1e-8)
-  np.testing.assert_allclose(grad("grao", {"lam": 0.6}), 1.6 * g_grpo, rtol=1e-5, atol=1e-8)
+  _, g = _grad(losses.bind("grao", {"imitation": 0.0, "lam": 0.0}), lp)
+  samples = make_lp({k: (v[:, :-1] if k in ("pol", "mask", "adv", "valid") else v)
+                     for k, v in d.items()}, old=d["pol"][:, :-1])
+  _, g_grpo = _grad(losses.bind("grpo", {"beta": 0.0}), samples)
+  np.testing.assert_allclose(np.asarray(g)[:, :-1], np.asarray(g_grpo), rtol=1e-5, atol=1e-8)
+  assert np.all(np.asarray(g)[:, -1] == 0)  # y is not trained without beta or lam
 
 
 def test_registration_metrics_and_bad_inputs():
   assert losses.role("grao") == "online" and losses.needs_tokens("grao")
-  assert losses.hparams("grao") == {"lam": 0.6}
+  assert losses.hparams("grao") == {"imitation": 0.5, "lam": 0.6}
+  assert losses.record_fields("grao") == ("chosen",) == losses.member_fields("grao")
   d = rollout(5)
   _, m = losses.get("grao")(make_lp(d))
-  for key in ("rewards/accuracy", "loss/policy", "loss/exploration", "loss/regularizer",
-              "policy/ratio_mean", "entropy/mean", "logps/sample_mean"):
+  for key in ("rewards/accuracy", "loss/policy", "loss/exploration", "loss/imitation",
+              "loss/regularizer", "policy/ratio_mean", "entropy/mean", "logps/sample_mean",
+              "logps/answer", "advantages/answer"):
     assert np.isfinite(float(m[key])), key
   np.testing.assert_allclose(float(m["policy/ratio_mean"]), 1.0, rtol=1e-6)
-  # The regulariser without y is lam times the exploration term.
-  np.testing.assert_allclose(float(m["loss/regularizer"]), 0.6 * float(m["loss/exploration"]),
-                             rtol=1e-5)
   with pytest.raises(ValueError, match="advantages"):
     losses.get("grao")(make_lp(d, adv=None))
+  with pytest.raises(ValueError, match="groups of K samples plus the reference answer"):
+    losses.get("grao")(make_lp({k: (v[:, :1] if k in ("pol", "mask", "adv", "valid") else v)
+                                for k, v in d.items()}))
   with pytest.raises(ValueError, match="lam"):
     losses.bind("grao", {"lam": -1.0})
