@@ -96,6 +96,7 @@ class OnlineConfig:
   kl_target: float = 0.0  # > 0: Ziegler et al.'s adaptive controller aims at this KL; 0: fixed
   kl_horizon: float = 10000.0  # the adaptive controller's horizon (in sequences)
   shared_prompt: bool = True  # update on each group's prompt once (train/online.py `packs`)
+  extrapolation_lr: float = 0.0  # egpo: step (a)'s SGD learning rate; 0: the schedule's
   mixture_coef: float = 0.5  # nash_md: the opponent samples pi^(1-m) pi_ref^m (TRL's default)
   pairs: str = "best_worst"  # a pairwise loss's pairs: best_worst | ranked (i with i + K/2)
   # | drift (the best sample against the record's rejected response, train/drift.py)

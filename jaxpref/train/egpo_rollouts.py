@@ -6,8 +6,9 @@ file does the first two, on the host between jitted calls:
 (a) K responses per prompt from pi_t (GRPO's key stream, so the pairs are GRPO's samples)
     and K opponent samples from pi_t (stream 2); the targets w_t[y] = mean over the
     opponents y'' of P(y beats y''); the loss's gradient g at theta_t on that batch, and
-    theta_half = theta_t - lr g: plain SGD at the optimizer's current learning rate, on a
-    copy (no optimizer state is read or written but the schedule's step count);
+    theta_half = theta_t - lr g: plain SGD at the optimizer's current learning rate (or
+    `--online.extrapolation_lr`), on a copy (no optimizer state is read or written but the
+    schedule's step count);
 (b) K fresh opponent samples from pi_{theta_half} (stream 3; under LoRA the merged
     weights, as every sampler call), and the targets w_half of the SAME policy responses.
 The batch with w_half is the loop's: (c) its train step takes the gradient at theta_t and
@@ -45,6 +46,7 @@ class Extrapolation:
                                                      p, g))
     self.schedule, self.state_fn, self.ref_fn = schedule, state_fn, ref_fn
     self.sampling_params, self.put = sampling_params, put
+    self.fixed_lr = cfg.online.extrapolation_lr  # > 0: step (a)'s own learning rate
     self.first_batch = None  # step (a)'s batch (targets w_t), kept for inspection
 
   def learning_rate(self, state) -> float:
@@ -59,7 +61,7 @@ class Extrapolation:
     """(theta_half's sampling weights, lr): one SGD step from theta_t on `batch`."""
     state, ref = self.state_fn(), self.ref_fn()
     grads = self.grad(state.params, ref, self.put(batch))
-    lr = self.learning_rate(state)
+    lr = self.fixed_lr or self.learning_rate(state)
     return self.sampling_params(self.sgd(state.params, grads, lr), ref), lr
 
 

@@ -26,8 +26,10 @@ def egpo_config(workdir, **kw):
                                                     adam_eps=1.0))
 
 
-def test_extrapolation_is_sgd_on_a_copy_and_the_update_starts_from_theta_t(tmp_path):
-  cfg = egpo_config(tmp_path)
+@pytest.mark.parametrize("extrapolation_lr", [0.0, 2.0])  # 0: the schedule's rate
+def test_extrapolation_is_sgd_on_a_copy_and_the_update_starts_from_theta_t(tmp_path,
+                                                                            extrapolation_lr):
+  cfg = egpo_config(tmp_path, extrapolation_lr=extrapolation_lr)
   s = loop.setup(cfg)
   prog = online.program(s)
   theta0 = jax.tree.map(jnp.copy, prog.state.params)
@@ -47,7 +49,7 @@ def test_extrapolation_is_sgd_on_a_copy_and_the_update_starts_from_theta_t(tmp_p
   host, placed = prog.batch(0)
   forward, loss_fn = role_forward(cfg, prog.graphdef), cfg.loss_spec.fn
   grad = jax.jit(jax.grad(lambda p, b: loss_fn(forward(p, prog.ref, b))[0]))
-  lr = float(learning_rate_schedule(cfg.optim, cfg.steps)(0))
+  lr = extrapolation_lr or float(learning_rate_schedule(cfg.optim, cfg.steps)(0))
   assert lr > 0 and prog_rollouts.stats["egpo/extrapolation_lr"] == pytest.approx(lr)
   g_t = grad(theta0, ext.first_batch)
   want_half = jax.tree.map(lambda p, g: p - lr * g, theta0, g_t)
@@ -85,6 +87,8 @@ def test_a_short_egpo_run_logs_the_target_shift_and_bad_flags_are_refused(tmp_pa
     loop.run(egpo_config(tmp_path / "c", updates_per_rollout=2))
   with pytest.raises(ValueError, match="combine with no other loss"):
     loop.run(dataclasses.replace(egpo_config(tmp_path / "d"), loss="0.5*egpo+grpo"))
+  with pytest.raises(ValueError, match="extrapolation_lr=0.1 is EGPO's step"):
+    loop.run(config(tmp_path / "e", loss="grpo", steps=1, extrapolation_lr=0.1))
 
 
 class _Reward:

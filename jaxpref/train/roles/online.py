@@ -111,6 +111,10 @@ def check(cfg, *datasets) -> None:
   if pairwise(cfg) and o.num_generations < 2:
     raise ValueError(f"--loss={cfg.loss} trains on each group's best and worst response: "
                      f"--online.num_generations must be >= 2, got {o.num_generations}")
+  if o.extrapolation_lr < 0 or (o.extrapolation_lr and
+                                game_rollouts.opponent(cfg) != "extrapolated"):
+    raise ValueError(f"--online.extrapolation_lr={o.extrapolation_lr} is EGPO's step (a) "
+                     f"learning rate: >= 0, and only with --loss=egpo (got --loss={cfg.loss})")
   if o.num_generations < 1 or o.updates_per_rollout < 1 or o.eval_samples < 1:
     raise ValueError("--online.num_generations, updates_per_rollout and eval_samples must be "
                      ">= 1")
