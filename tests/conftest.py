@@ -66,6 +66,7 @@ HEAVY_FIRST = (
     "tests/eval/test_ensemble_vmap.py",
     "tests/test_examples.py",
     "tests/train/test_online.py",
+    "tests/train/test_online_refine.py",
     "tests/train/test_gcs_run.py",
     "tests/test_sweep.py",
     "tests/train/test_faults_loop.py",
