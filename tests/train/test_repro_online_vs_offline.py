@@ -1,7 +1,7 @@
 """experiments/repro/online_vs_offline's pair rule: its offline pairs are what the online
 role's pair rule would give the same groups (first best and first worst by the verifier;
 a group whose samples all score the same gives no pair). The runs themselves need the
-online toy's SFT policy (4 min) and are not tested here."""
+online toy's SFT policy (4 min): tests/train/test_online_toy.py runs seed 0 with it."""
 
 import importlib.util
 import json
