@@ -339,14 +339,15 @@ def program(s) -> Program:
                                                      o.eval_temperature, rng)
     scores, parts, _ = rollouts.score(ds, idx, tokens, starts, ends, finished, o.eval_samples,
                                       rollouts.eval_reward)
+    refined = {}
     if o.pairs == "refine":  # self-refinement at inference: one refinement of the worst answer
-      _, _, _, again, _ = refine.refined(rollouts, params, ds, idx, tokens, starts, ends, scores,
-                                      o.eval_samples, o.eval_temperature,
-                                      jax.random.fold_in(rng, 1), rollouts.eval_reward)
-      parts = {**parts, "refined": again} if len(parts) > 1 else {"refined": again}
+      again = refine.refined(rollouts, params, ds, idx, tokens, starts, ends, scores,
+                             o.eval_samples, o.eval_temperature, jax.random.fold_in(rng, 1),
+                             rollouts.eval_reward)[3]
+      refined = {"reward/refined": float(np.mean(again))}
     return [{"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
              **{f"reward/{name}": float(np.mean(v)) for name, v in parts.items()
-                if len(parts) > 1 or name == "refined"},
+                if len(parts) > 1}, **refined,
              "length/mean": float((ends - starts).mean()),
              "length/truncated_fraction": float(np.mean(~finished))}]
 
