@@ -121,7 +121,8 @@ def run_seed(out: str, seed: int, sft: str) -> dict:
       for r in _read(os.path.join(TINY, "prompts_train.jsonl")):
         f.write(json.dumps({"prompt": r["prompt"]}) + "\n")
   ref = generate(os.path.join(d, "ref_samples"), prompts, 8, 1.0, seed,
-                 [f"--init_from={sft}", f"--flagfile={os.path.join(ONLINE, 'base.flags')}"])
+                 # the flag file first: its own --init_from must not override --sft
+                 [f"--flagfile={os.path.join(ONLINE, 'base.flags')}", f"--init_from={sft}"])
   res["offline_groups"] = len(ref)
   res["offline_sample_reward"] = float(scores(ref).mean())
   pairs = os.path.join(d, "offline_pairs.jsonl")
