@@ -337,12 +337,12 @@ def program(s) -> Program:
     idx = np.arange(ds.n)
     tokens, starts, ends, finished = rollouts.sample(params, ds, idx, o.eval_samples,
                                                      o.eval_temperature, rng)
-    scores, parts, _ = rollouts.score(ds, idx, tokens, starts, ends, finished, o.eval_samples,
-                                      rollouts.eval_reward)
+    scores, parts, texts = rollouts.score(ds, idx, tokens, starts, ends, finished,
+                                          o.eval_samples, rollouts.eval_reward)
     refined = {}
     if o.pairs == "refine":  # self-refinement at inference: one refinement of the worst answer
-      again = refine.refined(rollouts, params, ds, idx, tokens, starts, ends, scores,
-                             o.eval_samples, o.eval_temperature, jax.random.fold_in(rng, 1),
+      again = refine.refined(rollouts, params, ds, idx, texts, scores, o.eval_samples,
+                             o.eval_temperature, jax.random.fold_in(rng, 1),
                              rollouts.eval_reward)[3]
       refined = {"reward/refined": float(np.mean(again))}
     return [{"reward/mean": float(scores.mean()), "reward/std": float(scores.std()),

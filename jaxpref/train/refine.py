@@ -91,16 +91,17 @@ def _responses(tokens, starts, ends) -> list:
   return [tokens[i, starts[i]:ends[i]].tolist() for i in range(len(tokens))]
 
 
-def refined(rollouts, params, ds, idx, first_tokens, first_starts, first_ends, first_scores,
-            k: int, temperature: float, rng, reward=None):
-  """Step 2 for groups idx: (the refined answers' rows in the first answers [B], the
+def refined(rollouts, params, ds, idx, first_texts, first_scores, k: int, temperature: float,
+            rng, reward=None):
+  """Step 2 for groups idx, from the first answers' texts ([B] groups of K, as `score`
+  decoded them) and scores [B, K]: (the refined answers' rows in the first answers [B], the
   refinement prompts' ids, the refinements' (tokens, starts, ends, finished), their scores
   [B, K] as answers to the original prompts, and the seconds spent scoring them)."""
   o, tok = rollouts.o, rollouts.tok
-  texts = rollouts.decode(first_tokens, first_starts, first_ends)
-  worst = np.argmin(first_scores, axis=1) + np.arange(len(idx)) * k
-  refine_ids = [tok.frame(tok.encode(prompt_text(o.refine_template, ds.texts[i], texts[r])), [],
-                          eos=False)[0] for i, r in zip(idx, worst)]
+  low = np.argmin(first_scores, axis=1)
+  worst = low + np.arange(len(idx)) * k
+  refine_ids = [tok.frame(tok.encode(prompt_text(o.refine_template, ds.texts[i], group[j])), [],
+                          eos=False)[0] for i, group, j in zip(idx, first_texts, low)]
   out = rollouts.sample_ids(params, refine_ids, k, temperature, rng)
   t0 = time.perf_counter()
   scores, _, _ = rollouts.score(ds, idx, *out, k, reward)
@@ -116,11 +117,10 @@ def rollout(rollouts, params, ds, step: int) -> GroupBatch:
   t0 = time.perf_counter()
   tokens, starts, ends, finished = rollouts.sample(params, ds, idx, k, o.temperature, rng)
   t1 = time.perf_counter()
-  scores, _, _ = rollouts.score(ds, idx, tokens, starts, ends, finished, k)
+  scores, _, texts = rollouts.score(ds, idx, tokens, starts, ends, finished, k)
   t2 = time.perf_counter()
   worst, refine_ids, second, second_scores, scoring = refined(
-      rollouts, params, ds, idx, tokens, starts, ends, scores, k, o.temperature,
-      jax.random.fold_in(rng, 1))
+      rollouts, params, ds, idx, texts, scores, k, o.temperature, jax.random.fold_in(rng, 1))
   sampling = (t1 - t0) + (time.perf_counter() - t2 - scoring)
   _, best, prefer = choose(scores, second_scores)
   answers = _responses(tokens, starts, ends)
